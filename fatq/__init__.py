@@ -1,0 +1,24 @@
+"""fatq: learned-threshold (FAT) quantization-aware fine-tuning for JAX/Flax image classifiers.
+
+Public API::
+
+    config = fatq.QuantConfig.uniform(weight=fatq.QuantSpec.fat(8, per_channel=True),
+                                      activation=fatq.QuantSpec.fat(8, symmetric=False))
+    model = LeNet5(quant=config)
+    stats = fatq.calibrate(model, params, batches)                 # quant_stats collection
+    thresholds = fatq.init_thresholds(model, params, stats, x)     # quant collection (trainable)
+    thresholds, history = fatq.finetune(model, {'params': params, 'quant_stats': stats}, thresholds, ...)
+"""
+
+from fatq.calibration import calibrate, init_thresholds, points, quant_ranges
+from fatq.config import PAPER_BOUNDS, REFERENCE_BOUNDS, QuantConfig, QuantRule, QuantSpec
+from fatq.folding import fold_batch_norm
+from fatq.layers import RANGES, STATS, THRESHOLDS, FakeQuant, QConv, QDense, quant_point
+from fatq.quantizers import fake_quant, nudge, quantize_bias
+from fatq.training import finetune, predict
+
+__all__ = [
+    "PAPER_BOUNDS", "REFERENCE_BOUNDS", "QuantConfig", "QuantRule", "QuantSpec", "FakeQuant", "QConv", "QDense",
+    "quant_point", "STATS", "THRESHOLDS", "RANGES", "calibrate", "init_thresholds", "quant_ranges", "points",
+    "fold_batch_norm", "fake_quant", "nudge", "quantize_bias", "finetune", "predict",
+]

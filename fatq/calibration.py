@@ -1,0 +1,77 @@
+"""Calibration (statistics of every quantization point) and initial FAT thresholds."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fatq.layers import RANGES, STATS, THRESHOLDS
+
+Tree = Any
+
+
+def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
+  """Running min/max of every quantization point over ``batches`` (unlabeled images), as the ``quant_stats`` tree.
+
+  Weights are recorded too (their statistics are those of the frozen tensor); activations over all batches.
+  """
+
+  @jax.jit
+  def first(x):
+    return model.apply({"params": params}, x, mutable=[STATS])[1][STATS]
+
+  @jax.jit
+  def update(stats, x):
+    return model.apply({"params": params, STATS: stats}, x, mutable=[STATS])[1][STATS]
+
+  stats = None
+  for x in batches:
+    stats = first(x) if stats is None else update(stats, x)
+  if stats is None:
+    raise ValueError("calibration got no images: the calibration set is empty")
+  bad = [name for name, s in points(stats).items()
+         if not (np.all(np.isfinite(s["min"])) and np.all(np.isfinite(s["max"])))]
+  if bad:
+    raise ValueError(f"calibration statistics are not finite at {bad[:5]}: the model produced NaN/Inf on the "
+                     "calibration images (check the weights and the input preprocessing)")
+  return stats
+
+
+def init_thresholds(model, params: Tree, stats: Tree, sample: np.ndarray) -> Tree:
+  """The trainable FAT factors at their initial values (scale 1, shift 0): the ``quant`` tree. Empty if none."""
+  _, new = model.apply({"params": params, STATS: stats}, sample, mutable=[THRESHOLDS])
+  return new.get(THRESHOLDS, {})
+
+
+def quant_ranges(model, variables: Tree, sample: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+  """Each point's final range and TFLite parameters (lo, hi, scale, zero_point, qmin, qmax, bits), by name."""
+  _, new = model.apply(variables, sample, mutable=[RANGES])
+  return {name: {k: np.asarray(v) for k, v in d.items()} for name, d in points(new[RANGES]).items()}
+
+
+def points(tree: Tree) -> dict[str, Any]:
+  """Flatten a ``quant_stats`` / ``quant`` / ``quant_ranges`` tree to ``{point name: {leaf: value}}``.
+
+  ``{'conv1': {'kernel_quant': {'min': ...}}}`` -> ``{'conv1/kernel': {'min': ...}}``.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+  out: dict[str, dict[str, Any]] = {}
+  for path, value in flat.items():
+    *module, quantizer, leaf = path
+    name = "/".join((*module, quantizer.removesuffix("_quant")))
+    out.setdefault(name, {})[leaf] = value
+  return out
+
+
+def count(tree: Tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def finite(tree: Tree) -> jax.Array:
+  """True when every leaf is finite (used to catch a threshold that became NaN/Inf)."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)

@@ -1,0 +1,125 @@
+"""What to quantize and how: specs per tensor, chosen by rules on tensor names.
+
+Every quantization point in a fatq model has a name: the module path plus the tensor's role, e.g. ``conv1/kernel``,
+``conv1/output``, ``block3/add``, ``input``. A :class:`QuantConfig` is an ordered list of :class:`QuantRule`; the
+first rule whose regular expression matches the whole name gives the point's :class:`QuantSpec` (``None``: leave it
+in float). The model definition never changes; the same module runs as float teacher, in calibration, or quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Sequence
+
+# Bounds of the FAT scale factors (paper, SPEC §1) and of the public reference code (SPEC §2).
+PAPER_BOUNDS = dict(scale_bounds=(0.5, 1.0), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(0.0, 0.4))
+REFERENCE_BOUNDS = dict(scale_bounds=(0.5, 1.3), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(-0.2, 0.4))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How one tensor is quantized.
+
+  Attributes:
+    bits: grid size, 2..16.
+    symmetric: symmetric thresholds ``[-T, T]`` (or ``[0, T]`` when unsigned), else asymmetric ``[T_l, T_r]``.
+    per_channel: one range per slice along ``channel_axis`` ("vector" mode) instead of one per tensor ("scalar").
+    channel_axis: the output-channel axis (the last axis of fatq's HWIO / HW1C / IO kernels).
+    signed: ``None`` decides from calibration (a tensor whose calibrated minimum is >= 0 is unsigned).
+    trainable: FAT scale factors are learned; ``False`` keeps the calibrated range (post-training quantization).
+    scale_bounds: bounds of the symmetric ``alpha`` and of the asymmetric width factor ``alpha_R``.
+    signed_shift_bounds, unsigned_shift_bounds: bounds of the asymmetric left-limit shift ``alpha_T``.
+  """
+
+  bits: int = 8
+  symmetric: bool = True
+  per_channel: bool = False
+  channel_axis: int = -1
+  signed: bool | None = None
+  trainable: bool = True
+  scale_bounds: tuple[float, float] = PAPER_BOUNDS["scale_bounds"]
+  signed_shift_bounds: tuple[float, float] = PAPER_BOUNDS["signed_shift_bounds"]
+  unsigned_shift_bounds: tuple[float, float] = PAPER_BOUNDS["unsigned_shift_bounds"]
+
+  def __post_init__(self):
+    if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 16:
+      raise ValueError(f"QuantSpec.bits must be an integer in 2..16, got {self.bits!r}")
+    for name in ("scale_bounds", "signed_shift_bounds", "unsigned_shift_bounds"):
+      lo, hi = getattr(self, name)
+      if not lo <= hi:
+        raise ValueError(f"QuantSpec.{name} = {(lo, hi)} is inverted: write it as (low, high) with low <= high")
+    if self.scale_bounds[0] <= 0:
+      raise ValueError(f"QuantSpec.scale_bounds must be positive, got {self.scale_bounds}")
+
+  @classmethod
+  def fat(cls, bits: int = 8, *, symmetric: bool = True, per_channel: bool = False, variant: str = "paper",
+          **kwargs) -> "QuantSpec":
+    """A FAT spec with the paper's bounds (``variant='paper'``) or the public reference code's (``'reference'``)."""
+    bounds = {"paper": PAPER_BOUNDS, "reference": REFERENCE_BOUNDS}
+    if variant not in bounds:
+      raise ValueError(f"unknown FAT variant {variant!r}; choose 'paper' or 'reference'")
+    return cls(bits=bits, symmetric=symmetric, per_channel=per_channel, **bounds[variant], **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+  """``pattern`` (a regular expression matched against the whole tensor name) -> ``spec`` (None: stay float)."""
+
+  pattern: str
+  spec: QuantSpec | None
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """An ordered tuple of rules; the first match wins. Hashable, so it can be a Flax module attribute."""
+
+  rules: tuple[QuantRule, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", tuple(self.rules))
+
+  def spec_for(self, name: str) -> QuantSpec | None:
+    for rule in self.rules:
+      if re.fullmatch(rule.pattern, name):
+        return rule.spec
+    return None
+
+  def check_matches(self, names: Iterable[str]) -> None:
+    """Raise if a rule matches none of the model's quantization points (almost always a typo in a pattern)."""
+    names = list(names)
+    for rule in self.rules:
+      if not any(re.fullmatch(rule.pattern, n) for n in names):
+        close = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        raise ValueError(f"quantization rule {rule.pattern!r} matches no tensor of this model; "
+                         f"its quantization points are named like: {close}")
+
+  @classmethod
+  def uniform(cls, weight: QuantSpec | None, activation: QuantSpec | None,
+              extra: Sequence[QuantRule] = ()) -> "QuantConfig":
+    """Weights (``.../kernel``) with one spec and every activation point with another; ``extra`` rules go first."""
+    return cls(tuple(extra) + (QuantRule(r".*kernel", weight), QuantRule(r".*", activation)))
+
+  @classmethod
+  def from_dict(cls, cfg) -> "QuantConfig":
+    """Build from a config dict: ``weight_bits``, ``act_bits`` (0 or None = float), ``per_channel``, ``symmetric``,
+    ``variant``, ``act_symmetric`` (defaults to ``symmetric``), ``trainable`` and optional ``rules``
+    (a list of ``(pattern, spec-dict or None)`` that take precedence)."""
+    cfg = dict(cfg)
+    known = {"weight_bits", "act_bits", "per_channel", "symmetric", "act_symmetric", "variant", "trainable", "rules"}
+    unknown = set(cfg) - known
+    if unknown:
+      raise ValueError(f"unknown quantization option(s) {sorted(unknown)}; known options: {sorted(known)}")
+    symmetric = cfg.get("symmetric", True)
+    common = dict(variant=cfg.get("variant", "paper"), trainable=cfg.get("trainable", True))
+    wb, ab = cfg.get("weight_bits", 8), cfg.get("act_bits", 8)
+    weight = QuantSpec.fat(wb, symmetric=symmetric, per_channel=cfg.get("per_channel", False), **common) if wb else None
+    act = QuantSpec.fat(ab, symmetric=cfg.get("act_symmetric", symmetric), **common) if ab else None
+    extra = [QuantRule(p, None if s is None else QuantSpec(**s)) for p, s in cfg.get("rules", ())]
+    return cls.uniform(weight, act, extra)

@@ -1,0 +1,28 @@
+"""Batch-norm folding: merge an inference-mode batch norm into the preceding convolution or dense layer.
+
+    W' = W * gamma / sqrt(var + eps)          (scaled along the output-channel axis, the last axis of fatq kernels)
+    b' = (b - mean) * gamma / sqrt(var + eps) + beta
+
+``eps`` must be the checkpoint's own (1e-3 for TF/Keras MobileNets). The last kernel axis is the output channel for
+regular (HWIO), depthwise (HW1C, channel multiplier folded into C) and dense (IO) kernels alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fold_batch_norm(kernel, bias, gamma, beta, mean, var, eps: float):
+  """Returns ``(kernel', bias')``. ``bias`` may be None (a conv without bias); arrays are NumPy or JAX."""
+  kernel = np.asarray(kernel, np.float64)
+  c = kernel.shape[-1]
+  for name, v in dict(gamma=gamma, beta=beta, mean=mean, var=var).items():
+    if np.shape(v) != (c,):
+      raise ValueError(f"batch norm {name} has shape {np.shape(v)}, expected ({c},) to match the kernel's "
+                       f"{c} output channels (kernel shape {kernel.shape})")
+  if eps <= 0:
+    raise ValueError(f"batch norm eps must be positive, got {eps}")
+  scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+  b = np.zeros(c) if bias is None else np.asarray(bias, np.float64)
+  folded_bias = (b - np.asarray(mean, np.float64)) * scale + np.asarray(beta, np.float64)
+  return (kernel * scale).astype(np.float32), folded_bias.astype(np.float32)

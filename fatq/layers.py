@@ -1,0 +1,204 @@
+"""Quantization-ready Flax (linen) layers.
+
+One model definition serves three roles, chosen by the variable collections it is applied with:
+
+* float teacher:  ``model.apply({'params': p}, x)``
+* calibration:    ``model.apply({'params': p, ...}, x, mutable=['quant_stats'])`` records min/max of every
+  quantization point (weights and activations) into ``quant_stats``;
+* quantized:      ``model.apply({'params': p, 'quant_stats': s, 'quant': t}, x)`` fake-quantizes every point whose
+  rule gives a spec, with ranges from the statistics scaled by the FAT factors in ``quant`` (the only trainable
+  variables). Without ``quant`` the calibrated ranges are used as they are (post-training quantization).
+
+Applying with ``mutable=['quant']`` creates the FAT factors at their initial values; ``mutable=['quant_ranges']``
+additionally records each point's final range (used by export).
+
+Convolutions have two implementations that compute the same numbers: ``impl='lax'`` (one
+``lax.conv_general_dilated``, the form exported to TFLite) and ``impl='fast'`` (depthwise convolutions as a sum of
+shifted slices and 1x1 convolutions as ``einsum``), which XLA:CPU runs several times faster (SPEC §4).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fatq import quantizers
+from fatq.config import QuantConfig, QuantSpec
+
+STATS = "quant_stats"
+THRESHOLDS = "quant"
+RANGES = "quant_ranges"
+
+ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "relu6": nn.relu6, "tanh": jnp.tanh}
+
+
+class FakeQuant(nn.Module):
+  """Calibrates, then fake-quantizes one tensor according to ``spec`` (see the module docstring for the modes)."""
+
+  spec: QuantSpec
+
+  def _reduce_axes(self, x: jax.Array) -> tuple[int, ...]:
+    if not self.spec.per_channel:
+      return tuple(range(x.ndim))
+    channel = self.spec.channel_axis % x.ndim
+    return tuple(a for a in range(x.ndim) if a != channel)
+
+  def _factor(self, name: str, init: float, shape) -> jax.Array:
+    if self.spec.trainable and (self.has_variable(THRESHOLDS, name) or self.is_mutable_collection(THRESHOLDS)):
+      return self.variable(THRESHOLDS, name, lambda: jnp.full(shape, init, jnp.float32)).value
+    return jnp.full(shape, init, jnp.float32)
+
+  def range(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(lo, hi, narrow_range)`` after applying the FAT factors to the calibrated statistics."""
+    s = self.spec
+    t_left, t_right = self.get_variable(STATS, "min"), self.get_variable(STATS, "max")
+    signed = jnp.min(t_left) < 0 if s.signed is None else jnp.asarray(s.signed)
+    if s.symmetric:
+      t_max = jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
+      lo, hi = quantizers.symmetric_range(self._factor("scale", 1.0, t_max.shape), t_max, signed, s.scale_bounds)
+      return lo, hi, signed  # signed symmetric grids are narrow: zero point exactly 0
+    shift_bounds = tuple(jnp.where(signed, a, b) for a, b in zip(s.signed_shift_bounds, s.unsigned_shift_bounds))
+    lo, hi = quantizers.asymmetric_range(self._factor("shift", 0.0, t_left.shape),
+                                         self._factor("width", 1.0, t_left.shape),
+                                         t_left, t_right, shift_bounds, s.scale_bounds)
+    return lo, hi, jnp.asarray(False)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axes = self._reduce_axes(x)
+    if self.is_mutable_collection(STATS):
+      keep = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
+      lo = self.variable(STATS, "min", lambda: jnp.full(keep, jnp.inf, jnp.float32))
+      hi = self.variable(STATS, "max", lambda: jnp.full(keep, -jnp.inf, jnp.float32))
+      lo.value = jnp.minimum(lo.value, jnp.min(x, axis=axes))
+      hi.value = jnp.maximum(hi.value, jnp.max(x, axis=axes))
+      return x
+    if not self.has_variable(STATS, "min"):
+      return x  # float: not calibrated
+    lo, hi, narrow = self.range()
+    if self.spec.per_channel:
+      shape = [1] * x.ndim
+      shape[self.spec.channel_axis % x.ndim] = -1
+      lo, hi = lo.reshape(shape), hi.reshape(shape)
+    if self.is_mutable_collection(RANGES):
+      p = quantizers.nudge(lo, hi, self.spec.bits, narrow)
+      for name, value in dict(lo=lo, hi=hi, scale=p.scale, zero_point=p.zero_point, qmin=p.qmin,
+                              qmax=p.qmax, bits=self.spec.bits).items():
+        self.put_variable(RANGES, name, jnp.squeeze(jnp.asarray(value, jnp.float32)))
+    return quantizers.fake_quant(x, lo, hi, self.spec.bits, narrow)
+
+
+def quant_point(module: nn.Module, quant: QuantConfig | None, role: str, x: jax.Array) -> jax.Array:
+  """Fake-quantize ``x``, named ``<module path>/<role>``, if a rule of ``quant`` gives it a spec.
+
+  Call from inside a module's compact method: the quantizer becomes a submodule ``<role>_quant``.
+  """
+  if quant is None:
+    return x
+  spec = quant.spec_for(point_name(module, role))
+  if spec is None:
+    return x
+  return FakeQuant(spec, name=f"{role}_quant")(x)
+
+
+def point_name(module: nn.Module, role: str) -> str:
+  return "/".join((*module.path, role))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Convolutions.
+
+
+def _pads(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int], padding) -> list[tuple[int, int]]:
+  if isinstance(padding, str):
+    return list(lax.padtype_to_pads(in_hw, kernel_hw, strides, padding))
+  return [tuple(p) for p in padding]
+
+
+def _depthwise_by_slices(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
+  """Depthwise conv (channel multiplier 1) as ``sum_ij shift_ij(x) * w[i, j]``: no grouped convolution."""
+  kh, kw = kernel.shape[:2]
+  sh, sw = strides
+  x = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+  ho = (x.shape[1] - kh) // sh + 1
+  wo = (x.shape[2] - kw) // sw + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      patch = lax.slice(x, (0, i, j, 0), (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, x.shape[3]),
+                        (1, sh, sw, 1))
+      term = patch * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME", groups: int = 1,
+           impl: str = "lax") -> jax.Array:
+  """NHWC x HWIO convolution. ``impl='fast'`` rewrites depthwise and 1x1 convolutions (same numbers)."""
+  strides = tuple(strides)
+  kh, kw, cin_per_group, cout = kernel.shape
+  if impl not in ("lax", "fast"):
+    raise ValueError(f"unknown convolution impl {impl!r}; choose 'lax' or 'fast'")
+  pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
+  if impl == "fast":
+    if groups == x.shape[-1] and cin_per_group == 1 and cout == groups:
+      return _depthwise_by_slices(x, kernel, strides, pads)
+    if groups == 1 and (kh, kw) == (1, 1) and all(p == (0, 0) for p in pads):
+      return jnp.einsum("nhwc,cd->nhwd", x[:, ::strides[0], ::strides[1]], kernel[0, 0])
+  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
+
+
+class QConv(nn.Module):
+  """Conv (+ bias) + activation with quantization points ``kernel`` and ``output`` (after the activation, which is
+  where TFLite's fused kernels quantize; ReLU6's clip coincides with the unsigned quantizer's).
+
+  ``groups = input channels`` makes a depthwise convolution (kernel HW1C).
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: Any = "SAME"
+  groups: int = 1
+  use_bias: bool = True
+  activation: str = "none"
+  quant: QuantConfig | None = None
+  impl: str = "lax"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    if cin % self.groups:
+      raise ValueError(f"{point_name(self, '')}: {cin} input channels do not divide into {self.groups} groups")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (*self.kernel_size, cin // self.groups, self.features))
+    kernel = quant_point(self, self.quant, "kernel", kernel)
+    y = conv2d(x, kernel, self.strides, self.padding, self.groups, self.impl)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    y = ACTIVATIONS[self.activation](y)
+    return quant_point(self, self.quant, "output", y)
+
+
+class QDense(nn.Module):
+  """Dense (+ bias) + activation with quantization points ``kernel`` and ``output``."""
+
+  features: int
+  use_bias: bool = True
+  activation: str = "none"
+  quant: QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    kernel = quant_point(self, self.quant, "kernel", kernel)
+    y = x @ kernel
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    y = ACTIVATIONS[self.activation](y)
+    return quant_point(self, self.quant, "output", y)

@@ -1,0 +1,145 @@
+"""Uniform fake quantization and FAT threshold parameterisations: pure JAX functions.
+
+Conventions follow TensorFlow's `FakeQuantWithMinMaxVars`, which the TFLite converter turns into integer
+quantization parameters (SPEC §3), so that what is trained here is what an exported model computes:
+
+* An n-bit grid is the integers ``[qmin, qmax]`` with ``qmin = 1 if narrow_range else 0`` and
+  ``qmax = 2**n - 1``. TFLite's int8 values are these minus ``2**(n-1)`` (uint8 zero point = int8 zero point + 128).
+* A real range ``[lo, hi]`` is *nudged* so that 0 falls exactly on the grid:
+
+      scale      = (hi - lo) / (qmax - qmin)
+      zero_point = clip(round(qmin - lo / scale), qmin, qmax)
+      x_q        = (clip(floor(x / scale + 0.5) + zero_point, qmin, qmax) - zero_point) * scale
+
+* Gradients use the straight-through estimator: ``d round(u) / du = 1``. Clipping passes the gradient inside the
+  range and 0 outside. Gradients reach ``lo`` and ``hi`` (and so the FAT scale factors) through ``scale`` and
+  ``zero_point``; inside the range ``d x_q / d scale = (q - zero_point) - x / scale`` (the rounding residual), outside
+  it is the clipped level.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+INT32_MAX = 2**31 - 1
+
+
+def ste_round(x: jax.Array) -> jax.Array:
+  """Round half up, ``floor(x + 0.5)`` as TF's fake quant does, with identity gradient."""
+  return x + jax.lax.stop_gradient(jnp.floor(x + 0.5) - x)
+
+
+def bounded(x: jax.Array, lo: jax.Array | float, hi: jax.Array | float) -> jax.Array:
+  """``clip(x, lo, hi)`` whose gradient is 1 on the closed interval ``[lo, hi]`` and 0 outside.
+
+  ``jnp.clip`` halves the gradient at the bounds; FAT's scale factors start exactly on a bound (alpha = 1), so the
+  bound itself must pass the full gradient.
+  """
+  return jnp.where((x >= lo) & (x <= hi), x, jnp.clip(x, lo, hi))
+
+
+def grid(num_bits: int, narrow_range: bool | jax.Array) -> tuple[jax.Array | int, int]:
+  """The integer grid ``(qmin, qmax)`` of an n-bit quantizer in TF's unsigned convention.
+
+  ``narrow_range`` may be a traced boolean (signedness decided by calibration statistics inside a jitted step).
+  """
+  if not 2 <= num_bits <= 16:
+    raise ValueError(f"num_bits must be in 2..16, got {num_bits}")
+  if isinstance(narrow_range, bool):
+    return int(narrow_range), 2**num_bits - 1
+  return jnp.where(narrow_range, 1.0, 0.0), 2**num_bits - 1
+
+
+class QuantParams(NamedTuple):
+  """A nudged range: what TFLite stores for a tensor (``real = (q - zero_point) * scale``)."""
+
+  scale: jax.Array
+  zero_point: jax.Array  # float-valued integers on the unsigned grid [qmin, qmax]
+  qmin: jax.Array | int
+  qmax: int
+
+  @property
+  def nudged_min(self) -> jax.Array:
+    return (self.qmin - self.zero_point) * self.scale
+
+  @property
+  def nudged_max(self) -> jax.Array:
+    return (self.qmax - self.zero_point) * self.scale
+
+
+def nudge(lo: jax.Array, hi: jax.Array, num_bits: int, narrow_range: bool | jax.Array = False) -> QuantParams:
+  """Scale and zero point of the range ``[lo, hi]``, nudged so that 0 is exactly representable.
+
+  A range that excludes 0 is widened to include it (as TF's fake quant and the TFLite converter do). Arrays broadcast,
+  so per-channel ranges give per-channel parameters. The rounding of the zero point has a straight-through gradient.
+  """
+  qmin, qmax = grid(num_bits, narrow_range)
+  lo = jnp.minimum(lo, 0.0)
+  hi = jnp.maximum(hi, 0.0)
+  # A degenerate range (an all-zero channel) would divide by zero; TFLite needs scale > 0.
+  scale = jnp.maximum(hi - lo, 1e-8) / (qmax - qmin)
+  zero_point = jnp.clip(ste_round(qmin - lo / scale), qmin, qmax)
+  return QuantParams(scale, zero_point, qmin, qmax)
+
+
+def fake_quant(x: jax.Array, lo: jax.Array, hi: jax.Array, num_bits: int,
+               narrow_range: bool | jax.Array = False) -> jax.Array:
+  """Quantize-dequantize ``x`` on the nudged n-bit grid of ``[lo, hi]`` (TF ``fake_quant_with_min_max_vars``).
+
+  ``lo`` and ``hi`` broadcast against ``x`` (scalars, or per-channel vectors along the last axis). Inside the nudged
+  range the error is at most ``scale / 2``; values outside are clamped to it.
+  """
+  p = nudge(lo, hi, num_bits, narrow_range)
+  q = jnp.clip(ste_round(x / p.scale) + p.zero_point, p.qmin, p.qmax)
+  return (q - p.zero_point) * p.scale
+
+
+def quantize(x: jax.Array, params: QuantParams) -> jax.Array:
+  """The integer codes of ``x`` on the unsigned grid (no gradient); int8 codes are these minus 128."""
+  return jnp.clip(jnp.floor(x / params.scale + 0.5) + params.zero_point, params.qmin, params.qmax)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FAT threshold parameterisations.
+
+
+def symmetric_range(alpha: jax.Array, t_max: jax.Array, signed: jax.Array | bool,
+                    bounds: tuple[float, float] = (0.5, 1.0)) -> tuple[jax.Array, jax.Array]:
+  """FAT symmetric threshold: ``T = clip(alpha, a, b) * T_max``; range ``[-T, T]`` if signed else ``[0, T]``.
+
+  Signed ranges are used with ``narrow_range=True`` (grid ``[-(2^(n-1)-1), 2^(n-1)-1]``, zero point exactly 0);
+  unsigned ranges use the full grid ``[0, 2^n - 1]``.
+  """
+  t = bounded(alpha, *bounds) * t_max
+  return jnp.where(signed, -t, jnp.zeros_like(t)), t
+
+
+def asymmetric_range(shift: jax.Array, width: jax.Array, t_left: jax.Array, t_right: jax.Array,
+                     shift_bounds: tuple[jax.Array | float, jax.Array | float] = (-0.2, 0.4),
+                     width_bounds: tuple[float, float] = (0.5, 1.0)) -> tuple[jax.Array, jax.Array]:
+  """FAT asymmetric thresholds, left limit and width:
+
+      R      = T_r - T_l
+      T_l'   = T_l + clip(alpha_T, a_min, a_max) * R
+      R'     = clip(alpha_R, r_min, r_max) * R
+      range  = [T_l', T_l' + R']
+
+  The paper uses shift bounds ``[-0.2, 0.4]`` for signed tensors and ``[0, 0.4]`` for unsigned ones, width
+  ``[0.5, 1.0]``; the reference code uses width ``[0.5, 1.3]``. ``nudge`` later puts 0 back into the range if a shift
+  moved it out, so training and the exported model agree.
+  """
+  r = t_right - t_left
+  lo = t_left + bounded(shift, *shift_bounds) * r
+  return lo, lo + bounded(width, *width_bounds) * r
+
+
+def quantize_bias(bias: jax.Array, input_scale: jax.Array, weight_scale: jax.Array) -> jax.Array:
+  """TFLite int32 bias: ``b_q = clip(round(b / (s_in * s_w)), -(2^31-1), 2^31-1)`` with scale ``s_in * s_w``.
+
+  Returns the integer codes (as int32); multiply by ``input_scale * weight_scale`` for the dequantized bias.
+  """
+  codes = jnp.round(bias / (input_scale * weight_scale))
+  return jnp.clip(codes, -INT32_MAX, INT32_MAX).astype(jnp.int32)
