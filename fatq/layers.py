@@ -19,6 +19,8 @@ shifted slices and 1x1 convolutions as ``einsum``), which XLA:CPU runs several t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -32,6 +34,36 @@ from fatq.config import QuantConfig, QuantSpec
 STATS = "quant_stats"
 THRESHOLDS = "quant"
 RANGES = "quant_ranges"
+
+# Export mode (used by fatq.export): while ``export_markers()`` is active, a calibrated FakeQuant emits the identity
+# primitive ``quant_marker_p`` carrying its point name instead of the fake-quant arithmetic, so that a traced jaxpr
+# shows where each quantizer sits. Training and evaluation never enter this mode.
+_EXPORT_MARKERS = contextvars.ContextVar("fatq_export_markers", default=False)
+
+
+def _make_marker_primitive():
+  from jax.extend.core import Primitive
+  from jax.interpreters import mlir
+
+  p = Primitive("fatq_quant_marker")
+  p.def_impl(lambda x, **_: x)
+  p.def_abstract_eval(lambda x, **_: x)
+  mlir.register_lowering(p, mlir.lower_fun(lambda x, **_: x, multiple_results=False))
+  return p
+
+
+quant_marker_p = _make_marker_primitive()
+
+
+@contextlib.contextmanager
+def export_markers():
+  """Within this context FakeQuant emits ``quant_marker_p(x, name=<point name>, channel_axis=<axis or None>)``."""
+  token = _EXPORT_MARKERS.set(True)
+  try:
+    yield
+  finally:
+    _EXPORT_MARKERS.reset(token)
+
 
 ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "relu6": nn.relu6, "tanh": jnp.tanh}
 
@@ -79,6 +111,10 @@ class FakeQuant(nn.Module):
       return x
     if not self.has_variable(STATS, "min"):
       return x  # float: not calibrated
+    if _EXPORT_MARKERS.get():
+      name = "/".join((*self.path[:-1], self.path[-1].removesuffix("_quant")))
+      axis = self.spec.channel_axis % x.ndim if self.spec.per_channel else None
+      return quant_marker_p.bind(x, name=name, channel_axis=axis)
     lo, hi, narrow = self.range()
     if self.spec.per_channel:
       shape = [1] * x.ndim

@@ -1,0 +1,774 @@
+"""Export a (fine-tuned) fatq model to a full-integer TensorFlow Lite model and a TFLite-terms thresholds file.
+
+One general mechanism, no per-architecture code:
+
+1. The model is traced to a jaxpr (batch 1, parameters as constants) inside :func:`fatq.layers.export_markers`, where
+   every calibrated FakeQuant emits the identity primitive ``fatq_quant_marker`` (carrying its point name) instead of
+   the fake-quant arithmetic.
+2. The jaxpr is translated equation by equation into TensorFlow ops over a small primitive set (convolutions incl.
+   depthwise, matmul, elementwise arithmetic, pooling, reductions, reshapes, pads, slices, concatenation). A marker
+   becomes ``tf.quantization.fake_quant_with_min_max_vars`` (activations, per tensor) or ``..._per_channel`` (weights)
+   at the *nudged* range that the JAX model uses (:func:`fatq.calibration.quant_ranges`). An unsupported primitive
+   raises an error naming it.
+3. TensorFlow's own converter (``TFLiteConverter.from_concrete_functions``, ``optimizations=[DEFAULT]``) turns the
+   fake-quant graph into a full-integer model whose scales and zero points are exactly those ranges (SPEC §3).
+   No flatbuffer is written by hand.
+
+Translation rules worth knowing:
+
+* ``jnp.mean`` over the spatial axes of an NHWC tensor (``reduce_sum`` then a division by the count) becomes
+  ``AVERAGE_POOL_2D`` over the whole map plus a reshape: an integer op that keeps its input's scale and zero point.
+  A model without a quantizer after the mean therefore computes it on the input's grid in TFLite (at most half a step
+  of rounding that the JAX model does not have).
+* Bias constants are always exported as full per-output-channel vectors (a scalar bias after a per-channel conv is
+  mis-quantized by the converter, SPEC §3).
+
+Schemes (``thresholds.json`` and the checks on the model's quantization modes):
+
+* ``int8``: per-channel (or per-tensor) symmetric int8 weights in ``[-127, 127]`` with zero point 0, int8 asymmetric
+  per-tensor activations, int32 biases with scale ``s_in * s_w``. Asymmetric weights are refused, unless the caller
+  passes ``asymmetric_weights='symmetrize'``: each weight range becomes ``[-t, t]`` with ``t = max(|lo|, |hi|)``
+  (a documented rule that changes the model; the JAX model no longer matches exactly).
+* ``uint8``: the legacy per-tensor scheme of the FAT paper's models (uint8 weights and activations, zero point =
+  int8 zero point + 128). Per-channel weights are refused. TensorFlow 2's converter writes int8 tensors internally
+  (only the input and output can be uint8), so ``model.tflite`` for this scheme holds the same scales with int8 zero
+  points (uint8 - 128) for activations; thresholds.json gives the uint8 terms.
+* Per-channel activations and bit widths other than 8 are refused by both schemes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fatq.calibration import quant_ranges
+from fatq.layers import export_markers
+
+Tree = Any
+SCHEMES = ("int8", "uint8")
+IO_TYPES = ("int8", "uint8", "float32")
+
+
+class ExportError(ValueError):
+  """A model or quantization mode that the chosen TFLite scheme (or the translator) cannot express."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantization points in TFLite terms.
+
+
+@dataclasses.dataclass
+class Point:
+  name: str
+  kind: str  # 'weight' | 'activation'
+  bits: int
+  scale: np.ndarray  # () or (C,)
+  zero_point: np.ndarray  # on the unsigned grid [qmin, qmax], same shape as scale
+  qmin: int
+  qmax: int
+  channel_axis: int | None  # axis of the fatq tensor for per-channel points
+
+  @property
+  def narrow(self) -> bool:
+    return self.qmin == 1
+
+  @property
+  def nudged_min(self) -> np.ndarray:
+    return ((self.qmin - self.zero_point) * self.scale).astype(np.float32)
+
+  @property
+  def nudged_max(self) -> np.ndarray:
+    return ((self.qmax - self.zero_point) * self.scale).astype(np.float32)
+
+
+def _points(ranges: dict[str, dict[str, np.ndarray]], weight_names: set[str]) -> dict[str, Point]:
+  out = {}
+  for name, r in ranges.items():
+    scale = np.asarray(r["scale"], np.float32)
+    out[name] = Point(name=name, kind="unknown", bits=int(r["bits"]),
+                      scale=scale, zero_point=np.asarray(r["zero_point"], np.float32), qmin=int(r["qmin"]),
+                      qmax=int(r["qmax"]), channel_axis=None if scale.ndim == 0 else -1)
+  return out
+
+
+def _check_point(p: Point, scheme: str, asymmetric_weights: str) -> None:
+  """Refuse (or, for asymmetric int8 weights with ``asymmetric_weights='symmetrize'``, convert) what ``scheme`` cannot
+  represent."""
+  if scheme not in SCHEMES:
+    raise ExportError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
+  if p.bits != 8:
+    raise ExportError(f"tensor {p.name!r}: {p.bits}-bit quantization cannot be represented in the TFLite {scheme} "
+                      "scheme (8 bits only)")
+  if p.kind == "activation" and p.scale.ndim:
+    raise ExportError(f"tensor {p.name!r}: per-channel activation ranges cannot be represented in the TFLite "
+                      f"{scheme} scheme (activations are per tensor)")
+  if p.kind == "weight" and scheme == "uint8" and p.scale.ndim:
+    raise ExportError(f"tensor {p.name!r}: per-channel weights cannot be represented in the legacy uint8 scheme "
+                      "(per tensor only); export with scheme='int8' or fine-tune in scalar mode")
+  if p.kind == "weight" and scheme == "int8":
+    symmetric = p.narrow and np.all(p.zero_point == 2 ** (p.bits - 1))
+    if not symmetric:
+      if asymmetric_weights == "symmetrize":
+        t = np.maximum(np.abs(p.nudged_min), np.abs(p.nudged_max)).astype(np.float32)
+        p.qmin, p.scale = 1, (t / (2 ** (p.bits - 1) - 1)).astype(np.float32)
+        p.zero_point = np.full_like(p.scale, 2 ** (p.bits - 1))
+      else:
+        raise ExportError(f"tensor {p.name!r}: asymmetric weights (zero point {_int8_zp(p)}) cannot be represented "
+                          "in the TFLite int8 scheme (weights need zero point 0); fine-tune with symmetric weights, "
+                          "use scheme='uint8' for per-tensor weights, or pass asymmetric_weights='symmetrize'")
+
+
+def _int8_zp(p: Point):
+  zp = (p.zero_point - 2 ** (p.bits - 1)).astype(np.int64)
+  return zp.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# jaxpr -> TensorFlow.
+
+
+def _marker_name():
+  from fatq.layers import quant_marker_p
+  return quant_marker_p.name
+
+
+class _Translator:
+  """Evaluates a jaxpr with TensorFlow ops (inside a tf.function). Constants stay NumPy arrays and are folded."""
+
+  def __init__(self, tf, points: dict[str, Point], scheme: str, asymmetric_weights: str):
+    self.tf = tf
+    self.points = points
+    self.scheme, self.asymmetric_weights = scheme, asymmetric_weights
+    self.qname: dict[int, str] = {}  # id(value) -> quantization point the value carries (through same-scale ops)
+    self.layer: dict[int, dict] = {}  # id(conv/dense output before its bias) -> layer info
+    self.prod: dict[int, dict] = {}  # id(value) -> info of the TFLite op that will compute it (through bias/relu)
+    self.raw: dict[int, np.ndarray] = {}  # id(fake-quantized weight) -> its float array (to re-emit in another layout)
+    self.layers: list[dict] = []  # conv / dense layers in program order
+    self.ops: list[dict] = []  # elementwise ops between two tensors (residual ADD etc.) in program order
+
+  # helpers -----------------------------------------------------------------------------------------------------------
+  def is_const(self, v) -> bool:
+    return isinstance(v, (np.ndarray, np.generic, int, float, bool))
+
+  def tensor(self, v):
+    return self.tf.constant(np.asarray(v)) if self.is_const(v) else v
+
+  def full(self, v, aval):
+    """Materialise an implicitly broadcast value to its jaxpr shape."""
+    shape = tuple(aval.shape)
+    if self.is_const(v):
+      return np.broadcast_to(np.asarray(v), shape).astype(aval.dtype)
+    if tuple(v.shape) != shape:
+      return self.tf.broadcast_to(v, shape)
+    return v
+
+  def carry(self, src, dst):
+    if id(src) in self.qname:
+      self.qname[id(dst)] = self.qname[id(src)]
+    return dst
+
+  # evaluation --------------------------------------------------------------------------------------------------------
+  def run(self, jaxpr, consts, args):
+    from jax.extend.core import Literal
+    env = {}
+
+    def read(v):
+      return np.asarray(v.val) if isinstance(v, Literal) else env[v]
+
+    for var, c in zip(jaxpr.constvars, consts):
+      env[var] = np.asarray(c)
+    for var, a in zip(jaxpr.invars, args):
+      env[var] = a
+    eqns = list(jaxpr.eqns)
+    skip = {}
+    for i, eqn in enumerate(eqns):
+      if i in skip:
+        env[eqn.outvars[0]] = env[skip[i]]
+        continue
+      ins = [read(v) for v in eqn.invars]
+      outs = self.eqn(eqn, ins, eqns, i, skip)
+      if eqn.primitive.multiple_results:
+        for var, o in zip(eqn.outvars, outs):
+          env[var] = o
+      else:
+        env[eqn.outvars[0]] = outs
+    return [read(v) for v in jaxpr.outvars]
+
+  def eqn(self, eqn, ins, eqns, i, skip):
+    tf = self.tf
+    prim, params = eqn.primitive.name, eqn.params
+    aval = eqn.outvars[0].aval if eqn.outvars else None
+    # Sub-jaxprs (jit, custom_jvp/vjp: their primal computation).
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+      sub = params.get(key)
+      if sub is not None and (hasattr(sub, "eqns") or hasattr(sub, "jaxpr")):
+        jaxpr, consts = (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, [])
+        if len(jaxpr.invars) != len(ins):
+          raise ExportError(f"cannot export {prim!r}: its inner jaxpr takes {len(jaxpr.invars)} inputs, got {len(ins)}")
+        outs = self.run(jaxpr, consts, ins)
+        return outs if eqn.primitive.multiple_results else outs[0]
+    if prim == _marker_name():
+      return self.marker(ins[0], params["name"])
+    if all(self.is_const(x) for x in ins) and prim not in ("conv_general_dilated",):
+      return self.fold(eqn, ins)
+    handler = getattr(self, "p_" + prim, None)
+    if handler is None:
+      raise ExportError(f"cannot export primitive {prim!r} to TFLite (not in fatq.export's supported set: "
+                        f"{sorted(n[2:] for n in dir(self) if n.startswith('p_'))})")
+    return handler(eqn, ins, aval, eqns=eqns, i=i, skip=skip)
+
+  def fold(self, eqn, ins):
+    """Constant folding in NumPy via JAX's own implementation of the primitive."""
+    outs = eqn.primitive.bind(*[jax.numpy.asarray(x) for x in ins], **eqn.params)
+    if eqn.primitive.multiple_results:
+      return [np.asarray(o) for o in outs]
+    return np.asarray(outs)
+
+  # quantization markers ----------------------------------------------------------------------------------------------
+  def marker(self, x, name):
+    tf = self.tf
+    if name not in self.points:
+      raise ExportError(f"quantization point {name!r} has no range; calibrate the model first")
+    p = self.points[name]
+    p.kind = "weight" if self.is_const(x) else "activation"
+    _check_point(p, self.scheme, self.asymmetric_weights)
+    if p.kind == "weight":
+      w = np.asarray(x, np.float32)
+      y = self.fq_weight(w, p)
+      self.raw[id(y)] = w
+    else:
+      y = tf.quantization.fake_quant_with_min_max_vars(self.tensor(x), float(p.nudged_min), float(p.nudged_max),
+                                                       num_bits=p.bits, narrow_range=p.narrow)
+      if id(x) in self.prod:
+        self.prod[id(x)]["output"] = name
+    self.qname[id(y)] = name
+    return y
+
+  def fq_weight(self, w, p):
+    tf = self.tf
+    if True:
+      if p.scale.ndim:
+        y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            tf.constant(w), p.nudged_min, p.nudged_max, num_bits=p.bits, narrow_range=p.narrow)
+      else:
+        y = tf.quantization.fake_quant_with_min_max_vars(tf.constant(w), float(p.nudged_min), float(p.nudged_max),
+                                                         num_bits=p.bits, narrow_range=p.narrow)
+    return y
+
+  def follow(self, src, dst):
+    """``dst`` is computed by the same TFLite op as ``src`` (fused bias / activation)."""
+    if id(src) in self.prod:
+      self.prod[id(dst)] = self.prod[id(src)]
+    return dst
+
+  # structural ops (keep the quantization point of their input) -------------------------------------------------------
+  def p_reshape(self, eqn, ins, aval, **_):
+    x = self.full(ins[0], eqn.invars[0].aval)
+    return self.carry(ins[0], self.tf.reshape(x, aval.shape))
+
+  def p_squeeze(self, eqn, ins, aval, **_):
+    return self.p_reshape(eqn, ins, aval)
+
+  def p_expand_dims(self, eqn, ins, aval, **_):
+    return self.p_reshape(eqn, ins, aval)
+
+  def p_transpose(self, eqn, ins, aval, **_):
+    return self.carry(ins[0], self.tf.transpose(self.full(ins[0], eqn.invars[0].aval), eqn.params["permutation"]))
+
+  def p_broadcast_in_dim(self, eqn, ins, aval, **_):
+    # Keep the operand's size: insert unit axes and let the consumer broadcast (bias vectors stay vectors).
+    x, dims = ins[0], eqn.params["broadcast_dimensions"]
+    shape = [1] * len(aval.shape)
+    for d, n in zip(dims, np.shape(x)):
+      shape[d] = n
+    if self.is_const(x):
+      return np.reshape(np.asarray(x), shape)
+    return self.carry(x, self.tf.reshape(x, shape))
+
+  def p_convert_element_type(self, eqn, ins, aval, **_):
+    if np.dtype(aval.dtype) == np.float32:
+      return ins[0]
+    return self.tf.cast(ins[0], aval.dtype)
+
+  def p_copy(self, eqn, ins, aval, **_):
+    return ins[0]
+
+  p_copy_p = p_copy
+
+  def p_pad(self, eqn, ins, aval, **_):
+    cfg = eqn.params["padding_config"]
+    if any(c[2] for c in cfg) or any(c[0] < 0 or c[1] < 0 for c in cfg):
+      raise ExportError("cannot export lax.pad with interior or negative padding to TFLite")
+    value = np.asarray(ins[1]).item() if self.is_const(ins[1]) else None
+    if value is None:
+      raise ExportError("cannot export lax.pad with a non-constant padding value to TFLite")
+    x = self.full(ins[0], eqn.invars[0].aval)
+    return self.carry(ins[0], self.tf.pad(x, [(a, b) for a, b, _ in cfg], constant_values=value))
+
+  def p_slice(self, eqn, ins, aval, **_):
+    x = self.full(ins[0], eqn.invars[0].aval)
+    strides = eqn.params["strides"] or [1] * len(aval.shape)
+    return self.carry(ins[0], self.tf.strided_slice(x, eqn.params["start_indices"], eqn.params["limit_indices"],
+                                                    strides))
+
+  def p_concatenate(self, eqn, ins, aval, **_):
+    xs = [self.tensor(self.full(x, v.aval)) for x, v in zip(ins, eqn.invars)]
+    return self.tf.concat(xs, axis=eqn.params["dimension"])
+
+  # elementwise --------------------------------------------------------------------------------------------------------
+  def _binary(self, fn, eqn, ins):
+    a, b = ins
+    # Bias: conv/dense output + constant. Export a full per-output-channel vector (SPEC §3 pitfall).
+    for x, c in ((a, b), (b, a)):
+      if id(x) in self.layer and self.is_const(c) and eqn.primitive.name == "add":
+        info = self.layer.pop(id(x))
+        cout = int(x.shape[-1])
+        c = np.asarray(c, np.float32)
+        if c.size in (1, cout) and all(n == 1 for n in c.shape[:-1]):
+          vec = np.broadcast_to(c.reshape(-1), (cout,)).astype(np.float32)
+          info["bias"] = vec
+          return self.follow(x, self.tf.nn.bias_add(x, self.tf.constant(vec)))
+    y = fn(self.tensor(a), self.tensor(b))
+    if not self.is_const(a) and not self.is_const(b) and eqn.primitive.name in ("add", "mul", "sub"):
+      info = dict(op=eqn.primitive.name.upper(), inputs=[self.qname.get(id(a)), self.qname.get(id(b))])
+      self.ops.append(info)
+      self.prod[id(y)] = info
+    return y
+
+  def p_add(self, eqn, ins, aval, **_):
+    return self._binary(self.tf.add, eqn, ins)
+
+  def p_sub(self, eqn, ins, aval, **_):
+    return self._binary(self.tf.subtract, eqn, ins)
+
+  def p_mul(self, eqn, ins, aval, **_):
+    return self._binary(self.tf.multiply, eqn, ins)
+
+  def p_div(self, eqn, ins, aval, **_):
+    return self._binary(self.tf.divide, eqn, ins)
+
+  def p_max(self, eqn, ins, aval, **_):
+    a, b = ins
+    if self.is_const(b) and np.all(np.asarray(b) == 0):
+      return self.follow(a, self.tf.nn.relu(self.tensor(a)))
+    if self.is_const(a) and np.all(np.asarray(a) == 0):
+      return self.follow(b, self.tf.nn.relu(self.tensor(b)))
+    return self.tf.maximum(self.tensor(a), self.tensor(b))
+
+  def p_min(self, eqn, ins, aval, **_):
+    a, b = ins
+    # relu6 = min(max(x, 0), 6)
+    if self.is_const(b) and np.all(np.asarray(b) == 6) and getattr(a, "op", None) is not None and a.op.type == "Relu":
+      return self.follow(a, self.tf.nn.relu6(a.op.inputs[0]))
+    return self.tf.minimum(self.tensor(a), self.tensor(b))
+
+  def p_clamp(self, eqn, ins, aval, **_):
+    lo, x, hi = ins
+    if self.is_const(lo) and self.is_const(hi) and np.all(np.asarray(lo) == 0) and np.all(np.asarray(hi) == 6):
+      return self.follow(x, self.tf.nn.relu6(self.tensor(x)))
+    return self.tf.clip_by_value(self.tensor(x), self.tensor(lo), self.tensor(hi))
+
+  def p_neg(self, eqn, ins, aval, **_):
+    return -self.tensor(ins[0])
+
+  def p_tanh(self, eqn, ins, aval, **_):
+    return self.tf.tanh(ins[0])
+
+  def p_logistic(self, eqn, ins, aval, **_):
+    return self.tf.sigmoid(ins[0])
+
+  def p_exp(self, eqn, ins, aval, **_):
+    return self.tf.exp(ins[0])
+
+  def p_abs(self, eqn, ins, aval, **_):
+    return self.tf.abs(ins[0])
+
+  def p_sqrt(self, eqn, ins, aval, **_):
+    return self.tf.sqrt(ins[0])
+
+  def p_rsqrt(self, eqn, ins, aval, **_):
+    return self.tf.math.rsqrt(ins[0])
+
+  def p_integer_pow(self, eqn, ins, aval, **_):
+    return self.tf.pow(ins[0], float(eqn.params["y"]))
+
+  def p_square(self, eqn, ins, aval, **_):
+    return self.tf.square(ins[0])
+
+  # linear layers --------------------------------------------------------------------------------------------------------
+  def p_conv_general_dilated(self, eqn, ins, aval, **_):
+    tf = self.tf
+    x, k = ins
+    prm = eqn.params
+    dn = prm["dimension_numbers"]
+    if (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)):
+      raise ExportError(f"cannot export conv_general_dilated with dimension numbers {dn}: NHWC/HWIO/NHWC only")
+    if any(d != 1 for d in prm["lhs_dilation"]) or prm["batch_group_count"] != 1:
+      raise ExportError("cannot export a transposed (lhs-dilated) or batch-grouped convolution to TFLite")
+    if self.is_const(x):
+      raise ExportError("cannot export a convolution of a constant input")
+    kq = self.qname.get(id(k))
+    k = self.tensor(k)
+    h, w = (int(d) for d in x.shape[1:3])
+    kh, kw, cin_g, cout = (int(d) for d in k.shape)
+    strides, dil = tuple(prm["window_strides"]), tuple(prm["rhs_dilation"])
+    pads = [tuple(p) for p in prm["padding"]]
+    ekh, ekw = (kh - 1) * dil[0] + 1, (kw - 1) * dil[1] + 1
+    same = [tuple(p) for p in jax.lax.padtype_to_pads((h, w), (ekh, ekw), strides, "SAME")]
+    if pads == [(0, 0), (0, 0)]:
+      padding = "VALID"
+    elif pads == same:
+      padding = "SAME"
+    else:
+      x = self.carry(x, tf.pad(x, [(0, 0), pads[0], pads[1], (0, 0)]))
+      padding = "VALID"
+    groups = prm["feature_group_count"]
+    cin = int(x.shape[-1])
+    xin = x
+    if groups == 1:
+      y = tf.nn.conv2d(x, k, (1, *strides, 1), padding, dilations=(1, *dil, 1))
+      op = "CONV_2D"
+    elif groups == cin and cin_g == 1:
+      if strides[0] != strides[1]:
+        raise ExportError("cannot export a depthwise convolution with unequal strides to TFLite")
+      k = tf.reshape(k, (kh, kw, cin, cout // cin))
+      y = tf.nn.depthwise_conv2d(x, k, (1, *strides, 1), padding, dilations=dil)
+      op = "DEPTHWISE_CONV_2D"
+    else:
+      raise ExportError(f"cannot export a grouped convolution with {groups} groups of {cin} channels to TFLite "
+                        "(regular and depthwise convolutions only)")
+    info = dict(op=op, kernel=kq, input=self.qname.get(id(xin)), cout=cout)
+    self.layers.append(info)
+    self.layer[id(y)] = self.prod[id(y)] = info
+    return y
+
+  def p_dot_general(self, eqn, ins, aval, **_):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    a, b = ins
+    if lb or rb or len(eqn.invars[0].aval.shape) != 2 or len(eqn.invars[1].aval.shape) != 2:
+      raise ExportError(f"cannot export dot_general {eqn.params['dimension_numbers']}: 2-D matmul only")
+    kq = self.qname.get(id(b))
+    if tuple(lc) != (1,) or tuple(rc) != (0,) or self.is_const(a):
+      raise ExportError(f"cannot export dot_general {eqn.params['dimension_numbers']}: x @ W with a constant W only")
+    tf = self.tf
+    if kq is not None and self.points[kq].scale.ndim:
+      # Per-channel weights: TFLite's converter cannot move a per-axis quantized IO matrix into FULLY_CONNECTED's OI
+      # layout ("tfl.transpose has mismatched quantized axes"), so x @ W becomes a 1x1 CONV_2D (same arithmetic).
+      n, k = (int(d) for d in a.shape)
+      w = self.fq_weight(self.raw[id(b)].reshape(1, 1, k, -1), self.points[kq])
+      y = tf.nn.conv2d(tf.reshape(a, (n, 1, 1, k)), w, 1, "VALID")
+      y = tf.reshape(y, (n, -1))
+      op = "CONV_2D"
+    else:
+      y = tf.linalg.matmul(a, self.tensor(b))
+      op = "FULLY_CONNECTED"
+    info = dict(op=op, kernel=kq, input=self.qname.get(id(a)), cout=int(y.shape[-1]))
+    self.layers.append(info)
+    self.layer[id(y)] = self.prod[id(y)] = info
+    return y
+
+  # pooling and reductions --------------------------------------------------------------------------------------------
+  def _window(self, eqn, x):
+    p = eqn.params
+    wd, ws = tuple(p["window_dimensions"]), tuple(p["window_strides"])
+    if len(wd) != 4 or wd[0] != 1 or wd[3] != 1 or ws[0] != 1 or ws[3] != 1:
+      raise ExportError(f"cannot export a {eqn.primitive.name} window {wd} / strides {ws}: NHWC spatial pooling only")
+    if any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"]):
+      raise ExportError(f"cannot export a dilated {eqn.primitive.name} to TFLite")
+    pads = [tuple(q) for q in p["padding"]]
+    h, w = (int(d) for d in x.shape[1:3])
+    if all(q == (0, 0) for q in pads):
+      return wd[1:3], ws[1:3], "VALID"
+    same = [(0, 0)] + [tuple(q) for q in jax.lax.padtype_to_pads((h, w), wd[1:3], ws[1:3], "SAME")] + [(0, 0)]
+    if pads == same:
+      return wd[1:3], ws[1:3], "SAME"
+    raise ExportError(f"cannot export {eqn.primitive.name} with explicit padding {pads}")
+
+  def p_reduce_window_max(self, eqn, ins, aval, **_):
+    win, st, pad = self._window(eqn, ins[0])
+    return self.carry(ins[0], self.tf.nn.max_pool2d(ins[0], win, st, pad))
+
+  def _consumer_divides(self, eqn, eqns, i, count):
+    """Index of the next equation if it divides this one's result by ``count`` (a mean), else None."""
+    out = eqn.outvars[0]
+    for j in range(i + 1, len(eqns)):
+      e = eqns[j]
+      if out in e.invars:
+        if e.primitive.name == "div" and e.invars[0] is out:
+          from jax.extend.core import Literal
+          d = e.invars[1]
+          if isinstance(d, Literal) and np.all(np.asarray(d.val) == count):
+            return j
+        return None
+    return None
+
+  def p_reduce_window_sum(self, eqn, ins, aval, eqns, i, skip, **_):
+    win, st, pad = self._window(eqn, ins[0])
+    j = self._consumer_divides(eqn, eqns, i, int(np.prod(win)))
+    if j is None or pad != "VALID":
+      raise ExportError("cannot export a windowed sum that is not an average pool (sum / window size, VALID)")
+    y = self.carry(ins[0], self.tf.nn.avg_pool2d(ins[0], win, st, pad))
+    skip[j] = eqn.outvars[0]
+    return y
+
+  def p_reduce_sum(self, eqn, ins, aval, eqns, i, skip, **_):
+    x = ins[0]
+    axes = tuple(eqn.params["axes"])
+    shape = eqn.invars[0].aval.shape
+    count = int(np.prod([shape[a] for a in axes]))
+    j = self._consumer_divides(eqn, eqns, i, count)
+    if j is None:
+      return self.tf.reduce_sum(x, axis=axes)
+    skip[j] = eqn.outvars[0]
+    if len(shape) == 4 and axes == (1, 2):
+      y = self.carry(x, self.tf.nn.avg_pool2d(x, shape[1:3], 1, "VALID"))  # AVERAGE_POOL_2D keeps the input scale
+      return self.carry(x, self.tf.reshape(y, aval.shape))
+    return self.tf.reduce_mean(x, axis=axes)
+
+  def p_reduce_max(self, eqn, ins, aval, **_):
+    return self.carry(ins[0], self.tf.reduce_max(ins[0], axis=tuple(eqn.params["axes"])))
+
+
+def _trace(model, variables: Tree, sample: np.ndarray):
+  with export_markers():
+    return jax.make_jaxpr(lambda x: model.apply(variables, x))(sample)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+class Exported:
+  """The translated TF function plus everything needed for thresholds.json and conversion."""
+
+  def __init__(self, model, variables: Tree, sample_images: np.ndarray, scheme: str = "int8",
+               asymmetric_weights: str = "refuse"):
+    import tensorflow as tf
+
+    if asymmetric_weights not in ("refuse", "symmetrize"):
+      raise ExportError(f"asymmetric_weights must be 'refuse' or 'symmetrize', got {asymmetric_weights!r}")
+    sample = np.asarray(sample_images[:1], np.float32)
+    self.input_shape = sample.shape
+    self.scheme = scheme
+    ranges = quant_ranges(model, variables, sample)
+    if not ranges:
+      raise ExportError("the model has no calibrated quantization points: calibrate (and fine-tune) it first; a "
+                        "float model cannot be exported as a full-integer TFLite model by fatq.export")
+    self.points = _points(ranges, set())
+    closed = _trace(model, variables, sample)
+    self.closed = closed
+    self.tf = tf
+    self.translator = None
+
+    def fn(x):
+      t = _Translator(tf, self.points, scheme, asymmetric_weights)
+      out = t.run(closed.jaxpr, closed.consts, [x])
+      self.translator = t
+      if len(out) != 1:
+        raise ExportError(f"the model returns {len(out)} outputs; fatq.export handles one")
+      return tf.identity(out[0], name="logits")
+
+    self.function = tf.function(fn, autograph=False, input_signature=[tf.TensorSpec(sample.shape, tf.float32, name="input")])
+    self.concrete = self.function.get_concrete_function()
+    unused = set(self.points) - {n for n, p in self.points.items() if p.kind in ("weight", "activation")}
+    self.points = {n: p for n, p in self.points.items() if n not in unused}
+
+  # thresholds ---------------------------------------------------------------------------------------------------------
+  def thresholds(self) -> dict:
+    entries = []
+    uint8 = self.scheme == "uint8"
+    shift = 0 if uint8 else 128
+    dtype = "uint8" if uint8 else "int8"
+    layers = {l["kernel"]: l for l in self.translator.layers if l["kernel"]}
+    for name, p in self.points.items():
+      e = dict(name=name, kind=p.kind, dtype=dtype, bits=p.bits, min=p.nudged_min.tolist(),
+               max=p.nudged_max.tolist(), scale=p.scale.tolist(),
+               zero_point=(p.zero_point - shift).astype(np.int64).tolist(), quantized_axis=None,
+               narrow_range=p.narrow)
+      if p.kind == "weight":
+        layer = layers.get(name)
+        e["op"] = layer["op"] if layer else None
+        if p.scale.ndim:
+          # TFLite layouts: CONV_2D OHWI (axis 0), DEPTHWISE_CONV_2D 1HWC (axis 3), FULLY_CONNECTED OI (axis 0).
+          e["quantized_axis"] = 3 if layer and layer["op"] == "DEPTHWISE_CONV_2D" else 0
+      entries.append(e)
+    for layer in self.translator.layers:
+      if "bias" not in layer or layer["kernel"] is None or layer["input"] is None:
+        continue
+      w, x = self.points[layer["kernel"]], self.points[layer["input"]]
+      s = (np.float64(x.scale) * w.scale.astype(np.float64)) * np.ones(layer["cout"])
+      name = layer["kernel"].rsplit("/", 1)[0] + "/bias"
+      codes = np.clip(np.round(layer["bias"] / s), -(2**31 - 1), 2**31 - 1).astype(np.int64)
+      entries.append(dict(name=name, kind="bias", dtype="int32", bits=32, scale=s.astype(np.float32).tolist(),
+                          zero_point=[0] * layer["cout"], quantized_axis=0 if w.scale.ndim else None,
+                          input=layer["input"], weight=layer["kernel"], op=layer["op"],
+                          min=(s * -(2**31 - 1)).tolist(), max=(s * (2**31 - 1)).tolist(),
+                          values_int32=codes.tolist()))
+    layers = [dict(op=l["op"], input=l["input"], kernel=l["kernel"], output=l.get("output"),
+                   bias=(l["kernel"].rsplit("/", 1)[0] + "/bias") if "bias" in l and l["kernel"] else None)
+              for l in self.translator.layers]
+    ops = [dict(op=o["op"], inputs=o["inputs"], output=o.get("output")) for o in self.translator.ops]
+    return dict(scheme=self.scheme, input_shape=list(self.input_shape), tensors=entries, layers=layers, ops=ops)
+
+  # conversion ---------------------------------------------------------------------------------------------------------
+  def convert(self, input_type: str = "int8", output_type: str = "int8") -> bytes:
+    tf = self.tf
+    for t in (input_type, output_type):
+      if t not in IO_TYPES:
+        raise ExportError(f"unknown input/output type {t!r}; choose one of {IO_TYPES}")
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([self.concrete], self.function)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.inference_input_type = getattr(tf, input_type)
+    conv.inference_output_type = getattr(tf, output_type)
+    return conv.convert()
+
+
+def thresholds_json(model, variables: Tree, sample_images: np.ndarray, scheme: str = "int8",
+                    asymmetric_weights: str = "refuse") -> dict:
+  """Every quantized tensor in TFLite terms (see the module docstring) as a JSON-ready dict."""
+  return Exported(model, variables, sample_images, scheme, asymmetric_weights).thresholds()
+
+
+def export_tflite(model, variables: Tree, sample_images: np.ndarray, out_dir: str | os.PathLike,
+                  scheme: str = "int8", input_type: str = "int8", output_type: str = "int8",
+                  asymmetric_weights: str = "refuse", log=print) -> dict:
+  """Write ``out_dir/model.tflite`` and ``out_dir/thresholds.json`` (plus thresholds_<other scheme>.json when the
+  model can be expressed in it). ``variables`` = {'params', 'quant_stats', 'quant'}. Returns a small report."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  t0 = time.time()
+  ex = Exported(model, variables, sample_images, scheme, asymmetric_weights)
+  blob = ex.convert(input_type, output_type)
+  (out / "model.tflite").write_bytes(blob)
+  th = ex.thresholds()
+  th.update(input_type=input_type, output_type=output_type)
+  (out / "thresholds.json").write_text(json.dumps(th, indent=1))
+  report = dict(model_tflite=str(out / "model.tflite"), thresholds=str(out / "thresholds.json"), scheme=scheme,
+                bytes=len(blob), tensors=len(th["tensors"]), seconds=round(time.time() - t0, 2))
+  for other in SCHEMES:
+    if other == scheme:
+      continue
+    try:
+      (out / f"thresholds_{other}.json").write_text(
+          json.dumps(thresholds_json(model, variables, sample_images, other, asymmetric_weights), indent=1))
+      report[f"thresholds_{other}"] = str(out / f"thresholds_{other}.json")
+    except ExportError as e:
+      report[f"thresholds_{other}"] = f"not representable: {e}"
+  log(f"exported {report}")
+  return report
+
+
+def read_tflite_quant_params(path_or_bytes) -> list[dict]:
+  """Every tensor of a .tflite file with its quantization: name, dtype, shape, scales, zero points, axis."""
+  from ai_edge_litert.interpreter import Interpreter
+
+  kw = dict(model_content=path_or_bytes) if isinstance(path_or_bytes, bytes) else dict(model_path=str(path_or_bytes))
+  interp = Interpreter(**kw)
+  out = []
+  for d in interp.get_tensor_details():
+    q = d["quantization_parameters"]
+    out.append(dict(index=d["index"], name=d["name"], dtype=np.dtype(d["dtype"]).name, shape=list(d["shape"]),
+                    scale=np.asarray(q["scales"]).tolist(), zero_point=np.asarray(q["zero_points"]).tolist(),
+                    quantized_axis=int(q["quantized_dimension"])))
+  return out
+
+
+def match_tflite(model: str | os.PathLike | bytes, thresholds: dict) -> dict[str, dict]:
+  """{thresholds.json tensor name: the .tflite tensor that holds it} (from :func:`read_tflite_quant_params`).
+
+  TFLite fuses ops and renames tensors, so tensors are found by structure: the k-th CONV_2D / DEPTHWISE_CONV_2D /
+  FULLY_CONNECTED op is the k-th exported layer (inputs: activation, weight, bias; output: its output activation),
+  the k-th ADD / MUL / SUB between two tensors is the k-th such exported op.
+  """
+  from ai_edge_litert.interpreter import Interpreter
+
+  kw = dict(model_content=model) if isinstance(model, bytes) else dict(model_path=str(model))
+  interp = Interpreter(**kw)
+  tensors = {t["index"]: t for t in read_tflite_quant_params(model)}
+  ops = interp._get_ops_details()
+  found: dict[str, dict] = {}
+
+  def put(name, index):
+    if name is None or index < 0:
+      return
+    t = tensors[index]
+    if name in found and found[name]["index"] != index:
+      # the same fatq point can feed several ops (e.g. a pooled or reshaped copy); keep the first, check agreement
+      return
+    found[name] = t
+
+  for kinds, wanted, in_keys in (({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}, thresholds["layers"],
+                                  ("input", "kernel", "bias")),
+                                 ({"ADD", "MUL", "SUB"}, thresholds.get("ops", []), None)):
+    got = [o for o in ops if o["op_name"] in kinds]
+    if len(got) != len(wanted):
+      raise ExportError(f"the .tflite model has {len(got)} {sorted(kinds)} ops, the export recorded {len(wanted)}")
+    for o, w in zip(got, wanted):
+      if in_keys:
+        for key, index in zip(in_keys, o["inputs"]):
+          put(w[key], int(index))
+      else:
+        for name, index in zip(w["inputs"], o["inputs"]):
+          put(name, int(index))
+      put(w["output"], int(o["outputs"][0]))
+  return found
+
+
+class TFLiteModel:
+  """The ai-edge-litert interpreter on a .tflite model, batch 1: float images in, float logits out."""
+
+  def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None):
+    from ai_edge_litert.interpreter import Interpreter
+
+    kw = dict(model_content=model) if isinstance(model, bytes) else dict(model_path=str(model))
+    self.interp = Interpreter(**kw, num_threads=num_threads)
+    self.interp.allocate_tensors()
+    self.inp = self.interp.get_input_details()[0]
+    self.out = self.interp.get_output_details()[0]
+
+  def quantize_input(self, x: np.ndarray) -> np.ndarray:
+    dt = self.inp["dtype"]
+    if dt == np.float32:
+      return x.astype(np.float32)
+    scale, zp = self.inp["quantization"]
+    info = np.iinfo(dt)
+    return np.clip(np.floor(x / scale + 0.5) + zp, info.min, info.max).astype(dt)
+
+  def raw(self, x1: np.ndarray) -> np.ndarray:
+    """One image (shape of the model input), already in the input dtype; returns the raw output."""
+    self.interp.set_tensor(self.inp["index"], x1)
+    self.interp.invoke()
+    return self.interp.get_tensor(self.out["index"]).copy()
+
+  def dequantize_output(self, y: np.ndarray) -> np.ndarray:
+    if self.out["dtype"] == np.float32:
+      return y.astype(np.float32)
+    scale, zp = self.out["quantization"]
+    return ((y.astype(np.float64) - zp) * scale).astype(np.float32)
+
+  @property
+  def output_step(self) -> float:
+    return float(self.out["quantization"][0]) if self.out["dtype"] != np.float32 else 0.0
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    shape = tuple(self.inp["shape"])
+    outs = [self.dequantize_output(self.raw(self.quantize_input(x.reshape(shape)))) for x in images]
+    return np.concatenate(outs, axis=0)
+
+  def latency_ms(self, image: np.ndarray, runs: int = 20, warmup: int = 3) -> float:
+    x = self.quantize_input(image.reshape(tuple(self.inp["shape"])))
+    for _ in range(warmup):
+      self.raw(x)
+    t = []
+    for _ in range(runs):
+      t0 = time.perf_counter()
+      self.raw(x)
+      t.append(time.perf_counter() - t0)
+    return float(np.median(t) * 1e3)
