@@ -1,0 +1,69 @@
+"""MobileNet v1 (Howard et al., 2017) with folded batch norm and ReLU6, in two padding flavours.
+
+Layers: ``conv1`` (3x3/2, 32*w) -> ``block1..block13`` each ``depthwise`` (3x3) + ``pointwise`` (1x1) -> global
+average pool -> ``logits``. ``keras_padding=True`` reproduces keras.applications.MobileNet, which pads stride-2
+convolutions by (0, 1) and uses VALID (equal to SAME on even sizes such as 224); TF-slim / TFLite use SAME.
+Keras weights have 1000 classes, TF-slim / TFLite ones 1001 (class 0 = background).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from fatq.config import QuantConfig
+from fatq.layers import QConv, quant_point
+from fatq.models.common import check_image, classify
+
+# (pointwise filters, depthwise stride) of blocks 1..13 at width 1.
+BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1),
+          (512, 1), (1024, 2), (1024, 1))
+
+
+def depth(filters: int, width: float, min_depth: int = 8) -> int:
+  return max(int(filters * width), min_depth)
+
+
+class MobileNetV1(nn.Module):
+  width: float = 1.0
+  num_classes: int = 1000
+  keras_padding: bool = False
+  stem: int = 32
+  blocks: tuple = BLOCKS
+  quant: QuantConfig | None = None
+  impl: str = "lax"
+
+  def _pad(self, stride: int):
+    return ((0, 1), (0, 1)) if self.keras_padding and stride == 2 else "SAME"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_image("MobileNetV1", x)
+    q, impl = self.quant, self.impl
+    x = quant_point(self, q, "input", x)
+    x = QConv(depth(self.stem, self.width), (3, 3), (2, 2), self._pad(2), activation="relu6", quant=q, impl=impl,
+              name="conv1")(x)
+    for i, (filters, stride) in enumerate(self.blocks, 1):
+      x = SeparableBlock(depth(filters, self.width), stride, self._pad(stride), quant=q, impl=impl,
+                         name=f"block{i}")(x)
+    return classify(x, self.num_classes, q)
+
+
+class SeparableBlock(nn.Module):
+  features: int
+  stride: int = 1
+  padding: object = "SAME"
+  quant: QuantConfig | None = None
+  impl: str = "lax"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    x = QConv(c, (3, 3), (self.stride, self.stride), self.padding, groups=c, activation="relu6", quant=self.quant,
+              impl=self.impl, name="depthwise")(x)
+    return QConv(self.features, (1, 1), activation="relu6", quant=self.quant, impl=self.impl, name="pointwise")(x)
+
+
+def tiny(**kwargs) -> MobileNetV1:
+  """Test-only configuration: width 0.25, three blocks (use 32x32 images)."""
+  return MobileNetV1(**{"width": 0.25, "blocks": BLOCKS[:3], "num_classes": 10, **kwargs})
