@@ -1,0 +1,57 @@
+"""``build(cfg)`` / ``load(cfg)``: from a ``config.model`` dict to a module and its float params.
+
+``cfg`` keys: ``name`` ('mobilenet_v1', 'mobilenet_v2', 'mnasnet'), ``width``, ``num_classes`` (1000 Keras,
+1001 TF-slim/TFLite), ``checkpoint`` (path), ``checkpoint_format`` ('keras_h5', 'tfjs', 'tflite' or '' to guess),
+optional ``image_size`` (224), ``impl`` ('lax'), ``keras_padding`` (MobileNet v1 only; default: True for Keras
+formats).
+"""
+
+from __future__ import annotations
+
+import os
+
+from fatq.models import loaders
+
+NAMES = ("mobilenet_v1", "mobilenet_v2", "mnasnet")
+
+
+def _get(cfg, key, default=None):
+  try:
+    v = cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if v is None else v
+
+
+def build(cfg, quant=None):
+  from fatq.models.mnasnet import MnasNet
+  from fatq.models.mobilenet_v1 import MobileNetV1
+  from fatq.models.mobilenet_v2 import MobileNetV2
+
+  name = _get(cfg, "name")
+  common = dict(width=float(_get(cfg, "width", 1.0)), num_classes=int(_get(cfg, "num_classes", 1001)),
+                quant=quant, impl=_get(cfg, "impl", "lax"))
+  if name == "mobilenet_v1":
+    fmt = _get(cfg, "checkpoint_format", "") or ""
+    return MobileNetV1(keras_padding=bool(_get(cfg, "keras_padding", fmt in ("keras_h5", "tfjs"))), **common)
+  if name == "mobilenet_v2":
+    return MobileNetV2(**common)
+  if name == "mnasnet":
+    return MnasNet(**common)
+  raise ValueError(f"unknown model {name!r} in config.model.name; known: {NAMES}")
+
+
+def load(cfg, quant=None):
+  """``(module, params, LoadReport)``; raises FileNotFoundError naming the file needed when there is none."""
+  model = build(cfg, quant)
+  ckpt = _get(cfg, "checkpoint", "")
+  if not ckpt:
+    hint = _get(cfg, "checkpoint_hint", "")
+    raise FileNotFoundError(f"config.model.checkpoint is empty: {cfg['name']} needs a pre-trained checkpoint"
+                            + (f" ({hint})" if hint else "") + "; pass --config.model.checkpoint=/path/to/file")
+  if not os.path.exists(ckpt):
+    hint = _get(cfg, "checkpoint_hint", "")
+    raise FileNotFoundError(f"checkpoint {ckpt} does not exist" + (f": {hint}" if hint else ""))
+  params, report = loaders.load_checkpoint(model, ckpt, _get(cfg, "checkpoint_format", "") or None,
+                                           int(_get(cfg, "image_size", 224)))
+  return model, params, report
