@@ -1,0 +1,29 @@
+"""MnasNet 1.0 (TFLite-hosted mnasnet_1.0_224, mnasnet-b1 blocks), 1001 classes.
+
+    python experiments/evaluate.py --config configs/mnasnet_1.0.py --workdir runs/eval_mnasnet_1.0
+
+The checkpoint is not shipped: pass ``--config.model.checkpoint=/path/to/mnasnet_1.0_224.tflite`` or put the file in
+``../shared/data/models/`` ($FATQ_DATA/models). Without it the run stops with an error naming the file.
+"""
+
+import os
+
+import ml_collections
+
+from fatq.data.paths import data_root
+
+
+def _default_checkpoint():
+  path = os.path.join(data_root(), "models", "mnasnet_1.0_224.tflite")
+  return path if os.path.exists(path) else ""
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.name = "mnasnet_1.0"
+  c.seed = 0
+  c.model = dict(name="mnasnet", width=1.0, num_classes=1001, checkpoint=_default_checkpoint(), checkpoint_format="tflite",
+                 image_size=224, impl="lax", checkpoint_hint='mnasnet_1.0_224.tflite from https://storage.googleapis.com/download.tensorflow.org/models/tflite/mnasnet_1.0_224_09_07_2018.tgz; put it in ../shared/data/models/ or pass --config.model.checkpoint=/path/mnasnet_1.0_224.tflite')
+  c.data = dict(val_dir="", unlabeled_dir="", preprocessing="fat", image_size=224, cache_dir="", limit=0)
+  c.eval_batch_size = 50
+  return c

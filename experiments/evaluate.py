@@ -1,0 +1,81 @@
+"""Float top-1 / top-5 of a pre-trained ImageNet model on a labeled image folder; prints a table, writes results.json.
+
+    python experiments/evaluate.py --config configs/mobilenet_v1_0.75.py [--workdir runs/eval_mobilenet_v1_0.75]
+
+Any config value can be overridden, e.g. ``--config.model.checkpoint=/path/mnasnet_1.0_224.tflite`` or
+``--config.data.val_dir=/path/to/labeled/folder``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Model config file (configs/*.py).", lock_config=False)
+flags.DEFINE_string("workdir", None, "Directory for results.json (default runs/eval_<model>).")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def evaluate(cfg, workdir: str) -> dict:
+  import jax
+  import numpy as np
+
+  from fatq import models
+  from fatq.data import imagenet
+
+  t0 = time.perf_counter()
+  model, params, report = models.load(cfg.model)
+  print(report.summary())
+  t_load = time.perf_counter() - t0
+  offset = 1 if int(cfg.model.num_classes) == 1001 else 0
+  d = cfg.data
+  t0 = time.perf_counter()
+  val = imagenet.val_set(d.preprocessing, int(d.image_size), offset, limit=d.get("limit") or None,
+                         cache_dir=d.cache_dir or None, folder=d.val_dir or None)
+  t_data = time.perf_counter() - t0
+  if val.skipped:
+    print(f"skipped {len(val.skipped)} unreadable image(s)")
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  bs = int(cfg.get("eval_batch_size", 50))
+  t0 = time.perf_counter()
+  logits = np.concatenate([np.asarray(apply(params, val.images[i:i + bs])) for i in range(0, len(val.images), bs)])
+  t_eval = time.perf_counter() - t0
+  pred = logits.argmax(-1)
+  top5 = np.argsort(-logits, -1)[:, :5]
+  row = dict(method="float", weight_bits=32, act_bits=32, granularity="tensor", symmetric=True,
+             top1=float(np.mean(pred == val.labels)), top5=float(np.mean(np.any(top5 == val.labels[:, None], -1))),
+             agreement=1.0)
+  results = dict(model=cfg.model.name, dataset=str(d.val_dir or "imagenet/val"), rows=[row],
+                 config=json.loads(cfg.to_json()), load_report={k: v for k, v in report.to_dict().items()
+                                                                 if k != "tensors"},
+                 num_images=len(val.images), skipped_images=len(val.skipped),
+                 timings=dict(load=round(t_load, 1), data=round(t_data, 1), eval=round(t_eval, 1)))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def main(argv):
+  del argv
+  cfg = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join("runs", f"eval_{cfg.get('name', cfg.model.name)}")
+  try:
+    r = evaluate(cfg, workdir)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  print(f"\n{'model':<28} {'images':>6} {'top-1':>7} {'top-5':>7}")
+  row = r["rows"][0]
+  print(f"{cfg.get('name', cfg.model.name):<28} {r['num_images']:>6} {100 * row['top1']:>6.2f}% "
+        f"{100 * row['top5']:>6.2f}%")
+  print(f"\nresults: {os.path.join(workdir, 'results.json')}  (timings {r['timings']})")
+
+
+if __name__ == "__main__":
+  app.run(main)
