@@ -21,7 +21,11 @@ Translation rules worth knowing:
   A model without a quantizer after the mean therefore computes it on the input's grid in TFLite (at most half a step
   of rounding that the JAX model does not have).
 * Bias constants are always exported as full per-output-channel vectors (a scalar bias after a per-channel conv is
-  mis-quantized by the converter, SPEC §3).
+  mis-quantized by the converter, SPEC §3). The converter also folds an all-equal, non-zero bias vector into a splat
+  constant and quantizes it with channel 0's scale (measured here: every channel got the same int32 code); such a
+  vector gets one ulp added to its last element, which leaves the int32 codes unchanged.
+* ``x @ W`` with per-channel weights becomes a 1x1 ``CONV_2D`` (the converter cannot move a per-axis quantized IO
+  matrix into FULLY_CONNECTED's OI layout); with per-tensor weights it is ``FULLY_CONNECTED``.
 
 Schemes (``thresholds.json`` and the checks on the model's quantization modes):
 
@@ -334,6 +338,12 @@ class _Translator:
         if c.size in (1, cout) and all(n == 1 for n in c.shape[:-1]):
           vec = np.broadcast_to(c.reshape(-1), (cout,)).astype(np.float32)
           info["bias"] = vec
+          if cout > 1 and vec[0] != 0 and np.all(vec == vec[0]):
+            # The converter stores an all-equal vector as a splat constant and then quantizes it with channel 0's
+            # scale for every channel (SPEC §3 pitfall). One ulp on the last element keeps it a real vector; the
+            # int32 codes are unchanged (the bias step s_in * s_w is ~2^20 ulps).
+            vec = vec.copy()
+            vec[-1] = np.nextafter(vec[-1], np.float32(np.inf))
           return self.follow(x, self.tf.nn.bias_add(x, self.tf.constant(vec)))
     y = fn(self.tensor(a), self.tensor(b))
     if not self.is_const(a) and not self.is_const(b) and eqn.primitive.name in ("add", "mul", "sub"):
@@ -606,8 +616,11 @@ class Exported:
       s = (np.float64(x.scale) * w.scale.astype(np.float64)) * np.ones(layer["cout"])
       name = layer["kernel"].rsplit("/", 1)[0] + "/bias"
       codes = np.clip(np.round(layer["bias"] / s), -(2**31 - 1), 2**31 - 1).astype(np.int64)
-      entries.append(dict(name=name, kind="bias", dtype="int32", bits=32, scale=s.astype(np.float32).tolist(),
-                          zero_point=[0] * layer["cout"], quantized_axis=0 if w.scale.ndim else None,
+      per_channel = bool(w.scale.ndim)
+      entries.append(dict(name=name, kind="bias", dtype="int32", bits=32,
+                          scale=s.astype(np.float32).tolist() if per_channel else float(np.float32(s[0])),
+                          zero_point=[0] * layer["cout"] if per_channel else 0,
+                          quantized_axis=0 if per_channel else None,
                           input=layer["input"], weight=layer["kernel"], op=layer["op"],
                           min=(s * -(2**31 - 1)).tolist(), max=(s * (2**31 - 1)).tolist(),
                           values_int32=codes.tolist()))

@@ -1,0 +1,229 @@
+"""TFLite export: thresholds.json vs the .tflite file, interpreter vs the JAX fake-quant model, scheme refusals."""
+
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fatq
+from fatq import export as E
+from fatq.layers import QConv, quant_point
+from fatq.models import LeNet5
+
+PER_CHANNEL = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True), fatq.QuantSpec.fat(8, symmetric=False))
+PER_TENSOR_ASYM = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, symmetric=False),
+                                           fatq.QuantSpec.fat(8, symmetric=False))
+
+
+@pytest.fixture(scope="module")
+def mnist():
+  from fatq.data import idx
+  xtr, ytr = idx.load("mnist", "train")
+  xte, yte = idx.load("mnist", "test")
+  return xtr[:8000], ytr[:8000], xte[:1000], yte[:1000]
+
+
+@pytest.fixture(scope="module")
+def lenet_params(mnist):
+  from fatq.training import train_classifier
+  xtr, ytr, _, _ = mnist
+  return train_classifier(LeNet5(), xtr, ytr, epochs=1, batch_size=64, progress=False, log=lambda *_: None)
+
+
+def quantized(model_cls, config, params, calib, perturb=True):
+  model = model_cls(quant=config)
+  stats = fatq.calibrate(model, params, [calib])
+  th = fatq.init_thresholds(model, params, stats, calib[:1])
+  if perturb:  # stand-in for fine-tuning: move the FAT factors off their initial values, inside their bounds
+    rng = np.random.default_rng(0)
+    th = jax.tree.map(lambda t: t * np.float32(0.9) + np.float32(0.02) * rng.random(t.shape, np.float32), th)
+  return model, {"params": params, "quant_stats": stats, "quant": th}
+
+
+@pytest.fixture(scope="module")
+def lenet_export(mnist, lenet_params, tmp_path_factory):
+  xtr, _, xte, _ = mnist
+  model, variables = quantized(LeNet5, PER_CHANNEL, lenet_params, xtr[:200])
+  out = tmp_path_factory.mktemp("lenet")
+  report = E.export_tflite(model, variables, xte[:8], out, log=lambda *_: None)
+  return model, variables, out, report
+
+
+def check_readback(model_path, thresholds):
+  found = E.match_tflite(model_path, thresholds)
+  missing = [t["name"] for t in thresholds["tensors"] if t["name"] not in found]
+  assert not missing, f"not found in the .tflite model: {missing}"
+  for t in thresholds["tensors"]:
+    got = found[t["name"]]
+    assert got["dtype"] == t["dtype"], t["name"]
+    want_scale = np.atleast_1d(t["scale"])
+    np.testing.assert_allclose(got["scale"], want_scale, rtol=2e-6, err_msg=t["name"])
+    np.testing.assert_array_equal(got["zero_point"], np.atleast_1d(t["zero_point"]), err_msg=t["name"])
+    if t["quantized_axis"] is not None:
+      assert got["quantized_axis"] == t["quantized_axis"], t["name"]
+  return found
+
+
+def test_lenet_thresholds_match_tflite(lenet_export):
+  _, _, out, report = lenet_export
+  th = json.loads((out / "thresholds.json").read_text())
+  names = {t["name"] for t in th["tensors"]}
+  assert {"input", "conv1/kernel", "conv1/bias", "conv1/output", "fc3/output", "fc3/bias"} <= names
+  kinds = {t["name"]: t for t in th["tensors"]}
+  assert kinds["conv1/kernel"]["dtype"] == "int8" and kinds["conv1/kernel"]["quantized_axis"] == 0
+  assert set(kinds["conv1/kernel"]["zero_point"]) == {0}
+  assert kinds["conv1/bias"]["dtype"] == "int32"
+  np.testing.assert_allclose(kinds["conv1/bias"]["scale"],
+                             np.float32(kinds["input"]["scale"]) * np.float32(kinds["conv1/kernel"]["scale"]),
+                             rtol=1e-6)
+  check_readback(out / "model.tflite", th)
+  # every tensor of the model is integer except nothing: full-integer
+  dtypes = {t["dtype"] for t in E.read_tflite_quant_params(out / "model.tflite") if t["shape"]}
+  assert "float32" not in dtypes
+
+
+def test_lenet_interpreter_agrees_with_jax(mnist, lenet_export):
+  _, _, xte, yte = mnist
+  model, variables, out, _ = lenet_export
+  jax_logits = np.asarray(jax.jit(lambda x: model.apply(variables, x))(xte))
+  lite = E.TFLiteModel(out / "model.tflite")
+  lite_logits = lite(xte)
+  agree = np.mean(jax_logits.argmax(1) == lite_logits.argmax(1))
+  steps = np.max(np.abs(jax_logits - lite_logits)) / lite.output_step
+  assert agree >= 0.995, agree
+  assert steps <= 2.0, steps
+  acc_jax, acc_lite = np.mean(jax_logits.argmax(1) == yte), np.mean(lite_logits.argmax(1) == yte)
+  assert abs(acc_jax - acc_lite) <= 0.002 + 1e-9
+  assert acc_lite > 0.8  # a LeNet trained for one short epoch
+
+
+def test_io_types(mnist, lenet_export):
+  _, _, xte, _ = mnist
+  model, variables, _, _ = lenet_export
+  ex = E.Exported(model, variables, xte[:1])
+  ref = E.TFLiteModel(ex.convert("int8", "int8"))(xte[:20])
+  for it, ot in (("uint8", "uint8"), ("float32", "float32")):
+    lite = E.TFLiteModel(ex.convert(it, ot))
+    assert lite.inp["dtype"] == getattr(np, it) and lite.out["dtype"] == getattr(np, ot)
+    np.testing.assert_allclose(lite(xte[:20]), ref, atol=1.01 * E.TFLiteModel(ex.convert()).output_step)
+
+
+class OneConv(nn.Module):
+  quant: fatq.QuantConfig | None = None
+  depthwise: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = quant_point(self, self.quant, "input", x)
+    if self.depthwise:
+      return QConv(x.shape[-1], (3, 3), groups=x.shape[-1], quant=self.quant, name="dw")(x)
+    return QConv(5, (3, 3), strides=(2, 2), quant=self.quant, name="conv")(x)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_training_quantizer_equals_tflite_integer_arithmetic(tmp_path, depthwise):
+  """fatq's fake quant (training) and TFLite's integer kernels compute the same integers.
+
+  1. The input quantizer: the int8 codes TFLite's QUANTIZE produces equal fatq's ``quantize`` codes exactly.
+  2. A whole conv (per-channel int8 weights, int32 bias, requantized output): TFLite's int8 output equals the
+     fake-quant model's output codes up to TFLite's fixed-point requantization rounding (<= 1 step).
+  """
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(64, 9, 9, 4)).astype(np.float32) * 1.5
+  model = OneConv(quant=PER_CHANNEL, depthwise=depthwise)
+  params = OneConv(depthwise=depthwise).init(jax.random.key(0), x[:1])["params"]
+  # non-zero biases: all equal (the converter's splat-constant pitfall, which the export must avoid)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.ones_like(p), params)
+  model, variables = quantized(lambda quant: OneConv(quant=quant, depthwise=depthwise), PER_CHANNEL, params, x)
+  ranges = fatq.quant_ranges(model, variables, x[:1])
+  ex = E.Exported(model, variables, x[:1])
+  lite = E.TFLiteModel(ex.convert("float32", "int8"))
+  inp = ranges["input"]
+  p_in = fatq.nudge(inp["lo"], inp["hi"], 8, False)
+  codes = np.asarray(fatq.quantizers.quantize(x, p_in)) - 128
+  # quantize op alone: run the TFLite model's first tensor (QUANTIZE output) for each image
+  q_index = [t for t in E.match_tflite(ex.convert("float32", "int8"), ex.thresholds()).items()
+             if t[0] == "input"][0][1]["index"]
+  interp = E.TFLiteModel(ex.convert("float32", "int8"), num_threads=1)
+  interp.interp = __import__("ai_edge_litert.interpreter", fromlist=["Interpreter"]).Interpreter(
+      model_content=ex.convert("float32", "int8"), experimental_preserve_all_tensors=True)
+  interp.interp.allocate_tensors()
+  out_name = "dw/output" if depthwise else "conv/output"
+  out = ranges[out_name]
+  p_out = fatq.nudge(out["lo"], out["hi"], 8, False)
+  jax_codes = np.asarray(fatq.quantizers.quantize(model.apply(variables, x), p_out)) - 128
+  lite_codes, in_codes = [], []
+  for xi in x:
+    lite_codes.append(interp.raw(xi[None]))
+    in_codes.append(interp.interp.get_tensor(q_index))
+  np.testing.assert_array_equal(np.concatenate(in_codes), codes)
+  diff = np.abs(np.concatenate(lite_codes).astype(int) - jax_codes.astype(int))
+  assert diff.max() <= 1, diff.max()
+  assert np.mean(diff == 0) > 0.99, np.mean(diff == 0)
+  assert lite.output_step == pytest.approx(float(p_out.scale), rel=1e-6)
+
+
+def test_refuses_asymmetric_weights_in_int8(mnist, lenet_params):
+  xtr, _, xte, _ = mnist
+  model, variables = quantized(LeNet5, PER_TENSOR_ASYM, lenet_params, xtr[:100])
+  with pytest.raises(E.ExportError, match=r"conv1/kernel.*asymmetric.*int8"):
+    E.thresholds_json(model, variables, xte[:1], scheme="int8")
+  # the legacy per-tensor uint8 scheme represents it
+  th = E.thresholds_json(model, variables, xte[:1], scheme="uint8")
+  t = {e["name"]: e for e in th["tensors"]}
+  assert t["conv1/kernel"]["dtype"] == "uint8" and t["input"]["dtype"] == "uint8"
+  # opt-in rule: symmetrize the weight ranges to [-t, t]
+  int8 = E.thresholds_json(model, variables, xte[:1], scheme="int8", asymmetric_weights="symmetrize")
+  assert {e["name"]: e for e in int8["tensors"]}["input"]["zero_point"] == t["input"]["zero_point"] - 128
+  assert np.all(np.asarray({e["name"]: e for e in int8["tensors"]}["conv1/kernel"]["zero_point"]) == 0)
+
+
+def test_refuses_per_channel_in_uint8_and_per_channel_activations(mnist, lenet_params):
+  xtr, _, xte, _ = mnist
+  model, variables = quantized(LeNet5, PER_CHANNEL, lenet_params, xtr[:100], perturb=False)
+  with pytest.raises(E.ExportError, match=r"conv1/kernel.*per-channel.*uint8"):
+    E.thresholds_json(model, variables, xte[:1], scheme="uint8")
+  cfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True),
+                                 fatq.QuantSpec.fat(8, symmetric=False, per_channel=True))
+  model, variables = quantized(LeNet5, cfg, lenet_params, xtr[:100], perturb=False)
+  with pytest.raises(E.ExportError, match=r"'conv1/output'.*per-channel activation.*int8"):
+    E.thresholds_json(model, variables, xte[:1], scheme="int8")
+
+
+def test_uint8_scheme_export(mnist, lenet_params, tmp_path):
+  xtr, _, xte, _ = mnist
+  cfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8), fatq.QuantSpec.fat(8, symmetric=False))
+  model, variables = quantized(LeNet5, cfg, lenet_params, xtr[:100])
+  E.export_tflite(model, variables, xte[:4], tmp_path, scheme="uint8", input_type="uint8", output_type="uint8",
+                  log=lambda *_: None)
+  th = json.loads((tmp_path / "thresholds.json").read_text())
+  int8 = json.loads((tmp_path / "thresholds_int8.json").read_text())
+  a = {t["name"]: t for t in th["tensors"]}
+  b = {t["name"]: t for t in int8["tensors"]}
+  for name, t in a.items():
+    if t["kind"] == "activation":
+      assert t["zero_point"] == b[name]["zero_point"] + 128 and t["scale"] == b[name]["scale"]
+  check_readback(tmp_path / "model.tflite", int8)  # tensors inside are int8 with the same scales
+  lite = E.TFLiteModel(tmp_path / "model.tflite")
+  assert lite.inp["dtype"] == np.uint8
+  assert lite.inp["quantization"][1] == a["input"]["zero_point"]
+
+
+def test_unsupported_primitive_is_named():
+  class Odd(nn.Module):
+    quant: fatq.QuantConfig | None = None
+
+    @nn.compact
+    def __call__(self, x):
+      x = quant_point(self, self.quant, "input", x)
+      return quant_point(self, self.quant, "out", jnp.sin(x))
+
+  x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
+  model, variables = quantized(Odd, PER_CHANNEL, {}, x, perturb=False)
+  with pytest.raises(E.ExportError, match="'sin'"):
+    E.Exported(model, variables, x)
