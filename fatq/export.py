@@ -116,6 +116,18 @@ def _check_point(p: Point, scheme: str, asymmetric_weights: str) -> None:
   if p.kind == "weight" and scheme == "uint8" and p.scale.ndim:
     raise ExportError(f"tensor {p.name!r}: per-channel weights cannot be represented in the legacy uint8 scheme "
                       "(per tensor only); export with scheme='int8' or fine-tune in scalar mode")
+  if p.kind == "weight":
+    # An all-zero weight channel (calibrated range [0, 0]) has a degenerate range (scale ~4e-11, zero point on the
+    # grid's edge). Its weights quantize to 0 at any scale; give it the median scale of the other channels and a
+    # centred zero point, so that it is symmetric and its int32 bias (scale s_in * s_w) does not overflow.
+    dead = p.scale * (p.qmax - p.qmin) <= 1.0001e-8
+    if np.any(dead):
+      ok = p.scale[~dead] if p.scale.ndim else np.zeros(0)
+      fill = np.float32(np.median(ok)) if ok.size else np.float32(1 / 127)
+      p.scale = np.where(dead, fill, p.scale).astype(np.float32)
+      p.zero_point = np.where(dead, 2 ** (p.bits - 1), p.zero_point).astype(np.float32)
+      if scheme == "int8" and not p.scale.ndim:
+        p.qmin = 1
   if p.kind == "weight" and scheme == "int8":
     symmetric = p.narrow and np.all(p.zero_point == 2 ** (p.bits - 1))
     if not symmetric:
@@ -559,7 +571,7 @@ class Exported:
   """The translated TF function plus everything needed for thresholds.json and conversion."""
 
   def __init__(self, model, variables: Tree, sample_images: np.ndarray, scheme: str = "int8",
-               asymmetric_weights: str = "refuse"):
+               asymmetric_weights: str = "refuse", allow_float: bool = False):
     import tensorflow as tf
 
     if asymmetric_weights not in ("refuse", "symmetrize"):
@@ -567,8 +579,8 @@ class Exported:
     sample = np.asarray(sample_images[:1], np.float32)
     self.input_shape = sample.shape
     self.scheme = scheme
-    ranges = quant_ranges(model, variables, sample)
-    if not ranges:
+    ranges = quant_ranges(model, variables, sample) if "quant_stats" in variables else {}
+    if not ranges and not allow_float:
       raise ExportError("the model has no calibrated quantization points: calibrate (and fine-tune) it first; a "
                         "float model cannot be exported as a full-integer TFLite model by fatq.export")
     self.points = _points(ranges, set())
@@ -641,6 +653,36 @@ class Exported:
     conv.inference_input_type = getattr(tf, input_type)
     conv.inference_output_type = getattr(tf, output_type)
     return conv.convert()
+
+
+def float_function(model, params: Tree, sample_images: np.ndarray) -> "Exported":
+  """The float model (no quantization points) translated to TensorFlow, for float and post-training baselines."""
+  return Exported(model, {"params": params}, sample_images, allow_float=True)
+
+
+def convert_float(ex: "Exported") -> bytes:
+  """A float32 .tflite of a translated float model."""
+  return ex.tf.lite.TFLiteConverter.from_concrete_functions([ex.concrete], ex.function).convert()
+
+
+def convert_ptq(ex: "Exported", representative_images: np.ndarray, input_type: str = "int8",
+                output_type: str = "int8") -> bytes:
+  """TensorFlow Lite's own post-training full-integer quantization of a translated float model (the peer baseline):
+  ranges from ``representative_images`` (the same calibration images fatq uses), int8 per-channel weights."""
+  tf = ex.tf
+  conv = tf.lite.TFLiteConverter.from_concrete_functions([ex.concrete], ex.function)
+  conv.optimizations = [tf.lite.Optimize.DEFAULT]
+  shape = ex.input_shape
+
+  def rep():
+    for x in representative_images:
+      yield [np.asarray(x, np.float32).reshape(shape)]
+
+  conv.representative_dataset = rep
+  conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+  conv.inference_input_type = getattr(tf, input_type)
+  conv.inference_output_type = getattr(tf, output_type)
+  return conv.convert()
 
 
 def thresholds_json(model, variables: Tree, sample_images: np.ndarray, scheme: str = "int8",
