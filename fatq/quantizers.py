@@ -9,10 +9,11 @@ quantization parameters (SPEC §3), so that what is trained here is what an expo
 
       scale      = (hi - lo) / (qmax - qmin)
       zero_point = clip(round(qmin - lo / scale), qmin, qmax)
-      x_q        = (clip(floor(x / scale + 0.5) + zero_point, qmin, qmax) - zero_point) * scale
+      nudged_min = (qmin - zero_point) * scale,  nudged_max = (qmax - zero_point) * scale
+      x_q        = floor((clip(x, nudged_min, nudged_max) - nudged_min) / scale + 0.5) * scale + nudged_min
 
 * Gradients use the straight-through estimator: ``d round(u) / du = 1``. Clipping passes the gradient inside the
-  range and 0 outside. Gradients reach ``lo`` and ``hi`` (and so the FAT scale factors) through ``scale`` and
+  (closed) nudged range and 0 outside, as TF's fake-quant gradient does. Gradients reach ``lo`` and ``hi`` (and so the FAT scale factors) through ``scale`` and
   ``zero_point``; inside the range ``d x_q / d scale = (q - zero_point) - x / scale`` (the rounding residual), outside
   it is the clipped level.
 """
@@ -73,12 +74,11 @@ class QuantParams(NamedTuple):
 def nudge(lo: jax.Array, hi: jax.Array, num_bits: int, narrow_range: bool | jax.Array = False) -> QuantParams:
   """Scale and zero point of the range ``[lo, hi]``, nudged so that 0 is exactly representable.
 
-  A range that excludes 0 is widened to include it (as TF's fake quant and the TFLite converter do). Arrays broadcast,
+  A range that excludes 0 keeps its width and is shifted to end at 0 (the zero point is clamped to the grid), as TF's
+  fake quant and the TFLite converter do. Arrays broadcast,
   so per-channel ranges give per-channel parameters. The rounding of the zero point has a straight-through gradient.
   """
   qmin, qmax = grid(num_bits, narrow_range)
-  lo = jnp.minimum(lo, 0.0)
-  hi = jnp.maximum(hi, 0.0)
   # A degenerate range (an all-zero channel) would divide by zero; TFLite needs scale > 0.
   scale = jnp.maximum(hi - lo, 1e-8) / (qmax - qmin)
   zero_point = jnp.clip(ste_round(qmin - lo / scale), qmin, qmax)
@@ -93,13 +93,15 @@ def fake_quant(x: jax.Array, lo: jax.Array, hi: jax.Array, num_bits: int,
   range the error is at most ``scale / 2``; values outside are clamped to it.
   """
   p = nudge(lo, hi, num_bits, narrow_range)
-  q = jnp.clip(ste_round(x / p.scale) + p.zero_point, p.qmin, p.qmax)
-  return (q - p.zero_point) * p.scale
+  lo_n = p.nudged_min
+  clamped = bounded(x, lo_n, p.nudged_max)
+  return ste_round((clamped - lo_n) / p.scale) * p.scale + lo_n
 
 
 def quantize(x: jax.Array, params: QuantParams) -> jax.Array:
   """The integer codes of ``x`` on the unsigned grid (no gradient); int8 codes are these minus 128."""
-  return jnp.clip(jnp.floor(x / params.scale + 0.5) + params.zero_point, params.qmin, params.qmax)
+  clamped = jnp.clip(x, params.nudged_min, params.nudged_max)
+  return jnp.floor((clamped - params.nudged_min) / params.scale + 0.5) + params.qmin
 
 
 # ---------------------------------------------------------------------------------------------------------------------

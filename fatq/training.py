@@ -226,3 +226,35 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
     metrics_file.close()
   log(f"fine-tuned {total} steps: held-out loss {history[0]['holdout_loss']:.4f} -> best {best_loss:.4f}")
   return best, history
+
+
+def train_classifier(model, images: np.ndarray, labels: np.ndarray, *, epochs: int, batch_size: int = 128,
+                     lr: float = 1e-3, seed: int = 0, log: Callable[[str], None] = print,
+                     progress: bool = True) -> Tree:
+  """Supervised float training (cross-entropy, Adam with cosine decay): how the small models get their
+  pre-trained weights. Returns ``params``."""
+  rng = np.random.default_rng(seed)
+  params = model.init(jax.random.key(seed), images[:1])["params"]
+  steps_per_epoch = len(images) // batch_size
+  tx = optax.adam(optax.cosine_decay_schedule(lr, steps_per_epoch * epochs))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    def loss_of(p):
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+    loss, grads = jax.value_and_grad(loss_of)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  bar = tqdm(total=steps_per_epoch * epochs, disable=not progress, unit="step", dynamic_ncols=True)
+  for epoch in range(epochs):
+    order = rng.permutation(len(images))
+    for b in range(steps_per_epoch):
+      idx = order[b * batch_size:(b + 1) * batch_size]
+      params, opt_state, loss = step(params, opt_state, images[idx], labels[idx])
+      bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4f}", refresh=False)
+      bar.update(1)
+  bar.close()
+  return params

@@ -1,0 +1,44 @@
+"""LeNet-5 on MNIST: float training, post-training quantization (ptq-lenet5.txt) and FAT at 8/4/3 bits.
+
+    python experiments/finetune.py --config configs/lenet5_mnist.py --workdir runs/lenet5_mnist
+
+Override any value on the command line, e.g. ``--config.fat.epochs=2``; ``configs/lenet5_mnist.py:quick`` is a
+one-minute smoke run (1 float epoch, 3000 FAT images, two rows). Data: ``$FATQ_DATA/mnist`` (default
+``../shared/data/mnist``) or ``--config.data.dir=/path/to/idx/files``.
+"""
+
+import ml_collections
+
+
+def rows():
+  """The table: ptq-lenet5.txt's settings (per-layer symmetric weights, asymmetric activations, min/max
+  calibration), then FAT at 8, 4 and 3 bits in scalar ("tensor") and vector ("channel") mode."""
+  ptq_paper = [dict(weight_bits=b, act_bits=0) for b in (16, 8)] + [
+      dict(weight_bits=16, act_bits=16, act_symmetric=False)]  # W8A8 PTQ is the first row of the FAT rows
+  fat = [dict(weight_bits=b, act_bits=b, per_channel=pc, act_symmetric=False, fat=True)
+         for b in (8, 4, 3) for pc in (False, True)]
+  return ptq_paper + fat
+
+
+def get_config(arg: str | None = None, dataset: str = "mnist"):
+  if arg not in (None, "", "quick"):
+    raise ValueError(f"unknown config variant {arg!r}; use '' or 'quick'")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(name="lenet5", num_classes=10, checkpoint="", float_epochs=8 if dataset == "mnist" else 15,
+                 float_batch_size=128, float_lr=1e-3)
+  # Images for FAT (unlabeled), calibration and the held-out distillation loss come from the training split.
+  c.data = dict(name=dataset, dir="", num_train=10000, num_calibration=100, num_holdout=1000)
+  c.calibration = dict(batch_size=100)
+  c.input_bits = 8  # the image is 8-bit data: quantize it at 8 bits in every row
+  c.fat = dict(epochs=4, batch_size=100, loss="rmse", schedule="cosine_restarts", lr=5e-3, lr_min=0.0,
+               restart_period=100, eval_every=50, seed=0)
+  c.rows = rows()
+  c.eval_batch_size = 1000
+  if arg == "quick":
+    c.model.float_epochs = 1
+    c.data.num_train, c.data.num_holdout = 3000, 300
+    c.fat.update(epochs=3, eval_every=15, restart_period=30)
+    c.rows = [dict(weight_bits=8, act_bits=8, act_symmetric=False),
+              dict(weight_bits=3, act_bits=3, per_channel=True, act_symmetric=False, fat=True)]
+  return c

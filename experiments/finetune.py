@@ -1,0 +1,53 @@
+"""FAT fine-tuning: float baseline, post-training quantization and learned thresholds, as a table and results.json.
+
+    python experiments/finetune.py --config configs/lenet5_mnist.py --workdir runs/lenet5_mnist [--resume]
+
+Writes ``WORKDIR/results.json`` (config, rows, timings), ``WORKDIR/rows/<row>/metrics.jsonl`` and an orbax checkpoint
+of each fine-tuned row (``WORKDIR/rows/<row>/checkpoint``: params, quant_stats, quant).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for results and checkpoints (created if missing).")
+flags.DEFINE_bool("resume", False, "Skip the rows already in WORKDIR/results.json.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  from fatq import experiment, tasks  # after flag parsing: importing JAX/TF is slow
+
+  cfg, workdir = FLAGS.config, FLAGS.workdir
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    open(probe, "w").close()
+    os.remove(probe)
+  except OSError as e:
+    sys.exit(f"error: workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir")
+  t0 = time.perf_counter()
+  try:
+    model, params, data = tasks.prepare(cfg, workdir, progress=FLAGS.progress)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  results = experiment.run(cfg, model, params, data, workdir, resume=FLAGS.resume, progress=FLAGS.progress)
+  results["timings"]["total"] = round(time.perf_counter() - t0, 1)
+  experiment.atomic_write_json(os.path.join(workdir, "results.json"), results)
+  print()
+  print(experiment.table(results))
+  print(f"\nresults: {os.path.join(workdir, 'results.json')}  ({results['timings']['total']} s)")
+
+
+if __name__ == "__main__":
+  app.run(main)

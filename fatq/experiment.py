@@ -1,0 +1,194 @@
+"""The quantization experiment behind ``experiments/finetune.py``: float baseline, post-training quantization and
+FAT fine-tuning for each configured quantization setting, evaluated, tabulated and written to ``results.json``.
+
+A run is resumable at row granularity: ``results.json`` is rewritten (atomically) after every row, and a resumed run
+skips the rows already there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fatq import calibration, training
+from fatq.config import QuantConfig, QuantRule, QuantSpec
+from fatq.layers import STATS, THRESHOLDS
+
+Tree = Any
+
+
+@dataclasses.dataclass
+class Data:
+  """Arrays an experiment needs. ``train`` is unlabeled (FAT never sees labels); labels are for evaluation only."""
+
+  train: np.ndarray
+  calibration: np.ndarray
+  holdout: np.ndarray
+  eval_images: np.ndarray
+  eval_labels: np.ndarray
+  label_offset: int = 0  # 1 for 1001-class models whose class 0 is "background"
+
+
+def atomic_write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(o):
+  if isinstance(o, (np.generic, np.ndarray)):
+    return o.tolist()
+  raise TypeError(f"not JSON-serialisable: {type(o)}")
+
+
+def scores(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | None, label_offset: int = 0) -> dict:
+  """top-1, top-5 (when there are > 5 classes) and top-1 agreement with the float model's predictions."""
+  pred = logits.argmax(-1)
+  out = {"top1": float(np.mean(pred == labels + label_offset))}
+  if logits.shape[-1] > 5:
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    out["top5"] = float(np.mean(np.any(top5 == (labels + label_offset)[:, None], axis=-1)))
+  if float_logits is not None:
+    out["agreement"] = float(np.mean(pred == float_logits.argmax(-1)))
+  return out
+
+
+def quant_config(row: ml_collections.ConfigDict, base_rules=()) -> QuantConfig:
+  """The QuantConfig of one experiment row; ``base_rules`` (e.g. the 8-bit input image) take precedence."""
+  opts = {k: v for k, v in row.items() if k not in ("fat", "name")}
+  cfg = QuantConfig.from_dict(opts)
+  return QuantConfig(tuple(base_rules) + cfg.rules)
+
+
+def row_name(row) -> str:
+  if row.get("name"):
+    return row["name"]
+  gran = "channel" if row.get("per_channel", False) else "tensor"
+  w_sym = row.get("symmetric", True)
+  a_sym = row.get("act_symmetric", w_sym)
+  sym = ("sym" if w_sym else "asym") if w_sym == a_sym or not row.get("act_bits", 8) else \
+      f"{'sym' if w_sym else 'asym'}W-{'sym' if a_sym else 'asym'}A"
+  return f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}"
+
+
+def base_rules(cfg) -> tuple[QuantRule, ...]:
+  """Rules every row shares: the input image at a fixed 8 bits (it *is* 8-bit data) unless configured otherwise."""
+  bits = cfg.get("input_bits", 8)
+  if not bits:
+    return (QuantRule("input", None),)
+  return (QuantRule("input", QuantSpec(bits=bits, symmetric=False, trainable=False)),)
+
+
+def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir: str, *, resume: bool = False,
+        log: Callable[[str], None] = print, progress: bool = True) -> dict:
+  """Evaluate float, then PTQ (and FAT where ``row.fat``) for every row of ``cfg.rows``; return the results dict."""
+  os.makedirs(workdir, exist_ok=True)
+  results_path = os.path.join(workdir, "results.json")
+  results = {"model": cfg.model.name, "dataset": cfg.data.name, "rows": [], "config": cfg.to_dict(),
+             "timings": {}}
+  if resume and os.path.exists(results_path):
+    with open(results_path) as f:
+      previous = json.load(f)
+    results["rows"], results["timings"] = previous.get("rows", []), previous.get("timings", {})
+    log(f"resuming: {len(results['rows'])} row(s) already in {results_path}")
+  done = {(r["name"], r["method"]) for r in results["rows"]}
+
+  def add(name, method, spec_row, metrics, seconds):
+    entry = {"name": name, "method": method,
+             "weight_bits": 32 if spec_row is None else (spec_row.get("weight_bits", 8) or 32),
+             "act_bits": 32 if spec_row is None else (spec_row.get("act_bits", 8) or 32),
+             "granularity": "channel" if spec_row is not None and spec_row.get("per_channel", False) else "tensor",
+             "symmetric": True if spec_row is None else bool(spec_row.get("symmetric", True)),
+             "act_symmetric": True if spec_row is None else bool(spec_row.get("act_symmetric",
+                                                                               spec_row.get("symmetric", True))),
+             **metrics, "seconds": round(seconds, 2)}
+    results["rows"].append(entry)
+    results["timings"][f"{name}/{method}"] = round(seconds, 2)
+    atomic_write_json(results_path, results)
+    log(format_row(entry))
+
+  eval_x, eval_y, off = data.eval_images, data.eval_labels, data.label_offset
+  bs = cfg.get("eval_batch_size", 256)
+  t0 = time.perf_counter()
+  float_logits = training.predict(model, {"params": params}, eval_x, bs)
+  if ("float", "float") not in done:
+    add("float", "float", None, scores(float_logits, eval_y, float_logits, off), time.perf_counter() - t0)
+  teacher_train = teacher_holdout = None
+
+  for row in cfg.rows:
+    name = row_name(row)
+    methods = ["ptq"] + (["fat"] if row.get("fat", False) else [])
+    if all((name, m) in done for m in methods):
+      continue
+    qmodel = model.clone(quant=quant_config(row, base_rules(cfg)))
+    t0 = time.perf_counter()
+    stats = calibration.calibrate(qmodel, params, _batches(data.calibration, cfg.calibration.batch_size))
+    qmodel.quant.check_matches(calibration.points(stats))
+    frozen = {"params": params, STATS: stats}
+    if (name, "ptq") not in done:
+      logits = training.predict(qmodel, frozen, eval_x, bs)
+      add(name, "ptq", row, scores(logits, eval_y, float_logits, off), time.perf_counter() - t0)
+    if "fat" not in methods or (name, "fat") in done:
+      continue
+    t0 = time.perf_counter()
+    if teacher_train is None:  # the teacher's logits, once per image, shared by every row
+      teacher_train = training.predict(model, {"params": params}, data.train, bs)
+      teacher_holdout = training.predict(model, {"params": params}, data.holdout, bs)
+    thresholds = calibration.init_thresholds(qmodel, params, stats, data.calibration[:1])
+    log(f"{name}: fine-tuning {calibration.count(thresholds)} threshold factors on {len(data.train)} "
+        "unlabeled images")
+    row_dir = os.path.join(workdir, "rows", name)
+    os.makedirs(row_dir, exist_ok=True)
+    best, history = training.finetune(qmodel, frozen, thresholds, data.train, teacher_train,
+                                      (data.holdout, teacher_holdout), cfg.fat, workdir=row_dir, log=log,
+                                      progress=progress)
+    variables = {**frozen, THRESHOLDS: best}
+    save_variables(os.path.join(row_dir, "checkpoint"), variables)
+    logits = training.predict(qmodel, variables, eval_x, bs)
+    metrics = scores(logits, eval_y, float_logits, off)
+    metrics["holdout_loss"] = {"initial": history[0]["holdout_loss"],
+                               "best": min(h["holdout_loss"] for h in history)}
+    add(name, "fat", row, metrics, time.perf_counter() - t0)
+  return results
+
+
+def save_variables(path: str, variables: Tree) -> None:
+  """Orbax checkpoint of ``{'params', 'quant_stats', 'quant'}`` (overwrites)."""
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.abspath(path), jax.tree.map(np.asarray, variables), force=True)
+
+
+def load_variables(path: str) -> Tree:
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint at {path}: run experiments/finetune.py with this --workdir first")
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.restore(path)
+
+
+def _batches(images: np.ndarray, batch_size: int):
+  for i in range(0, len(images), batch_size):
+    yield images[i:i + batch_size]
+
+
+def format_row(r: dict) -> str:
+  top5 = f"{100 * r['top5']:6.2f}" if "top5" in r else "     -"
+  agree = f"{100 * r['agreement']:6.2f}" if "agreement" in r else "     -"
+  return (f"{r['name']:<24} {r['method']:<6} W{r['weight_bits']:<2} A{r['act_bits']:<2} {r['granularity']:<7} "
+          f"{'sym' if r['symmetric'] else 'asym':<4} {100 * r['top1']:6.2f} {top5} {agree} {r['seconds']:8.1f}")
+
+
+def table(results: dict) -> str:
+  head = (f"{'row':<24} {'method':<6} {'W':<3} {'A':<3} {'gran':<7} {'sym':<4} {'top1':>6} {'top5':>6} "
+          f"{'agree':>6} {'seconds':>8}")
+  lines = [f"{results['model']} on {results['dataset']}", head, "-" * len(head)]
+  return "\n".join(lines + [format_row(r) for r in results["rows"]])

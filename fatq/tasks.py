@@ -1,0 +1,63 @@
+"""From an experiment config to ``(model, float params, Data)``: the model family decides where weights and images
+come from. Small models (LeNet-5) are trained here once and cached; ImageNet models load a user's checkpoint."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from fatq.experiment import Data, load_variables, save_variables
+
+Tree = Any
+
+
+def prepare(cfg, workdir: str, progress: bool = True) -> tuple[Any, Tree, Data]:
+  name = cfg.model.name
+  if name == "lenet5":
+    return _lenet5(cfg, workdir, progress)
+  raise ValueError(f"unknown model {name!r} in config.model.name; known: 'lenet5'")
+
+
+def split_unlabeled(images: np.ndarray, cfg_data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Disjoint ``(train, calibration, holdout)`` subsets of an unlabeled pool, by a seeded permutation."""
+  n_train, n_cal, n_hold = cfg_data.num_train, cfg_data.num_calibration, cfg_data.num_holdout
+  if n_cal < 1:
+    raise ValueError(f"data.num_calibration must be >= 1, got {n_cal}")
+  order = np.random.default_rng(seed).permutation(len(images))
+  need = n_cal + n_hold + 1
+  if len(images) < need:
+    raise ValueError(f"only {len(images)} unlabeled images: calibration ({n_cal}) and held-out ({n_hold}) sets "
+                     "need more; lower data.num_calibration / data.num_holdout or add images")
+  cal = images[order[:n_cal]]
+  hold = images[order[n_cal:n_cal + n_hold]]
+  rest = order[n_cal + n_hold:]
+  train = images[rest[:n_train] if n_train else rest]
+  return train, cal, hold
+
+
+def _lenet5(cfg, workdir: str, progress: bool):
+  from fatq.data import idx
+  from fatq.models import LeNet5
+  from fatq.training import train_classifier
+
+  m = cfg.model
+  train_x, train_y = idx.load(cfg.data.name, "train", cfg.data.dir or None)
+  test_x, test_y = idx.load(cfg.data.name, "test", cfg.data.dir or None)
+  model = LeNet5(num_classes=m.num_classes)
+  ckpt = m.checkpoint or os.path.join(workdir, "float_checkpoint")
+  if os.path.isdir(ckpt):
+    params = load_variables(ckpt)["params"]
+    print(f"float LeNet-5: loaded {ckpt}")
+  elif m.checkpoint:
+    raise FileNotFoundError(f"config.model.checkpoint {m.checkpoint!r} does not exist; leave it empty to train "
+                            "the float model here")
+  else:
+    print(f"float LeNet-5: training {m.float_epochs} epochs on {len(train_x)} labeled {cfg.data.name} images "
+          f"(cached in {ckpt})")
+    params = train_classifier(model, train_x, train_y, epochs=m.float_epochs, batch_size=m.float_batch_size,
+                              lr=m.float_lr, seed=cfg.seed, progress=progress)
+    save_variables(ckpt, {"params": params})
+  train, cal, hold = split_unlabeled(train_x, cfg.data, cfg.seed)  # labels of these are never used
+  return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=test_x, eval_labels=test_y)

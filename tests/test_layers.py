@@ -1,0 +1,189 @@
+"""Quantized layers, rules, calibration, batch-norm folding and the fast convolution path."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fatq
+from fatq import quantizers as Q
+from fatq.layers import conv2d
+from fatq.models import LeNet5
+
+
+def _rand(key, shape, scale=1.0):
+  return jax.random.normal(jax.random.key(key), shape) * scale
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 1), (1, 1))])
+@pytest.mark.parametrize("size", [7, 8])
+def test_fast_depthwise_equals_lax(stride, padding, size):
+  x = _rand(0, (2, size, size, 5))
+  k = _rand(1, (3, 3, 1, 5))
+  ref = conv2d(x, k, (stride, stride), padding, groups=5, impl="lax")
+  fast = conv2d(x, k, (stride, stride), padding, groups=5, impl="fast")
+  assert fast.shape == ref.shape
+  np.testing.assert_allclose(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fast_pointwise_equals_lax(stride):
+  x = _rand(2, (2, 9, 9, 6))
+  k = _rand(3, (1, 1, 6, 4))
+  np.testing.assert_allclose(conv2d(x, k, (stride, stride), "SAME", impl="fast"),
+                             conv2d(x, k, (stride, stride), "SAME", impl="lax"), atol=1e-5, rtol=1e-5)
+
+
+def test_fast_depthwise_5x5_gradients_equal_lax():
+  x = _rand(4, (1, 10, 10, 3))
+  k = _rand(5, (5, 5, 1, 3))
+  g_fast = jax.grad(lambda k: jnp.sum(jnp.sin(conv2d(x, k, (2, 2), "SAME", 3, "fast"))))(k)
+  g_lax = jax.grad(lambda k: jnp.sum(jnp.sin(conv2d(x, k, (2, 2), "SAME", 3, "lax"))))(k)
+  np.testing.assert_allclose(g_fast, g_lax, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_norm_folding_equals_unfolded():
+  x = _rand(6, (4, 8, 8, 3))
+  conv = nn.Conv(5, (3, 3), use_bias=True)
+  bn = nn.BatchNorm(use_running_average=True, epsilon=1e-3)
+  cvars = conv.init(jax.random.key(0), x)
+  y = conv.apply(cvars, x)
+  bvars = bn.init(jax.random.key(1), y)
+  stats = {"mean": _rand(7, (5,)), "var": jnp.abs(_rand(8, (5,))) + 0.1}
+  bparams = {"scale": _rand(9, (5,)), "bias": _rand(10, (5,))}
+  ref = bn.apply({"params": bparams, "batch_stats": stats}, y)
+  k, b = fatq.fold_batch_norm(cvars["params"]["kernel"], cvars["params"]["bias"], bparams["scale"],
+                              bparams["bias"], stats["mean"], stats["var"], eps=1e-3)
+  folded = conv2d(x, jnp.asarray(k)) + b
+  np.testing.assert_allclose(folded, ref, atol=1e-5, rtol=1e-5)
+  del bvars
+
+
+def test_batch_norm_folding_depthwise_and_shape_errors():
+  k = np.ones((3, 3, 1, 4), np.float32)
+  kf, bf = fatq.fold_batch_norm(k, None, np.arange(1, 5), np.zeros(4), np.ones(4), np.full(4, 3.0), eps=1.0)
+  np.testing.assert_allclose(kf[0, 0, 0], np.arange(1, 5) / 2.0)
+  np.testing.assert_allclose(bf, -np.arange(1, 5) / 2.0)
+  with pytest.raises(ValueError, match=r"gamma has shape \(3,\), expected \(4,\)"):
+    fatq.fold_batch_norm(k, None, np.ones(3), np.zeros(4), np.zeros(4), np.ones(4), eps=1e-3)
+
+
+def _lenet(quant=None):
+  m = LeNet5(quant=quant)
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (16, 28, 28, 1)))
+  return m, m.init(jax.random.key(1), x)["params"], x
+
+
+QCFG = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True), fatq.QuantSpec.fat(8, symmetric=False))
+
+
+def test_calibration_statistics_are_min_max_over_all_batches():
+  m, params, x = _lenet(QCFG)
+  stats = fatq.calibrate(m, params, [x[:5], x[5:11], x[11:]])
+  pts = fatq.points(stats)
+  assert set(pts) == {"input", "conv1/kernel", "conv1/output", "conv2/kernel", "conv2/output", "fc1/kernel",
+                      "fc1/output", "fc2/kernel", "fc2/output", "fc3/kernel", "fc3/output"}
+  np.testing.assert_allclose(pts["input"]["min"], x.min())
+  np.testing.assert_allclose(pts["input"]["max"], x.max())
+  # per-channel weight statistics, along the output channel
+  np.testing.assert_allclose(pts["conv2/kernel"]["max"], params["conv2"]["kernel"].max(axis=(0, 1, 2)))
+  assert pts["conv2/kernel"]["min"].shape == (16,)
+  # an activation statistic equals the float model's tensor over the whole set
+  logits = m.clone(quant=None).apply({"params": params}, x)
+  np.testing.assert_allclose(pts["fc3/output"]["max"], logits.max(), rtol=1e-6)
+
+
+def test_one_model_three_roles_and_ptq_error_bound():
+  m, params, x = _lenet(QCFG)
+  float_out = m.apply({"params": params}, x)
+  np.testing.assert_allclose(float_out, m.clone(quant=None).apply({"params": params}, x))  # no stats: float
+  stats = fatq.calibrate(m, params, [x])
+  q_out = m.apply({"params": params, "quant_stats": stats}, x)
+  assert not np.allclose(q_out, float_out)
+  ranges = fatq.quant_ranges(m, {"params": params, "quant_stats": stats}, x)
+  step = float(ranges["fc3/output"]["scale"])
+  # 8-bit model close to float (a few output steps), and its logits lie on the output grid
+  assert float(jnp.max(jnp.abs(q_out - float_out))) < 10 * step
+  codes = np.asarray(q_out / step + ranges["fc3/output"]["zero_point"])
+  np.testing.assert_allclose(codes, np.round(codes), atol=1e-2)
+  # the weights used are the per-channel fake-quantized kernel
+  r = ranges["conv1/kernel"]
+  np.testing.assert_allclose(r["scale"], np.abs(params["conv1"]["kernel"]).max(axis=(0, 1, 2)) / 127, rtol=1e-6)
+  assert np.all(r["zero_point"] == 128) and float(r["qmin"]) == 1.0  # narrow, int8 zero point 0
+
+
+def test_rules_select_points_and_unmatched_rule_is_reported():
+  cfg = fatq.QuantConfig((fatq.QuantRule("conv1/.*", fatq.QuantSpec(bits=4)), fatq.QuantRule(".*", None)))
+  m, params, x = _lenet(cfg)
+  stats = fatq.calibrate(m, params, [x])
+  assert set(fatq.points(stats)) == {"conv1/kernel", "conv1/output"}
+  cfg.check_matches(fatq.points(stats))
+  bad = fatq.QuantConfig((fatq.QuantRule("conv9/.*", fatq.QuantSpec()),))
+  with pytest.raises(ValueError, match=r"'conv9/\.\*' matches no tensor"):
+    bad.check_matches(fatq.points(stats))
+
+
+def test_spec_validation_messages():
+  with pytest.raises(ValueError, match="bits must be an integer in 2..16"):
+    fatq.QuantSpec(bits=33)
+  with pytest.raises(ValueError, match="bits must be an integer in 2..16"):
+    fatq.QuantSpec(bits=0)
+  with pytest.raises(ValueError, match="inverted"):
+    fatq.QuantSpec(scale_bounds=(1.0, 0.5))
+  with pytest.raises(ValueError, match="unknown quantization option"):
+    fatq.QuantConfig.from_dict({"weigth_bits": 8})
+  with pytest.raises(ValueError, match="not a valid regular expression"):
+    fatq.QuantRule("conv(", None)
+
+
+def test_thresholds_are_the_only_trainable_variables_and_move_the_range():
+  m, params, x = _lenet(QCFG)
+  stats = fatq.calibrate(m, params, [x])
+  th = fatq.init_thresholds(m, params, stats, x)
+  pts = fatq.points(th)
+  assert set(pts["conv1/kernel"]) == {"scale"} and pts["conv1/kernel"]["scale"].shape == (6,)
+  assert set(pts["conv1/output"]) == {"shift", "width"}
+  # halving a symmetric weight factor halves that channel's range
+  th2 = jax.tree.map(lambda a: a, th)
+  th2["conv1"]["kernel_quant"]["scale"] = th["conv1"]["kernel_quant"]["scale"].at[0].set(0.5)
+  r1 = fatq.quant_ranges(m, {"params": params, "quant_stats": stats, "quant": th}, x)["conv1/kernel"]
+  r2 = fatq.quant_ranges(m, {"params": params, "quant_stats": stats, "quant": th2}, x)["conv1/kernel"]
+  np.testing.assert_allclose(r2["hi"][0], 0.5 * r1["hi"][0], rtol=1e-6)
+  np.testing.assert_allclose(r2["hi"][1:], r1["hi"][1:])
+
+
+def test_loss_gradient_wrt_thresholds_matches_finite_differences():
+  # Distillation loss as a function of one activation's FAT width factor, through the whole network. With 16-bit
+  # grids the rounding error is negligible and the loss is smooth in the factor (the clipping of the range
+  # dominates), so the STE gradient must equal the central finite difference.
+  cfg = fatq.QuantConfig.uniform(None, fatq.QuantSpec.fat(16, symmetric=False))
+  m, params, x = _lenet(cfg)
+  stats = fatq.calibrate(m, params, [x])
+  th = fatq.init_thresholds(m, params, stats, x)
+  target = m.clone(quant=None).apply({"params": params}, x)
+
+  def loss(width):
+    t = jax.tree.map(lambda a: a, th)
+    t["fc1"]["output_quant"]["width"] = width
+    out = m.apply({"params": params, "quant_stats": stats, "quant": t}, x)
+    return jnp.mean(jnp.square(out - target))
+
+  w0, h = jnp.float32(0.6), 1e-3
+  g = float(jax.grad(loss)(w0))
+  fd = (float(loss(w0 + h)) - float(loss(w0 - h))) / (2 * h)
+  assert g < 0  # widening a clipped range lowers the loss
+  np.testing.assert_allclose(g, fd, rtol=0.05)
+
+
+def test_asymmetric_unsigned_point_uses_unsigned_grid():
+  spec = fatq.QuantSpec.fat(4, symmetric=False)
+  fq = fatq.FakeQuant(spec)
+  x = jnp.linspace(0.0, 3.0, 50)
+  _, v = fq.apply({}, x, mutable=["quant_stats"])
+  y, r = fq.apply(v, x, mutable=["quant_ranges"])
+  assert float(r["quant_ranges"]["zero_point"]) == 0.0 and float(r["quant_ranges"]["qmin"]) == 0.0
+  np.testing.assert_allclose(float(r["quant_ranges"]["scale"]), 3.0 / 15, rtol=1e-6)
+  assert len(np.unique(np.asarray(y))) == 16
+  np.testing.assert_allclose(y, Q.fake_quant(x, 0.0, 3.0, 4), atol=1e-7)

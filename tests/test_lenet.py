@@ -1,0 +1,90 @@
+"""LeNet-5 end to end on a slice of the real MNIST files: float training, PTQ, FAT, results.json."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fatq import experiment
+from fatq.data import data_root, idx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_mnist = pytest.mark.skipif(not (data_root() / "mnist" / "t10k-images-idx3-ubyte.gz").exists(),
+                                 reason="../shared/data/mnist not present")
+
+
+def test_read_idx_rejects_corrupt_and_truncated(tmp_path):
+  bad = tmp_path / "x.gz"
+  bad.write_bytes(b"not gzip")
+  with pytest.raises(ValueError, match="cannot read IDX file"):
+    idx.read_idx(bad)
+  raw = tmp_path / "y.idx"
+  raw.write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(5))
+  with pytest.raises(ValueError, match="truncated"):
+    idx.read_idx(raw)
+
+
+def test_missing_data_folder_is_reported(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not found in .*FATQ_DATA"):
+    idx.load("mnist", "test", tmp_path)
+
+
+@needs_mnist
+def test_real_mnist_matches_the_idx_files():
+  images, labels = idx.load("mnist", "test")
+  assert images.shape == (10000, 28, 28, 1) and images.dtype == np.float32
+  raw = idx.read_idx(data_root() / "mnist" / "t10k-images-idx3-ubyte.gz")
+  raw_labels = idx.read_idx(data_root() / "mnist" / "t10k-labels-idx1-ubyte.gz")
+  # tfds stores examples in its own order: compare as multisets via the label histogram and pixel sums
+  np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.bincount(raw_labels, minlength=10))
+  np.testing.assert_allclose(np.sort(images.reshape(10000, -1).sum(1)),
+                             np.sort(raw.reshape(10000, -1).sum(1) / 255.0), rtol=1e-5)
+
+
+@needs_mnist
+def test_finetune_entry_point_on_real_mnist(tmp_path):
+  """The real command on a small config: float LeNet, W8A8 PTQ close to float, FAT W3A3 better than PTQ W3A3."""
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "finetune.py"),
+         "--config", os.path.join(ROOT, "configs", "lenet5_mnist.py:quick"), "--workdir", str(tmp_path),
+         "--noprogress"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.load(open(tmp_path / "results.json"))
+  assert res["model"] == "lenet5" and res["dataset"] == "mnist"
+  rows = {(r["name"], r["method"]): r for r in res["rows"]}
+  for r in res["rows"]:
+    assert set(r) >= {"method", "weight_bits", "act_bits", "granularity", "symmetric", "top1", "agreement"}
+  fl = rows[("float", "float")]["top1"]
+  assert fl > 0.95  # one epoch of LeNet-5
+  w8 = rows[("W8A8-tensor-symW-asymA", "ptq")]
+  assert abs(w8["top1"] - fl) <= 0.002 and w8["agreement"] >= 0.995
+  ptq3, fat3 = rows[("W3A3-channel-symW-asymA", "ptq")], rows[("W3A3-channel-symW-asymA", "fat")]
+  assert fat3["top1"] > ptq3["top1"]
+  assert fat3["holdout_loss"]["best"] < fat3["holdout_loss"]["initial"]
+  assert os.path.isdir(tmp_path / "rows" / "W3A3-channel-symW-asymA" / "checkpoint")
+  assert "float" in out.stdout and "W3A3-channel-symW-asymA" in out.stdout  # the printed table
+
+  # --resume skips finished rows and keeps their numbers
+  out2 = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
+  assert out2.returncode == 0, out2.stderr[-3000:]
+  assert "resuming: 4 row(s)" in out2.stdout
+  res2 = json.load(open(tmp_path / "results.json"))
+  assert [r["top1"] for r in res2["rows"]] == [r["top1"] for r in res["rows"]]
+
+
+def test_config_typo_is_reported(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "finetune.py"),
+         "--config", os.path.join(ROOT, "configs", "lenet5_mnist.py"), "--workdir", str(tmp_path),
+         "--config.fat.epochz=3"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "epochz" in out.stderr and "epochs" in out.stderr
+
+
+def test_scores():
+  logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+  s = experiment.scores(logits, np.array([1, 1]), np.array([[0, 1, 0], [0, 1, 0]]))
+  assert s == {"top1": 0.5, "agreement": 0.5}

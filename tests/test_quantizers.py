@@ -1,0 +1,166 @@
+"""The quantization core against its formulas, TensorFlow's fake-quant kernel and finite differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fatq import quantizers as Q
+
+jax.config.update("jax_enable_x64", False)
+
+
+def _tf():
+  return pytest.importorskip("tensorflow")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 12, 16])
+@pytest.mark.parametrize("lo,hi", [(-1.0, 1.0), (0.0, 6.0), (-0.3, 2.7), (-5.0, -0.0), (0.2, 0.9)])
+def test_error_within_half_step_inside_range_and_zero_exact(bits, lo, hi):
+  x = jnp.linspace(lo - 1, hi + 1, 4001)
+  p = Q.nudge(jnp.float32(lo), jnp.float32(hi), bits)
+  y = Q.fake_quant(x, jnp.float32(lo), jnp.float32(hi), bits)
+  inside = (x >= p.nudged_min) & (x <= p.nudged_max)
+  float_slack = 4 * np.finfo(np.float32).eps * max(abs(lo), abs(hi))  # float32 rounding of x / scale
+  assert float(jnp.max(jnp.abs(y - x)[inside])) <= float(p.scale) / 2 + float_slack
+  # outside: clamped to the nudged ends
+  np.testing.assert_allclose(y[x < p.nudged_min], p.nudged_min, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(y[x > p.nudged_max], p.nudged_max, rtol=1e-6, atol=1e-7)
+  assert float(Q.fake_quant(jnp.float32(0.0), lo, hi, bits)) == 0.0  # zero exactly representable
+  # the output lies on the grid: (y / scale) + zero_point is an integer in [qmin, qmax]
+  codes = np.asarray(y / p.scale + p.zero_point)
+  tol = 1e-3 + 1e-6 * p.qmax  # float32 resolution of large codes
+  np.testing.assert_allclose(codes, np.round(codes), atol=tol)
+  assert codes.min() >= p.qmin - tol and codes.max() <= p.qmax + tol
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+def test_idempotent(narrow):
+  x = jax.random.normal(jax.random.key(0), (1000,)) * 2
+  y = Q.fake_quant(x, -1.5, 2.5, 8, narrow)
+  np.testing.assert_allclose(Q.fake_quant(y, -1.5, 2.5, 8, narrow), y, atol=1e-6)
+
+
+def test_symmetric_signed_narrow_grid_has_zero_point_zero():
+  t = jnp.float32(0.77)
+  lo, hi = Q.symmetric_range(jnp.float32(1.0), t, True)
+  p = Q.nudge(lo, hi, 8, narrow_range=True)
+  assert float(p.zero_point) == 128.0  # int8 zero point 0
+  np.testing.assert_allclose(float(p.scale), 0.77 / 127, rtol=1e-6)
+  np.testing.assert_allclose([float(p.nudged_min), float(p.nudged_max)], [-0.77, 0.77], rtol=1e-6)
+
+
+def test_per_channel_ranges_broadcast():
+  x = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+  t = jnp.max(jnp.abs(x), axis=(0, 1, 2))
+  y = Q.fake_quant(x, -t, t, 4, True)
+  assert y.shape == x.shape
+  for c in range(5):
+    np.testing.assert_allclose(y[..., c], Q.fake_quant(x[..., c], -t[c], t[c], 4, True), atol=1e-6)
+    assert len(np.unique(np.asarray(y[..., c]))) <= 15  # 4-bit narrow grid: 15 levels
+
+
+@pytest.mark.parametrize("bits,narrow", [(8, False), (8, True), (4, False), (3, True), (16, False)])
+@pytest.mark.parametrize("lo,hi", [(-1.0, 1.0), (0.0, 6.0), (-0.3, 2.7), (0.1, 0.9), (-2.0, -0.5)])
+def test_equals_tensorflow_fake_quant(bits, narrow, lo, hi):
+  tf = _tf()
+  x = np.random.default_rng(0).uniform(lo - 1, hi + 1, 5000).astype(np.float32)
+  ours = np.asarray(Q.fake_quant(jnp.asarray(x), jnp.float32(lo), jnp.float32(hi), bits, narrow))
+  ref = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=bits, narrow_range=narrow).numpy()
+  p = Q.nudge(jnp.float32(lo), jnp.float32(hi), bits, narrow)
+  # equal up to float rounding of a value that sits on a rounding boundary (at most one step, rarely)
+  mismatch = np.abs(ours - ref) > 1e-5 * max(1.0, abs(hi))
+  assert mismatch.mean() < 1e-3
+  assert np.all(np.abs(ours - ref) <= float(p.scale) * 1.001)
+
+
+def test_equals_tensorflow_per_channel():
+  tf = _tf()
+  x = np.random.default_rng(1).normal(size=(2, 3, 3, 6)).astype(np.float32)
+  t = np.abs(x).max(axis=(0, 1, 2))
+  ref = tf.quantization.fake_quant_with_min_max_vars_per_channel(x, -t, t, num_bits=8, narrow_range=True).numpy()
+  ours = np.asarray(Q.fake_quant(jnp.asarray(x), -t, t, 8, True))
+  np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_ste_gradient_wrt_input_is_one_inside_zero_outside():
+  x = jnp.array([-3.0, -0.99, -0.2, 0.0, 0.33, 0.99, 3.0])
+  g = jax.grad(lambda x: jnp.sum(Q.fake_quant(x, -1.0, 1.0, 4, True)))(x)
+  np.testing.assert_array_equal(np.asarray(g), [0, 1, 1, 1, 1, 1, 0])
+
+
+def test_threshold_gradient_matches_hand_derivation():
+  # symmetric narrow: out = s * clip(round(x / s), -L, L) with s = T / L, L = 2^(n-1) - 1.
+  # inside: d out / dT = (round(x/s) - x/s) / L ; outside (x > T): d out / dT = 1.
+  bits, L, T = 4, 7, 1.3
+  x = jnp.array([0.1, -0.45, 0.77, 2.0, -5.0])
+
+  def f(t):
+    return Q.fake_quant(x, -t, t, bits, True)
+
+  jac = jax.jacobian(f)(jnp.float32(T))
+  s = T / L
+  u = np.asarray(x) / s
+  expected = np.where(np.abs(np.asarray(x)) <= T, (np.floor(u + 0.5) - u) / L, np.sign(np.asarray(x)))
+  np.testing.assert_allclose(np.asarray(jac), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_gradient_matches_finite_differences_of_expected_loss():
+  # The rounding makes the loss piecewise; on a dense sample its STE gradient matches the finite difference of a
+  # smooth surrogate only in expectation. Check the clip part exactly: for x beyond T, the loss is smooth in T.
+  x = jnp.array([1.5, 2.0, -3.0])
+
+  def loss(t):
+    return jnp.sum(jnp.square(Q.fake_quant(x, -t, t, 8, True) - x))
+
+  t0, eps = 1.0, 1e-3
+  fd = (loss(t0 + eps) - loss(t0 - eps)) / (2 * eps)
+  np.testing.assert_allclose(float(jax.grad(loss)(jnp.float32(t0))), float(fd), rtol=1e-3)
+
+
+def test_bounded_passes_gradient_on_closed_interval_only():
+  g = jax.vmap(jax.grad(lambda a: Q.bounded(a, 0.5, 1.0)))(jnp.array([0.3, 0.5, 0.7, 1.0, 1.2]))
+  np.testing.assert_array_equal(np.asarray(g), [0, 1, 1, 1, 0])
+
+
+def test_fat_symmetric_threshold_gradient_through_alpha():
+  # T = clip(alpha) * T_max: d out / d alpha = T_max * d out / d T (finite differences on a smooth point: x > T)
+  x, t_max = jnp.float32(3.0), jnp.float32(2.0)
+
+  def out(alpha):
+    lo, hi = Q.symmetric_range(alpha, t_max, True)
+    return Q.fake_quant(x, lo, hi, 8, True)
+
+  g = jax.grad(out)(jnp.float32(0.8))
+  assert abs(float(g) - 2.0) < 1e-5  # out = T = 0.8 * 2 (clipped), d/d alpha = T_max
+  assert float(jax.grad(out)(jnp.float32(1.2))) == 0.0  # alpha beyond its bound: no gradient
+
+
+def test_asymmetric_range_formula():
+  lo, hi = Q.asymmetric_range(jnp.float32(0.1), jnp.float32(0.8), jnp.float32(-1.0), jnp.float32(3.0))
+  np.testing.assert_allclose([float(lo), float(hi)], [-1.0 + 0.1 * 4, -1.0 + 0.4 + 0.8 * 4], rtol=1e-6)
+  # bounds: shift clipped to 0.4, width to 0.5
+  lo, hi = Q.asymmetric_range(jnp.float32(0.9), jnp.float32(0.1), jnp.float32(0.0), jnp.float32(1.0),
+                              (0.0, 0.4), (0.5, 1.0))
+  np.testing.assert_allclose([float(lo), float(hi)], [0.4, 0.9], rtol=1e-6)
+
+
+def test_range_off_zero_is_shifted_to_include_zero_keeping_its_width():
+  p = Q.nudge(jnp.float32(0.4), jnp.float32(0.9), 8)
+  assert float(p.nudged_min) == 0.0 and float(p.zero_point) == 0.0
+  np.testing.assert_allclose(float(p.nudged_max), 0.5, rtol=1e-6)
+  p = Q.nudge(jnp.float32(-2.0), jnp.float32(-0.5), 8)
+  np.testing.assert_allclose([float(p.nudged_min), float(p.nudged_max)], [-1.5, 0.0], rtol=1e-6, atol=1e-7)
+
+
+def test_quantize_bias_int32():
+  b = jnp.array([0.5, -0.25, 1e9])
+  codes = Q.quantize_bias(b, jnp.float32(0.01), jnp.array([0.02, 0.05, 1e-9]))
+  assert codes.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(codes[:2]), [2500, -500])
+  assert int(codes[2]) == 2**31 - 1  # saturates
+
+
+def test_bad_bits_rejected():
+  with pytest.raises(ValueError, match="num_bits"):
+    Q.fake_quant(jnp.zeros(3), -1.0, 1.0, 1)
