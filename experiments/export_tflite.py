@@ -39,6 +39,7 @@ def main():
   ap.add_argument("--input_type", default="int8", choices=["int8", "uint8", "float32"])
   ap.add_argument("--output_type", default="int8", choices=["int8", "uint8", "float32"])
   ap.add_argument("--asymmetric_weights", default="refuse", choices=["refuse", "symmetrize"])
+  ap.add_argument("--config", default=None, help="config file, when WORKDIR/results.json is not there (yet)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
 
@@ -48,9 +49,14 @@ def main():
   from fatq.export import ExportError, export_tflite
 
   results_path = os.path.join(args.workdir, "results.json")
-  if not os.path.exists(results_path):
-    sys.exit(f"error: {results_path} not found: run experiments/finetune.py with this --workdir first")
-  cfg = ml_collections.ConfigDict(json.load(open(results_path))["config"])
+  if os.path.exists(results_path):
+    cfg = ml_collections.ConfigDict(json.load(open(results_path))["config"])
+  elif args.config:
+    import runpy
+    cfg = runpy.run_path(args.config)["get_config"]()
+  else:
+    sys.exit(f"error: {results_path} not found: run experiments/finetune.py with this --workdir first "
+             "(or pass --config)")
   rows = {experiment.row_name(r): r for r in cfg.rows}
   done = sorted(r for r in rows if os.path.isdir(os.path.join(args.workdir, "rows", r, "checkpoint")))
   name = args.row or (done[0] if len(done) == 1 else None)
