@@ -9,7 +9,7 @@
     - ``'fat'``: central square crop of 0.85 of the short side (the FAT reference code);
     - ``'crop0875'``: central crop of 0.875 of each side (TF-slim's ``central_crop(0.875)`` evaluation);
     - ``'none'``: resize the whole image.
-* Decoded and resized arrays are cached as ``.npy`` (float16) per (folder contents, preprocessing, size, limit)
+* Decoded and resized arrays are cached as ``.npy`` (float16; returned rounded to float16 also when computed) per (folder contents, preprocessing, size, limit)
   in ``cache_dir`` so that they are not recomputed every run.
 """
 
@@ -155,7 +155,8 @@ def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, label
         skipped.append(str(f))
     if not arrays:
       raise ValueError(f"none of the {len(files)} images in {folder} could be decoded")
-    images = np.stack(arrays)
+    # Rounded to the cache's float16 also on the first run, so that a run gives the same numbers cached or not.
+    images = np.stack(arrays).astype(np.float16).astype(np.float32)
     if use_cache:
       try:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -57,11 +57,16 @@ class InvertedResidual(nn.Module):
     return y
 
 
-def classify(x: jax.Array, num_classes: int, quant: QuantConfig | None) -> jax.Array:
-  """Global average pool (no quantizer: TFLite's pool keeps its input's scale) -> dense layer ``logits``.
+def classify(module: nn.Module, x: jax.Array, num_classes: int, quant: QuantConfig | None,
+             quantize_pool: bool = False) -> jax.Array:
+  """Global average pool (no quantizer: TFLite's AVERAGE_POOL_2D keeps its input's scale) -> dense layer ``logits``.
 
+  ``quantize_pool`` (opt-in, off by default) adds a quantization point ``pool`` for TFLite files whose MEAN operator
+  requantizes to its own scale (TF2 post-training quantization), used to reproduce such files exactly.
   Call from a compact method: the dense layer becomes that module's child ``logits``."""
   x = jnp.mean(x, axis=(1, 2))
+  if quantize_pool:
+    x = quant_point(module, quant, "pool", x)
   return QDense(num_classes, quant=quant, name="logits")(x)
 
 

@@ -15,7 +15,7 @@ Batch norm is folded at load time with the checkpoint's eps. Every loader return
 checkpoint that does not fit raises :class:`CheckpointError` naming the tensor and the expected shape.
 
 :func:`tflite_quant_state` turns a quantized TFLite file's own activation (and weight) ranges into fatq
-``quant_stats`` plus the matching fixed :class:`~fatq.config.QuantConfig`, so that a fake-quant fatq model reproduces
+``quant_stats`` plus the matching fixed :class:`~fatq.config.QuantConfig` (and the module to use them with), so that a fake-quant fatq model reproduces
 the integer model.
 """
 
@@ -26,7 +26,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -446,8 +446,14 @@ def load_tflite(model, path, image_size: int = 224):
   return params, report
 
 
-def tflite_quant_state(model, path, image_size: int = 224, params=None):
-  """``(QuantConfig, quant_stats)`` reproducing a quantized TFLite file's own ranges in fatq.
+class TFLiteQuantState(NamedTuple):
+  model: Any  # the module with ``quant`` set (and ``quantize_pool`` when the file requantizes its pool)
+  config: Any  # QuantConfig
+  stats: dict  # quant_stats
+
+
+def tflite_quant_state(model, path, image_size: int = 224, params=None) -> TFLiteQuantState:
+  """``(model, QuantConfig, quant_stats)`` reproducing a quantized TFLite file's own ranges in fatq.
 
   Activations (input, every conv/dense output, every residual add) get asymmetric 8-bit specs with the file's
   ``[(qmin - zp) s, (qmax - zp) s]`` as fixed (non-trainable) ranges; weights get per-channel symmetric specs
@@ -469,7 +475,9 @@ def tflite_quant_state(model, path, image_size: int = 224, params=None):
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   if params is None:
     params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), expected_params(model, image_size))
-  qmodel = model.clone(quant=config)
+  pools = [o for o in g.ops if o["op_name"] in ("MEAN", "AVERAGE_POOL_2D")]
+  requantized_pool = bool(pools) and g.qparams(pools[-1]["inputs"][0])[0][0] != g.qparams(pools[-1]["outputs"][0])[0][0]
+  qmodel = model.clone(quant=config, quantize_pool=requantized_pool)
   from fatq.layers import FakeQuant
 
   skeleton = jax.eval_shape(lambda: qmodel.apply({"params": params}, x, mutable=["quant_stats"])[1])["quant_stats"]
@@ -502,6 +510,8 @@ def tflite_quant_state(model, path, image_size: int = 224, params=None):
         lo, hi = float((info.min - zps[0]) * scales[0]), float((info.max - zps[0]) * scales[0])
     elif role == "output":
       lo, hi = g.range(op["outputs"][0])
+    elif role == "pool":
+      lo, hi = g.range(pools[-1]["outputs"][0])
     elif role == "add":
       if ai >= len(adds):
         raise CheckpointError(f"{path}: the model has a residual add {name} the file lacks")
@@ -516,7 +526,7 @@ def tflite_quant_state(model, path, image_size: int = 224, params=None):
                              "max": jnp.asarray(hi, jnp.float32).reshape(shapes["max"].shape)}
   if ci != len(convs) or ai != len(adds):
     raise CheckpointError(f"{path}: {len(convs)} conv and {len(adds)} add operators, the model matched {ci} and {ai}")
-  return config, stats
+  return TFLiteQuantState(qmodel, config, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

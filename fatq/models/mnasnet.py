@@ -40,6 +40,7 @@ class MnasNet(nn.Module):
   head_features: int = 1280
   quant: QuantConfig | None = None
   impl: str = "lax"
+  quantize_pool: bool = False  # opt-in quantizer on the pooled features (see common.classify)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,7 +57,7 @@ class MnasNet(nn.Module):
                              name=f"block{i}")(x)
         i += 1
     x = QConv(self.head_features, (1, 1), activation="relu", quant=q, impl=impl, name="head")(x)
-    return classify(x, self.num_classes, q)
+    return classify(self, x, self.num_classes, q, self.quantize_pool)
 
 
 def tiny(**kwargs) -> MnasNet:

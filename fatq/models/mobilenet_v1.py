@@ -32,6 +32,7 @@ class MobileNetV1(nn.Module):
   blocks: tuple = BLOCKS
   quant: QuantConfig | None = None
   impl: str = "lax"
+  quantize_pool: bool = False  # opt-in quantizer on the pooled features (see common.classify)
 
   def _pad(self, stride: int):
     return ((0, 1), (0, 1)) if self.keras_padding and stride == 2 else "SAME"
@@ -46,7 +47,7 @@ class MobileNetV1(nn.Module):
     for i, (filters, stride) in enumerate(self.blocks, 1):
       x = SeparableBlock(depth(filters, self.width), stride, self._pad(stride), quant=q, impl=impl,
                          name=f"block{i}")(x)
-    return classify(x, self.num_classes, q)
+    return classify(self, x, self.num_classes, q, self.quantize_pool)
 
 
 class SeparableBlock(nn.Module):

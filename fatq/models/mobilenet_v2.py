@@ -27,6 +27,7 @@ class MobileNetV2(nn.Module):
   head_features: int = 1280
   quant: QuantConfig | None = None
   impl: str = "lax"
+  quantize_pool: bool = False  # opt-in quantizer on the pooled features (see common.classify)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,7 +44,7 @@ class MobileNetV2(nn.Module):
         i += 1
     head = make_divisible(self.head_features * self.width) if self.width > 1.0 else self.head_features
     x = QConv(head, (1, 1), activation="relu6", quant=q, impl=impl, name="head")(x)
-    return classify(x, self.num_classes, q)
+    return classify(self, x, self.num_classes, q, self.quantize_pool)
 
 
 def tiny(**kwargs) -> MobileNetV2:

@@ -1,0 +1,264 @@
+"""Checkpoint loaders against the original frameworks (Keras, the TFLite interpreter) on real files and images."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fatq import models
+from fatq.data import data_root, imagenet
+from fatq.models import loaders, mnasnet, mobilenet_v1
+from fatq.models.loaders import CheckpointError
+
+MODELS = data_root() / "models"
+TFJS = MODELS / "mobilenet_v1_0.75_224_keras_tfjs"
+V1_TFLITE = MODELS / "mobilenet_v1_0.25_224_float.tflite"
+V2_INT8 = MODELS / "mobilenet_v2_1.0_224_ptq_int8.tflite"
+V2_UINT8 = MODELS / "mobilenet_v2_1.0_224_qat_uint8.tflite"
+
+
+def _val(n, offset):
+  return imagenet.val_set("fat", 224, offset, limit=n)
+
+
+def _interp(path):
+  from ai_edge_litert.interpreter import Interpreter
+  it = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True)
+  it.allocate_tensors()
+  return it
+
+
+def _batched(fn, x, bs=16):
+  return np.concatenate([np.asarray(fn(x[i:i + bs])) for i in range(0, len(x), bs)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Keras weights.
+
+
+def test_tfjs_mobilenet_v1_matches_keras():
+  import tensorflow as tf
+
+  model, params, report = models.load(dict(name="mobilenet_v1", width=0.75, num_classes=1000, checkpoint=str(TFJS),
+                                           checkpoint_format="tfjs"))
+  assert report.folded_batch_norms == 27 and report.eps == 1e-3 and report.num_tensors == 56
+  keras = tf.keras.applications.MobileNet(alpha=0.75, weights=None, classifier_activation=None)
+  raw, _ = loaders.read_tfjs(TFJS)
+  for layer in keras.layers:
+    if layer.weights:
+      names = [w.path.split("/")[-1] if hasattr(w, "path") else w.name.split("/")[-1].split(":")[0]
+               for w in layer.weights]
+      layer.set_weights([raw[layer.name][n if n in raw[layer.name] else "depthwise_kernel"] for n in names])
+  x = _val(8, 0).images
+  want = keras.predict(x, verbose=0)
+  got = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(x))
+  assert np.max(np.abs(got - want)) <= 1e-4
+  assert np.mean(got.argmax(-1) == want.argmax(-1)) == 1.0
+
+
+def _random_keras_v1(tf, classes=10):
+  keras = tf.keras.applications.MobileNet(input_shape=(32, 32, 3), alpha=0.25, weights=None, classes=classes,
+                                          classifier_activation=None)
+  rng = np.random.default_rng(0)
+  for layer in keras.layers:
+    if isinstance(layer, tf.keras.layers.BatchNormalization):
+      c = layer.weights[0].shape[0]
+      layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c),
+                         rng.uniform(0.5, 1.5, c)])
+  return keras
+
+
+def test_keras_h5_round_trip(tmp_path):
+  import tensorflow as tf
+
+  keras = _random_keras_v1(tf)
+  path = tmp_path / "mobilenet.h5"
+  keras.save(path)
+  model = mobilenet_v1.MobileNetV1(0.25, 10, keras_padding=True)
+  params, report = loaders.load_checkpoint(model, path, image_size=32)
+  assert report.format == "keras_h5" and report.folded_batch_norms == 27
+  x = np.random.default_rng(1).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  got = np.asarray(model.apply({"params": params}, x))
+  assert np.max(np.abs(got - keras.predict(x, verbose=0))) <= 1e-4
+  # A Keras 3 .weights.h5 has no layer names: a clear error, not a wrong model.
+  keras.save_weights(tmp_path / "m.weights.h5")
+  with pytest.raises(CheckpointError, match="weights.h5"):
+    loaders.load_checkpoint(model, tmp_path / "m.weights.h5", image_size=32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_bad_checkpoints(tmp_path):
+  raw, eps = loaders.read_tfjs(TFJS)
+  m = mobilenet_v1.MobileNetV1(0.75, 1000, keras_padding=True)
+  missing = {k: v for k, v in raw.items() if k != "conv_pw_5"}
+  with pytest.raises(CheckpointError, match=r"conv_pw_5.*block5/pointwise/kernel.*\(1, 1, 192, 192\)"):
+    loaders.load_keras_weights(m, missing, eps, "x", "tfjs")
+  extra = dict(raw, conv_pw_14={"kernel": np.zeros((1, 1, 768, 768))})
+  with pytest.raises(CheckpointError, match="conv_pw_14"):
+    loaders.load_keras_weights(m, extra, eps, "x", "tfjs")
+  bad = dict(raw, conv_dw_3={"depthwise_kernel": np.zeros((5, 5, 96, 1))})
+  with pytest.raises(CheckpointError, match=r"conv_dw_3/depthwise_kernel.*\(5, 5, 1, 96\).*block3/depthwise.*"
+                                            r"\(3, 3, 1, 96\)"):
+    loaders.load_keras_weights(m, bad, eps, "x", "tfjs")
+  with pytest.raises(CheckpointError, match=r"conv_preds.*\(768, 1001\).*1000 classes.*1001"):
+    loaders.load_checkpoint(mobilenet_v1.MobileNetV1(0.75, 1001, keras_padding=True), TFJS)
+  with pytest.raises(CheckpointError, match=r"conv1/kernel.*\(3, 3, 3, 16\).*width multiplier ~0\.75"):
+    loaders.load_checkpoint(mobilenet_v1.MobileNetV1(0.5, 1000), TFJS)
+  with pytest.raises(CheckpointError, match=r"width multiplier ~0\.25"):
+    loaders.load_checkpoint(mobilenet_v1.MobileNetV1(0.5, 1001), V1_TFLITE)
+  with pytest.raises(CheckpointError, match="operators"):
+    loaders.load_checkpoint(mnasnet.MnasNet(1.0, 1001), V1_TFLITE)
+  junk = tmp_path / "junk.tflite"
+  junk.write_bytes(b"not a model at all" * 10)
+  with pytest.raises(CheckpointError, match="not a TFLite flatbuffer"):
+    loaders.load_checkpoint(m, junk)
+  (tmp_path / "junk.h5").write_text("hello")
+  with pytest.raises(CheckpointError, match="not an HDF5"):
+    loaders.load_checkpoint(m, tmp_path / "junk.h5")
+  (tmp_path / "model.json").write_text("{}")
+  with pytest.raises(CheckpointError, match="model.json"):
+    loaders.load_checkpoint(m, tmp_path / "model.json")
+  with pytest.raises(FileNotFoundError):
+    loaders.load_checkpoint(m, tmp_path / "nothing.tflite")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TFLite.
+
+
+def test_float_tflite_mobilenet_v1_matches_interpreter():
+  model, params, report = models.load(dict(name="mobilenet_v1", width=0.25, num_classes=1001,
+                                           checkpoint=str(V1_TFLITE)))
+  assert report.num_tensors == 56 and report.dequantized == 0
+  x = _val(8, 1).images
+  it = _interp(V1_TFLITE)
+  g = loaders.TFLiteGraph(V1_TFLITE)
+  logits_t = g.conv_ops()[-1]["outputs"][0]
+  probs, logits = [], []
+  for img in x:
+    it.set_tensor(it.get_input_details()[0]["index"], img[None])
+    it.invoke()
+    probs.append(it.get_tensor(it.get_output_details()[0]["index"])[0])
+    logits.append(it.get_tensor(logits_t).reshape(-1))
+  got = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(x))
+  assert np.max(np.abs(got - np.stack(logits))) <= 1e-4
+  assert np.max(np.abs(np.asarray(jax.nn.softmax(got)) - np.stack(probs))) <= 1e-4
+
+
+def _keras_mnasnet(tf, model, params, size):
+  """The same MnasNet in Keras (folded BN: conv + bias), weights from the Flax params."""
+  L = tf.keras.layers
+  inp = tf.keras.Input((size, size, 3))
+
+  def conv(x, p, k, s, act, depthwise=False):
+    kern = np.asarray(p["kernel"])
+    if depthwise:
+      lay = L.DepthwiseConv2D(k, s, padding="same", activation=act)
+      y = lay(x)
+      lay.set_weights([kern.transpose(0, 1, 3, 2), np.asarray(p["bias"])])
+    else:
+      lay = L.Conv2D(kern.shape[-1], k, s, padding="same", activation=act)
+      y = lay(x)
+      lay.set_weights([kern, np.asarray(p["bias"])])
+    return y
+
+  x = conv(inp, params["conv1"], 3, 2, "relu")
+  i = 0
+  for repeats, k, s, e, out, skip in model.blocks:
+    for r in range(repeats):
+      p, stride, y = params[f"block{i}"], (s if r == 0 else 1), x
+      if e != 1:
+        y = conv(y, p["expand"], 1, 1, "relu")
+      y = conv(y, p["depthwise"], k, stride, "relu", depthwise=True)
+      y = conv(y, p["project"], 1, 1, None)
+      x = L.Add()([x, y]) if skip and stride == 1 and x.shape[-1] == y.shape[-1] else y
+      i += 1
+  x = conv(x, params["head"], 1, 1, "relu")
+  x = L.GlobalAveragePooling2D()(x)
+  dense = L.Dense(params["logits"]["kernel"].shape[-1])
+  out = dense(x)
+  dense.set_weights([np.asarray(params["logits"]["kernel"]), np.asarray(params["logits"]["bias"])])
+  return tf.keras.Model(inp, out)
+
+
+def test_mnasnet_tflite_round_trip(tmp_path):
+  import tensorflow as tf
+
+  size = 64
+  model = mnasnet.tiny()
+  x = np.random.default_rng(0).uniform(-1, 1, (3, size, size, 3)).astype(np.float32)
+  params = model.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+  params = jax.tree_util.tree_map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
+  keras = _keras_mnasnet(tf, model, params, size)
+  path = tmp_path / "mnasnet_tiny.tflite"
+  path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(keras).convert())
+  loaded, report = loaders.load_checkpoint(mnasnet.tiny(), path, image_size=size)
+  assert report.num_tensors == 2 * len(loaders.ordered_layers(model, size))
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  it = _interp(path)
+  want = []
+  for img in x:
+    it.set_tensor(it.get_input_details()[0]["index"], img[None])
+    it.invoke()
+    want.append(it.get_tensor(it.get_output_details()[0]["index"])[0])
+  got = np.asarray(model.apply({"params": loaded}, x))
+  assert np.max(np.abs(got - np.stack(want))) <= 1e-4
+  with pytest.raises(CheckpointError, match="width multiplier"):
+    loaders.load_checkpoint(mnasnet.tiny(width=1.0), path, image_size=size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantized MobileNet v2: fake quant with the file's own ranges vs the integer interpreter.
+
+
+def quantized_check(path, n):
+  """Returns dict(agreement, max_steps, fq_top1, int_top1, float_top1, n)."""
+  model, params, report = models.load(dict(name="mobilenet_v2", width=1.0, num_classes=1001, checkpoint=str(path)))
+  assert report.dequantized == 106
+  qmodel, qconfig, stats = loaders.tflite_quant_state(model, path, params=params)
+  val = _val(n, 1)
+  x, labels = val.images, val.labels
+  fq = _batched(jax.jit(lambda x: qmodel.apply({"params": params, "quant_stats": stats}, x)), x)
+  fl = _batched(jax.jit(lambda x: model.apply({"params": params}, x)), x)
+  g = loaders.TFLiteGraph(path)
+  it = _interp(path)
+  inp = it.get_input_details()[0]
+  s_in, z_in = inp["quantization"]
+  logits_t = g.conv_ops()[-1]["outputs"][0]
+  (s_out,), (z_out,), _ = g.qparams(logits_t)
+  ints = []
+  for img in x:
+    q = np.clip(np.floor(img / s_in + 0.5) + z_in, 0, 255).astype(inp["dtype"])
+    it.set_tensor(inp["index"], q[None])
+    it.invoke()
+    ints.append((it.get_tensor(logits_t).reshape(-1).astype(np.float64) - z_out) * s_out)
+  ints = np.stack(ints)
+  # The integer logits are quantized: several classes can tie for the maximum. fatq's top-1 agrees when it is one
+  # of the tied classes (strict: the same index as argmax's first maximum).
+  tied = np.isclose(ints, ints.max(-1, keepdims=True), rtol=0, atol=s_out / 4)
+  agree = tied[np.arange(len(x)), fq.argmax(-1)]
+  return dict(n=len(x), agreement=float(np.mean(agree)),
+              strict_agreement=float(np.mean(fq.argmax(-1) == ints.argmax(-1))), int_ties=int(np.sum(tied.sum(-1) > 1)),
+              max_steps=float(np.max(np.abs(fq - ints)) / s_out), fq_top1=float(np.mean(fq.argmax(-1) == labels)),
+              int_top1=float(np.mean(ints.argmax(-1) == labels)), float_top1=float(np.mean(fl.argmax(-1) == labels)))
+
+
+def test_quantized_mobilenet_v2_fast():
+  path = V2_INT8  # the uint8 file is checked in the slow test
+  r = quantized_check(path, 32)
+  print(path.name, r)
+  assert r["agreement"] >= 0.96 and r["max_steps"] < 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [V2_INT8, V2_UINT8], ids=["ptq_int8", "qat_uint8"])
+def test_quantized_mobilenet_v2_1000(path):
+  r = quantized_check(path, 1000)
+  print(f"\n{path.name}: {r}")
+  assert r["agreement"] >= 0.99
