@@ -149,8 +149,8 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
     row_dir = os.path.join(workdir, "rows", name)
     os.makedirs(row_dir, exist_ok=True)
     best, history = training.finetune(qmodel, frozen, thresholds, data.train, teacher_train,
-                                      (data.holdout, teacher_holdout), cfg.fat, workdir=row_dir, log=log,
-                                      progress=progress)
+                                      (data.holdout, teacher_holdout), cfg.fat, workdir=row_dir, resume=resume,
+                                      log=log, progress=progress)
     variables = {**frozen, THRESHOLDS: best}
     save_variables(os.path.join(row_dir, "checkpoint"), variables)
     logits = training.predict(qmodel, variables, eval_x, bs)

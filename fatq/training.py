@@ -151,14 +151,21 @@ def predict(model, variables: Tree, images: np.ndarray, batch_size: int = 256) -
 
 
 def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_logits: np.ndarray,
-             holdout: tuple[np.ndarray, np.ndarray], cfg, workdir: str | None = None,
+             holdout: tuple[np.ndarray, np.ndarray], cfg, workdir: str | None = None, resume: bool = False,
              log: Callable[[str], None] = print, progress: bool = True) -> tuple[Tree, list[dict]]:
   """Train the FAT factors on unlabeled ``images`` against cached ``teacher_logits``.
 
   Every ``cfg.eval_every`` steps (and at the end) the distillation loss on the held-out images is measured; the
   thresholds returned are those of the best held-out loss, not the last step. A non-finite threshold restores the
-  last good thresholds and resets the optimizer. Returns ``(best_thresholds, history)``; with a ``workdir`` the
-  history is also appended to ``workdir/metrics.jsonl``.
+  last good thresholds and resets the optimizer.
+
+  With a ``workdir``: metrics go to ``workdir/metrics.jsonl`` (one JSON object per evaluation, with each point's
+  mean factor values for trajectory plots), and an orbax checkpoint of the whole training state is kept in
+  ``workdir/train_state`` every ``cfg.checkpoint_every`` steps, at every evaluation and on Ctrl-C.
+  ``resume=True`` continues from the latest checkpoint exactly: the batch order is a pure function of
+  ``(seed, epoch)``, so the resumed run sees the same batches as an uninterrupted one.
+
+  Returns ``(best_thresholds, history)``.
   """
   if not jax.tree.leaves(thresholds):
     log("nothing to train: no quantization point has trainable thresholds")
@@ -173,59 +180,142 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   steps_per_epoch = n // bs
   total = steps_per_epoch * cfg.epochs
   eval_every = cfg.get("eval_every", 0) or steps_per_epoch
+  seed = cfg.get("seed", 0)
 
   def holdout_loss(th):
     x, t = holdout
-    losses = [float(eval_fn(th, frozen, x[i:i + bs], t[i:i + bs])) for i in range(0, len(x) - bs + 1, bs)]
-    if not losses:  # fewer held-out images than a batch
-      losses = [float(eval_fn(th, frozen, x, t))]
-    return float(np.mean(losses))
+    starts = range(0, max(len(x) - bs, 0) + 1, bs)
+    return float(np.mean([float(eval_fn(th, frozen, x[i:i + bs], t[i:i + bs])) for i in starts]))
 
   state = TrainState(jnp.zeros([], jnp.int32), thresholds, optimizer.init(thresholds))
-  best, best_loss = thresholds, holdout_loss(thresholds)
-  last_good = state
-  history = []
-  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if workdir else None
+  best, best_loss = thresholds, None
+  ckpt = _TrainCheckpoints(workdir, cfg.get("checkpoint_every", 0)) if workdir else None
+  history: list[dict] = []
+  if resume and ckpt and ckpt.latest() is not None:
+    restored = ckpt.restore(dict(state=state, best=best, best_loss=0.0, last_good=thresholds))
+    state, best, best_loss = restored["state"], restored["best"], float(restored["best_loss"])
+    last_good = restored["last_good"]
+    history = _read_history(ckpt.metrics_path, int(state.step))
+    log(f"resumed at step {int(state.step)} of {total} (best held-out loss {best_loss:.4f})")
+  else:
+    last_good = state.thresholds
 
   def record(entry):
     history.append(entry)
-    if metrics_file:
-      metrics_file.write(json.dumps(entry) + "\n")
-      metrics_file.flush()
+    if ckpt:
+      with open(ckpt.metrics_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
-  record(dict(step=0, holdout_loss=best_loss))
-  bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True)
-  rng = np.random.default_rng(cfg.get("seed", 0))
+  if best_loss is None:
+    if ckpt and os.path.exists(ckpt.metrics_path):
+      os.remove(ckpt.metrics_path)  # a fresh run: no stale metrics from an earlier one
+    best_loss = holdout_loss(thresholds)
+    record(dict(step=0, holdout_loss=best_loss, factors=factor_summary(thresholds)))
+
+  def save(reason: str):
+    if ckpt:
+      ckpt.save(int(state.step), dict(state=state, best=best, best_loss=best_loss, last_good=last_good), reason)
+
+  bar = tqdm(total=total, initial=int(state.step), disable=not progress, unit="step", dynamic_ncols=True)
   t0, seen, window = time.perf_counter(), 0, []
-  for epoch in range(cfg.epochs):
-    order = rng.permutation(n)
-    for b in range(steps_per_epoch):
-      idx = np.sort(order[b * bs:(b + 1) * bs])
-      state, loss = step_fn(state, frozen, images[idx], teacher_logits[idx])
+  try:
+    while int(state.step) < total:
       step = int(state.step)
-      if not bool(finite(state.thresholds)):
-        log(f"step {step}: a threshold became NaN/Inf; restoring the last good thresholds and resetting Adam")
-        state = TrainState(state.step, last_good.thresholds, optimizer.init(last_good.thresholds))
+      epoch, b = divmod(step, steps_per_epoch)
+      order = np.random.default_rng([seed, epoch]).permutation(n)
+      idx = np.sort(order[b * bs:(b + 1) * bs])
+      new_state, loss = step_fn(state, frozen, images[idx], teacher_logits[idx])
+      if not bool(finite(new_state.thresholds)) or not np.isfinite(float(loss)):
+        log(f"step {step + 1}: loss or a threshold became NaN/Inf; restoring the last good thresholds and "
+            "resetting Adam")
+        state = TrainState(new_state.step, last_good, optimizer.init(last_good))
         continue
+      state, step = new_state, step + 1
       seen += bs
       window.append(float(loss))
+      lr = float(schedule(step - 1))
       if step % eval_every == 0 or step == total:
         hl = holdout_loss(state.thresholds)
         if hl < best_loss:
           best, best_loss = state.thresholds, hl
-        last_good = state
-        elapsed = time.perf_counter() - t0
+        last_good = state.thresholds
         record(dict(step=step, epoch=epoch, train_loss=float(np.mean(window)), holdout_loss=hl,
-                    best_holdout_loss=best_loss, lr=float(schedule(step - 1)), images_per_s=seen / elapsed))
+                    best_holdout_loss=best_loss, lr=lr, images_per_s=seen / (time.perf_counter() - t0),
+                    factors=factor_summary(state.thresholds)))
         window = []
-      bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{float(schedule(step - 1)):.2e}",
-                      img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+        save("eval")
+      elif ckpt and ckpt.every and step % ckpt.every == 0:
+        save("periodic")
+      bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}",
+                      img_s=f"{seen / (time.perf_counter() - t0):.1f}", refresh=False)
       bar.update(1)
+  except KeyboardInterrupt:
+    save("interrupted")
+    bar.close()
+    log(f"interrupted at step {int(state.step)}: state saved; continue with --resume")
+    raise
   bar.close()
-  if metrics_file:
-    metrics_file.close()
+  if ckpt:
+    ckpt.close()
   log(f"fine-tuned {total} steps: held-out loss {history[0]['holdout_loss']:.4f} -> best {best_loss:.4f}")
   return best, history
+
+
+def factor_summary(thresholds: Tree) -> dict[str, dict[str, float]]:
+  """Mean value of each point's FAT factors (scale / shift / width): what a trajectory plot shows."""
+  from fatq.calibration import points
+
+  return {name: {k: float(np.mean(v)) for k, v in d.items()} for name, d in points(thresholds).items()}
+
+
+def _read_history(path: str, up_to_step: int) -> list[dict]:
+  """Metrics logged up to the restored step; later lines (from after the checkpoint) are dropped from the file."""
+  history = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          entry = json.loads(line)
+        except json.JSONDecodeError:
+          break  # a line cut short by a crash
+        if entry["step"] <= up_to_step:
+          history.append(entry)
+    with open(path + ".tmp", "w") as f:
+      f.writelines(json.dumps(e) + "\n" for e in history)
+    os.replace(path + ".tmp", path)
+  return history
+
+
+class _TrainCheckpoints:
+  """Orbax CheckpointManager over ``workdir/train_state``: saves are atomic (orbax writes a temporary directory
+  and renames it), the two latest are kept, and a half-written one is never listed."""
+
+  def __init__(self, workdir: str, every: int):
+    import orbax.checkpoint as ocp
+
+    self.every = every
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "train_state")),
+                                         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+  def latest(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, tree, reason: str):
+    if step in self.manager.all_steps():
+      return
+    tree = jax.tree.map(np.asarray, tree)
+    self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, template):
+    template = jax.tree.map(np.asarray, template)
+    return self.manager.restore(self.latest(), args=self._ocp.args.StandardRestore(template))
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
 
 
 def train_classifier(model, images: np.ndarray, labels: np.ndarray, *, epochs: int, batch_size: int = 128,
