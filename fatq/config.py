@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 # Bounds of the FAT scale factors (paper, SPEC §1) and of the public reference code (SPEC §2).
 PAPER_BOUNDS = dict(scale_bounds=(0.5, 1.0), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(0.0, 0.4))
+KINDS = ("uniform", "pot", "fixed_point", "lsq")
 REFERENCE_BOUNDS = dict(scale_bounds=(0.5, 1.3), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(-0.2, 0.4))
 
 
@@ -30,6 +31,13 @@ class QuantSpec:
     trainable: FAT scale factors are learned; ``False`` keeps the calibrated range (post-training quantization).
     scale_bounds: bounds of the symmetric ``alpha`` and of the asymmetric width factor ``alpha_R``.
     signed_shift_bounds, unsigned_shift_bounds: bounds of the asymmetric left-limit shift ``alpha_T``.
+    kind: the quantizer (see ``fatq.workbench.quantizers``): ``'uniform'`` (FAT / TF fake quant, the default),
+      ``'pot'`` (power-of-two: ``bits`` = 1 sign bit + exponent code), ``'fixed_point'`` (``bits`` = word width W,
+      ``frac_bits`` = F), ``'lsq'`` (learned step size, trainable ``step`` in the ``quant`` collection).
+    frac_bits: fixed point only: fractional bits F (grid ``2^-F``, range ``[-2^(W-1), 2^(W-1)-1] * 2^-F``).
+    rounding: fixed point only: ``'nearest'`` or ``'stochastic'``.
+    placement: fixed point on a layer's ``output`` point only: ``'extrinsic'`` quantizes the layer output,
+      ``'intrinsic'`` quantizes every product and every partial sum inside the layer (TensorQuant).
   """
 
   bits: int = 8
@@ -41,10 +49,23 @@ class QuantSpec:
   scale_bounds: tuple[float, float] = PAPER_BOUNDS["scale_bounds"]
   signed_shift_bounds: tuple[float, float] = PAPER_BOUNDS["signed_shift_bounds"]
   unsigned_shift_bounds: tuple[float, float] = PAPER_BOUNDS["unsigned_shift_bounds"]
+  kind: str = "uniform"
+  frac_bits: int = 0
+  rounding: str = "nearest"
+  placement: str = "extrinsic"
 
   def __post_init__(self):
-    if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 16:
-      raise ValueError(f"QuantSpec.bits must be an integer in 2..16, got {self.bits!r}")
+    if self.kind not in KINDS:
+      raise ValueError(f"QuantSpec.kind must be one of {KINDS}, got {self.kind!r}")
+    max_bits = 32 if self.kind == "fixed_point" else 16
+    if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= max_bits:
+      raise ValueError(f"QuantSpec.bits must be an integer in 2..{max_bits}, got {self.bits!r}")
+    if self.rounding not in ("nearest", "stochastic"):
+      raise ValueError(f"QuantSpec.rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
+    if self.placement not in ("extrinsic", "intrinsic"):
+      raise ValueError(f"QuantSpec.placement must be 'extrinsic' or 'intrinsic', got {self.placement!r}")
+    if self.kind != "fixed_point" and (self.rounding != "nearest" or self.placement != "extrinsic"):
+      raise ValueError("QuantSpec.rounding / placement apply to kind='fixed_point' only")
     for name in ("scale_bounds", "signed_shift_bounds", "unsigned_shift_bounds"):
       lo, hi = getattr(self, name)
       if not lo <= hi:

@@ -115,6 +115,9 @@ class FakeQuant(nn.Module):
       name = "/".join((*self.path[:-1], self.path[-1].removesuffix("_quant")))
       axis = self.spec.channel_axis % x.ndim if self.spec.per_channel else None
       return quant_marker_p.bind(x, name=name, channel_axis=axis)
+    if self.spec.kind != "uniform":  # power of two, fixed point, LSQ: fatq.workbench.quantizers
+      from fatq.workbench import quantizers as extra
+      return extra.apply_spec(self, x)
     lo, hi, narrow = self.range()
     if self.spec.per_channel:
       shape = [1] * x.ndim
@@ -143,6 +146,14 @@ def quant_point(module: nn.Module, quant: QuantConfig | None, role: str, x: jax.
 
 def point_name(module: nn.Module, role: str) -> str:
   return "/".join((*module.path, role))
+
+
+def _intrinsic_spec(module: nn.Module) -> QuantSpec | None:
+  """A fixed-point ``output`` spec with ``placement='intrinsic'`` (None for every other configuration)."""
+  if module.quant is None:
+    return None
+  from fatq.workbench import quantizers as extra
+  return extra.intrinsic_spec(module)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,9 +225,18 @@ class QConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (*self.kernel_size, cin // self.groups, self.features))
     kernel = quant_point(self, self.quant, "kernel", kernel)
-    y = conv2d(x, kernel, self.strides, self.padding, self.groups, self.impl)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    intrinsic = _intrinsic_spec(self)
+    if intrinsic is not None:  # fixed point quantized after every multiply / add (fatq.workbench.quantizers)
+      from fatq.workbench import quantizers as extra
+      if self.groups != 1:
+        raise NotImplementedError(f"{point_name(self, 'output')}: intrinsic fixed point supports groups=1 only")
+      bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+      pads = _pads(x.shape[1:3], self.kernel_size, self.strides, self.padding)
+      y = extra.intrinsic_conv(x, kernel, bias, self.strides, pads, intrinsic, extra.intrinsic_key(self, x, intrinsic))
+    else:
+      y = conv2d(x, kernel, self.strides, self.padding, self.groups, self.impl)
+      if self.use_bias:
+        y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     y = ACTIVATIONS[self.activation](y)
     return quant_point(self, self.quant, "output", y)
 
@@ -233,8 +253,16 @@ class QDense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
     kernel = quant_point(self, self.quant, "kernel", kernel)
-    y = x @ kernel
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    intrinsic = _intrinsic_spec(self)
+    if intrinsic is not None:  # fixed point quantized after every multiply / add (fatq.workbench.quantizers)
+      from fatq.workbench import quantizers as extra
+      bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+      flat = x.reshape(-1, x.shape[-1])
+      y = extra.intrinsic_matmul(flat, kernel, bias, intrinsic.bits, intrinsic.frac_bits, intrinsic.rounding,
+                                 extra.intrinsic_key(self, x, intrinsic)).reshape(*x.shape[:-1], self.features)
+    else:
+      y = x @ kernel
+      if self.use_bias:
+        y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     y = ACTIVATIONS[self.activation](y)
     return quant_point(self, self.quant, "output", y)
