@@ -46,19 +46,19 @@ def test_mnasnet_block_list():
 def test_tiny_quant_points(mod):
   model = mod.tiny()
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  y = model.apply({"params": params}, x)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"]
+  y = jax.jit(model.apply)({"params": params}, x)
   assert y.shape == (2, 10)
   q = QuantConfig.uniform(QuantSpec(8), QuantSpec(8))
   qm = model.clone(quant=q)
-  _, state = qm.apply({"params": params}, x, mutable=["quant_stats"])
+  _, state = jax.jit(lambda v, x: qm.apply(v, x, mutable=["quant_stats"]))({"params": params}, x)
   flat = jax.tree_util.tree_flatten_with_path(state["quant_stats"])[0]
   names = {"/".join(k.key for k in path[:-1]) for path, _ in flat}
   assert "input_quant" in names and "logits/output_quant" in names and "conv1/kernel_quant" in names
   if mod is not mobilenet_v1:
     assert any(n.endswith("/add_quant") for n in names)
     assert "block1/expand/output_quant" in names
-  yq = qm.apply({"params": params, "quant_stats": state["quant_stats"]}, x)
+  yq = jax.jit(qm.apply)({"params": params, "quant_stats": state["quant_stats"]}, x)
   assert np.max(np.abs(np.asarray(yq) - np.asarray(y))) < 0.1 * np.max(np.abs(np.asarray(y))) + 1e-3
   assert not any("pool" in n for n in names)
 
@@ -68,9 +68,10 @@ def test_activations_as_originals():
   x = jnp.full((1, 32, 32, 3), 50.0)  # large input: ReLU6 saturates, ReLU does not
 
   def first_output(model):
-    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"]
     params = jax.tree_util.tree_map(jnp.abs, params)
-    _, st = model.apply({"params": params}, x, capture_intermediates=True, mutable=["intermediates"])
+    _, st = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]))(
+        {"params": params}, x)
     return float(jnp.max(st["intermediates"]["conv1"]["__call__"][0]))
 
   assert first_output(p) == 6.0
