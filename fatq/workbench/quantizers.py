@@ -66,7 +66,7 @@ def pot(x: jax.Array, bits: int, t_max: jax.Array) -> jax.Array:
   e_min, e_max = pot_exponent_range(t_max, bits)
   ax = jnp.abs(x)
   e = jnp.round(jnp.log2(jnp.where(ax > 0, ax, 1.0)))
-  mag = jnp.where((ax > 0) & (e >= e_min), jnp.exp2(jnp.minimum(e, e_max)), 0.0)
+  mag = jnp.where((ax > 0) & (e >= e_min), jnp.ldexp(jnp.ones_like(x), jnp.minimum(e, e_max).astype(jnp.int32)), 0.0)
   q = jnp.sign(x) * mag
   return x + lax.stop_gradient(q - x)
 
