@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.tasks = [
       dict(model="lenet5", dataset="mnist", float_epochs=3, num_train=10000, num_holdout=1000, num_eval=10000,
            settings=((4, 4), (3, 3)), per_channel=True, eval_batch_size=500, train={}),
-      dict(model="mobilenet_v1_0.75", num_train=320, num_calibration=100, num_holdout=64, num_eval=500,
+      dict(model="mobilenet_v1_0.75", num_train=256, num_calibration=100, num_holdout=48, num_eval=200,
            settings=((4, 8),), per_channel=True, impl="fast", eval_batch_size=50,
            train=dict(batch_size=16, epochs=2, restart_period=20, eval_every=10)),
   ]
