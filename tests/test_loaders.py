@@ -262,7 +262,7 @@ def test_quantized_mobilenet_v2_fast():
 
 
 INT8_GAP = pytest.mark.xfail(
-    strict=False, reason="measured 98.8% tie-aware (98.3% strict) top-1 agreement on the 1000 images: the PTQ int8 "
+    strict=False, reason="measured 98.5% tie-aware (98.0% strict) top-1 agreement on the 1000 images: the PTQ int8 "
     "model amplifies single-LSB rounding flips (float32 vs integer requantization) from layer to layer")
 
 
