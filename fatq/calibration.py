@@ -20,17 +20,18 @@ def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
   Weights are recorded too (their statistics are those of the frozen tensor); activations over all batches.
   """
 
+  # params are arguments, not closed-over constants: XLA would otherwise constant-fold every weight statistic
   @jax.jit
-  def first(x):
+  def first(params, x):
     return model.apply({"params": params}, x, mutable=[STATS])[1][STATS]
 
   @jax.jit
-  def update(stats, x):
+  def update(params, stats, x):
     return model.apply({"params": params, STATS: stats}, x, mutable=[STATS])[1][STATS]
 
   stats = None
   for x in batches:
-    stats = first(x) if stats is None else update(stats, x)
+    stats = first(params, x) if stats is None else update(params, stats, x)
   if stats is None:
     raise ValueError("calibration got no images: the calibration set is empty")
   bad = [name for name, s in points(stats).items()

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fatq import calibration, training
+from fatq import calibration, plots, training
 from fatq.config import QuantConfig, QuantRule, QuantSpec
 from fatq.layers import STATS, THRESHOLDS
 
@@ -153,6 +153,10 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
                                       log=log, progress=progress)
     variables = {**frozen, THRESHOLDS: best}
     save_variables(os.path.join(row_dir, "checkpoint"), variables)
+    if history:
+      plots.plot_training(history, os.path.join(row_dir, "training.png"), title=name)
+      plots.plot_activation_ranges(qmodel, {**frozen, THRESHOLDS: thresholds}, variables, data.calibration[:32],
+                                   os.path.join(row_dir, "activation_ranges.png"))
     logits = training.predict(qmodel, variables, eval_x, bs)
     metrics = scores(logits, eval_y, float_logits, off)
     metrics["holdout_loss"] = {"initial": history[0]["holdout_loss"],

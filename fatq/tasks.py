@@ -17,7 +17,7 @@ def prepare(cfg, workdir: str, progress: bool = True) -> tuple[Any, Tree, Data]:
   name = cfg.model.name
   if name == "lenet5":
     return _lenet5(cfg, workdir, progress)
-  raise ValueError(f"unknown model {name!r} in config.model.name; known: 'lenet5'")
+  return _imagenet(cfg)
 
 
 def split_unlabeled(images: np.ndarray, cfg_data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,3 +61,24 @@ def _lenet5(cfg, workdir: str, progress: bool):
     save_variables(ckpt, {"params": params})
   train, cal, hold = split_unlabeled(train_x, cfg.data, cfg.seed)  # labels of these are never used
   return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=test_x, eval_labels=test_y)
+
+
+def _imagenet(cfg):
+  from fatq import models
+  from fatq.data import imagenet
+
+  model, params, report = models.load(cfg.model)  # names the missing checkpoint file if there is none
+  print(report.summary())
+  d = cfg.data
+  offset = 1 if int(cfg.model.num_classes) == 1001 else 0  # 1001-class models: class 0 is "background"
+  common = dict(preprocessing=d.preprocessing, image_size=int(d.image_size), cache_dir=d.cache_dir or None)
+  val = imagenet.val_set(label_offset=offset, limit=d.val_limit or None, folder=d.val_dir or None, **common)
+  pool = imagenet.unlabeled_set(folder=d.unlabeled_dir or None, **common)
+  for name, s in (("validation", val), ("unlabeled", pool)):
+    if s.skipped:
+      print(f"{name}: skipped {len(s.skipped)} unreadable image(s), e.g. {s.skipped[0]}")
+  train, cal, hold = split_unlabeled(pool.images, d, cfg.seed)
+  print(f"images: {len(train)} train, {len(cal)} calibration, {len(hold)} held-out (unlabeled); "
+        f"{len(val.images)} labeled validation")
+  return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=val.images,
+                             eval_labels=val.labels)

@@ -1,0 +1,81 @@
+"""Throughput of FAT fine-tuning on CPU: float forward vs training step, fast vs plain-lax convolutions.
+
+    python bench/finetune_step.py [--model mobilenet_v2] [--width 1.0] [--batch 32] [--size 224] [--steps 3]
+
+A training step is the quantized student's forward and backward w.r.t. the thresholds plus the Adam update, with
+cached teacher logits (as experiments/finetune.py runs it). Weights are random: speed does not depend on them.
+Prints images/s for each, the step/forward cost ratio (target <= 3) and the fast/lax speed-up (target >= 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import fatq
+from fatq import training
+from fatq.models import registry
+
+
+def timed(fn, *args, steps: int) -> float:
+  """Seconds per call after one warm-up (compilation) call."""
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
+
+
+def measure(name: str, width: float, impl: str, batch: int, size: int, steps: int) -> dict:
+  quant = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True), fatq.QuantSpec.fat(8, symmetric=False))
+  model = registry.build(dict(name=name, width=width, num_classes=1001, impl=impl), quant)
+  x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  stats = fatq.calibrate(model, params, [x])
+  th = fatq.init_thresholds(model, params, stats, x[:1])
+  frozen = {"params": params, "quant_stats": stats}
+  teacher = model.clone(quant=None)
+  logits = teacher.apply({"params": params}, x)
+  forward = jax.jit(lambda p, x: teacher.apply({"params": p}, x))
+  cfg = ml_collections.ConfigDict(dict(schedule="cosine_restarts", lr=1e-3, lr_min=0.0, restart_period=100))
+  tx, _ = training.make_optimizer(cfg)
+  step = training.make_train_step(model, tx, training.rmse)
+  state = training.TrainState(jnp.zeros([], jnp.int32), th, tx.init(th))
+  t_fwd = timed(forward, params, x, steps=steps)
+  t_step = timed(lambda s: step(s, frozen, x, logits)[1], state, steps=steps)
+  return dict(impl=impl, forward_img_s=batch / t_fwd, step_img_s=batch / t_step, step_over_forward=t_step / t_fwd)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--model", default="mobilenet_v2")
+  ap.add_argument("--width", type=float, default=1.0)
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--size", type=int, default=224)
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--json", default="", help="also write the figures to this file")
+  a = ap.parse_args()
+  rows = [measure(a.model, a.width, impl, a.batch, a.size, a.steps) for impl in ("fast", "lax")]
+  fast, lax = rows
+  print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s)")
+  print(f"{'impl':<6} {'forward img/s':>14} {'train step img/s':>17} {'step/forward':>13}")
+  for r in rows:
+    print(f"{r['impl']:<6} {r['forward_img_s']:>14.1f} {r['step_img_s']:>17.1f} {r['step_over_forward']:>13.2f}")
+  speedup = fast["step_img_s"] / lax["step_img_s"]
+  print(f"fast/lax training-step speed-up: {speedup:.2f}x (target >= 3); fast step costs "
+        f"{fast['step_over_forward']:.2f} float forwards (target <= 3)")
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(dict(args=vars(a), rows=rows, speedup=speedup), f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

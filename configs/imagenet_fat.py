@@ -1,0 +1,49 @@
+"""Shared layout of the ImageNet FAT fine-tuning configs (``configs/<model>_fat.py``); not a config itself.
+
+Variants (``--config configs/<model>_fat.py:VARIANT``):
+  ``''``      the paper's Tables 1 and 2 at 8 bits: scalar ("tensor") and vector ("channel") mode, symmetric and
+              asymmetric thresholds, each as PTQ then FAT; plus W4A8 in vector mode;
+  ``quick``   one row (vector mode, symmetric weights, asymmetric activations: TFLite's int8 scheme), one epoch.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def paper_rows():
+  rows = []
+  for per_channel in (False, True):
+    for symmetric in (True, False):
+      rows.append(dict(weight_bits=8, act_bits=8, per_channel=per_channel, symmetric=symmetric, fat=True))
+  rows.append(dict(weight_bits=4, act_bits=8, per_channel=True, symmetric=True, act_symmetric=False, fat=True))
+  return rows
+
+
+def fat_config(model_config_file: str, variant: str | None):
+  if variant not in (None, "", "quick"):
+    raise ValueError(f"unknown config variant {variant!r}; use '' or 'quick'")
+  spec = importlib.util.spec_from_file_location("model_config", os.path.join(os.path.dirname(__file__),
+                                                                             model_config_file))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  base = module.get_config()
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = base.model.to_dict()
+  c.model.impl = "fast"  # training and evaluation use the fast CPU convolutions; export uses 'lax'
+  # Unlabeled pool: 100 calibration images, 100 held-out images (distillation loss), the rest for training.
+  c.data = dict(name="imagenet", val_dir="", unlabeled_dir="", preprocessing=base.data.preprocessing,
+                image_size=base.data.image_size, cache_dir="", num_train=0, num_calibration=100, num_holdout=100,
+                val_limit=0)
+  c.calibration = dict(batch_size=50)
+  c.input_bits = 8
+  c.fat = dict(epochs=2, batch_size=32, loss="rmse", schedule="cosine_restarts", lr=2e-3, lr_min=1e-5,
+               restart_period=25, eval_every=25, checkpoint_every=10, seed=0)
+  c.rows = paper_rows()
+  c.eval_batch_size = 50
+  if variant == "quick":
+    c.fat.epochs = 1
+    c.rows = [dict(weight_bits=8, act_bits=8, per_channel=True, symmetric=True, act_symmetric=False, fat=True)]
+  return c
