@@ -7,12 +7,15 @@ skips the rows already there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import time
 from typing import Any, Callable
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -38,10 +41,101 @@ class Data:
 
 
 def atomic_write_json(path: str, obj) -> None:
+  """Write to ``path.tmp``, then rename: a crash or a full disk while writing leaves the previous file intact."""
   tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=_json_default)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)  # a partial temporary file: nothing worth keeping
+    raise
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  # orbax / tensorstore report a full disk in their own exception types, with the OS message in the text
+  return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
+@contextlib.contextmanager
+def _saving(what: str, workdir: str):
+  """Turn a full disk while writing ``what`` into an error that says so and how to continue."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - re-raised unchanged unless it is a full disk
+    if not _is_disk_full(e):
+      raise
+    raise OSError(errno.ENOSPC, f"disk full while writing {what}: free space on the disk of {workdir}, then run "
+                  "the same command with --resume to continue; the rows already in results.json and the "
+                  "fine-tuning checkpoints are kept") from e
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Reject values that would fail (or silently do nothing) only after minutes of data loading or training, with
+  the config key and the fix in the message."""
+
+  def need(ok: bool, key: str, value, want: str):
+    if not ok:
+      raise ValueError(f"config.{key} = {value!r}: {want} (set it with --config.{key}=...)")
+
+  for key in ("calibration.batch_size", "eval_batch_size"):
+    section, _, leaf = key.rpartition(".")
+    node = cfg.get(section) if section else cfg
+    value = node.get(leaf) if node is not None else None
+    if value is not None:
+      need(isinstance(value, int) and value >= 1, key, value, "must be a positive integer")
+  rows = cfg.get("rows", None) or []
+  try:
+    base = base_rules(cfg)
+  except ValueError as e:
+    raise ValueError(f"config.input_bits = {cfg.get('input_bits')!r}: {e}") from None
+  for i, row in enumerate(rows):
+    try:
+      quant_config(row, base)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"config.rows[{i}] ({row_name(row)}): {e}") from None
+  if not any(row.get("fat", False) for row in rows):
+    return
+  fat = cfg.get("fat", None)
+  need(fat is not None, "fat", None, "rows with fat=True need a fat section (epochs, batch_size, lr, ...)")
+  for key in ("epochs", "batch_size", "restart_period"):
+    need(isinstance(fat.get(key), int) and fat.get(key) >= 1, f"fat.{key}", fat.get(key),
+         "must be a positive integer")
+  for key in ("eval_every", "checkpoint_every"):
+    value = fat.get(key, 0)
+    need(isinstance(value, int) and value >= 0, f"fat.{key}", value, "must be an integer >= 0 (0: default)")
+  need(isinstance(fat.get("lr"), (int, float)) and fat.get("lr") > 0, "fat.lr", fat.get("lr"),
+       "must be a positive learning rate")
+  need(fat.get("loss") in training.LOSSES, "fat.loss", fat.get("loss"), f"choose one of {sorted(training.LOSSES)}")
+  schedules = ("cosine_restarts", "reference", "constant")
+  need(fat.get("schedule") in schedules, "fat.schedule", fat.get("schedule"), f"choose one of {schedules}")
+  data = cfg.get("data", None)
+  if data is not None and data.get("num_holdout", None) is not None:
+    need(isinstance(data.num_holdout, int) and data.num_holdout >= 1, "data.num_holdout", data.num_holdout,
+         "fine-tuning needs held-out images to pick the best thresholds: at least 1")
+
+
+def check_finite(params: Tree, data: Data) -> None:
+  """NaN or Inf in the float weights or in an image set would poison calibration and every loss: stop before
+  calibrating, naming the tensor or the image."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  for name, value in flat.items():
+    value = np.asarray(value)
+    bad = ~np.isfinite(value)
+    if bad.any():
+      raise ValueError(f"the float weights contain NaN/Inf: {name} (shape {value.shape}) has {int(bad.sum())} "
+                       "non-finite value(s). The checkpoint is damaged or comes from a diverged run: load another "
+                       "one (or, for a model trained here, delete its float_checkpoint to retrain it)")
+  for name in ("train", "calibration", "holdout", "eval_images"):
+    images = getattr(data, name)
+    bad = []
+    for i in range(0, len(images), 256):  # in chunks: a pool of ImageNet images is gigabytes
+      chunk = np.asarray(images[i:i + 256])
+      bad.extend(i + np.flatnonzero(~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)))
+    if bad:
+      raise ValueError(f"{name} set: image {int(bad[0])} (of {len(images)}) contains NaN/Inf, {len(bad)} image(s) in "
+                       "all. Check the preprocessing, or delete the image cache ($FATQ_CACHE) if it is damaged")
 
 
 def _json_default(o):
@@ -90,7 +184,13 @@ def base_rules(cfg) -> tuple[QuantRule, ...]:
 
 def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir: str, *, resume: bool = False,
         log: Callable[[str], None] = print, progress: bool = True) -> dict:
-  """Evaluate float, then PTQ (and FAT where ``row.fat``) for every row of ``cfg.rows``; return the results dict."""
+  """Evaluate float, then PTQ (and FAT where ``row.fat``) for every row of ``cfg.rows``; return the results dict.
+
+  Checks the config and that weights and images are finite before any work. A full disk while saving raises an
+  ``OSError(ENOSPC)`` that says to continue with ``resume=True``; ``results.json`` keeps every finished row.
+  """
+  check_config(cfg)
+  check_finite(params, data)
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, "results.json")
   results = {"model": cfg.model.name, "dataset": cfg.data.name, "rows": [], "config": cfg.to_dict(),
@@ -111,9 +211,11 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
              "act_symmetric": True if spec_row is None else bool(spec_row.get("act_symmetric",
                                                                                spec_row.get("symmetric", True))),
              **metrics, "seconds": round(seconds, 2)}
-    results["rows"].append(entry)
+    with _saving(results_path, workdir):
+      atomic_write_json(results_path, {**results, "rows": results["rows"] + [entry],
+                                       "timings": {**results["timings"], f"{name}/{method}": round(seconds, 2)}})
+    results["rows"].append(entry)  # only once it is on disk
     results["timings"][f"{name}/{method}"] = round(seconds, 2)
-    atomic_write_json(results_path, results)
     log(format_row(entry))
 
   eval_x, eval_y, off = data.eval_images, data.eval_labels, data.label_offset
@@ -152,7 +254,8 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
                                       (data.holdout, teacher_holdout), cfg.fat, workdir=row_dir, resume=resume,
                                       log=log, progress=progress)
     variables = {**frozen, THRESHOLDS: best}
-    save_variables(os.path.join(row_dir, "checkpoint"), variables)
+    with _saving(os.path.join(row_dir, "checkpoint"), workdir):
+      save_variables(os.path.join(row_dir, "checkpoint"), variables)
     if history:
       plots.plot_training(history, os.path.join(row_dir, "training.png"), title=name)
       plots.plot_activation_ranges(qmodel, {**frozen, THRESHOLDS: thresholds}, variables, data.calibration[:32],
@@ -175,8 +278,13 @@ def load_variables(path: str) -> Tree:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint at {path}: run experiments/finetune.py with this --workdir first")
-  with ocp.StandardCheckpointer() as ckpt:
-    return ckpt.restore(path)
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      return ckpt.restore(path)
+  except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types for a damaged directory
+    raise ValueError(f"cannot read the checkpoint at {path} ({type(e).__name__}: {str(e)[:300]}): it is incomplete "
+                     "(a crash or a full disk while it was written) or not an orbax checkpoint. Delete it to have "
+                     "it computed again, or point to another one") from None
 
 
 def _batches(images: np.ndarray, batch_size: int):

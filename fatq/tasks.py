@@ -8,16 +8,38 @@ from typing import Any
 
 import numpy as np
 
-from fatq.experiment import Data, load_variables, save_variables
+from fatq.experiment import Data, check_config, load_variables, save_variables
 
 Tree = Any
 
 
 def prepare(cfg, workdir: str, progress: bool = True) -> tuple[Any, Tree, Data]:
+  check_config(cfg)  # before minutes of data loading or float training
   name = cfg.model.name
   if name == "lenet5":
     return _lenet5(cfg, workdir, progress)
   return _imagenet(cfg)
+
+
+def check_params_fit(model, params: Tree, sample: np.ndarray, source: str, fix: str) -> None:
+  """Raise if ``params`` (from ``source``) do not have the structure and shapes ``model`` needs: a checkpoint of
+  another architecture, width or class count fails here with the first difference, not deep inside a forward pass."""
+  import flax
+  import jax
+
+  want = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), sample)["params"]
+  want = flax.traverse_util.flatten_dict(flax.core.unfreeze(want), sep="/")
+  got = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  what = f"the checkpoint {source} does not fit {type(model).__name__}"
+  for name in sorted(want):
+    if name not in got:
+      raise ValueError(f"{what}: it has no {name}; {fix}")
+    if tuple(np.shape(got[name])) != tuple(want[name].shape):
+      raise ValueError(f"{what}: {name} has shape {tuple(np.shape(got[name]))}, the model needs "
+                       f"{tuple(want[name].shape)} (another architecture, width or number of classes?); {fix}")
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise ValueError(f"{what}: it has tensors the model lacks, e.g. {extra[0]}; {fix}")
 
 
 def split_unlabeled(images: np.ndarray, cfg_data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,6 +71,9 @@ def _lenet5(cfg, workdir: str, progress: bool):
   ckpt = m.checkpoint or os.path.join(workdir, "float_checkpoint")
   if os.path.isdir(ckpt):
     params = load_variables(ckpt)["params"]
+    fix = (f"point config.model.checkpoint at a LeNet-5 with {m.num_classes} classes, or leave it empty to train "
+           "one here" if m.checkpoint else "delete it to train the float model here again")
+    check_params_fit(model, params, train_x[:1], ckpt, fix)
     print(f"float LeNet-5: loaded {ckpt}")
   elif m.checkpoint:
     raise FileNotFoundError(f"config.model.checkpoint {m.checkpoint!r} does not exist; leave it empty to train "

@@ -310,8 +310,28 @@ class _TrainCheckpoints:
     self.manager.wait_until_finished()
 
   def restore(self, template):
+    """The newest checkpoint that restores. A damaged one (files cut short by a full disk, or a crash on a
+    filesystem without atomic renames) is reported, deleted so that its step can be saved again, and the one
+    before it used: training from there recomputes the same steps."""
+    import warnings
+
     template = jax.tree.map(np.asarray, template)
-    return self.manager.restore(self.latest(), args=self._ocp.args.StandardRestore(template))
+    errors = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(template))
+      except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise ValueError, OSError, KeyError, ...
+        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+        continue
+      for bad in [s for s in self.manager.all_steps() if s > step]:
+        self.manager.delete(bad)
+      if errors:
+        warnings.warn(f"unreadable checkpoint(s) in {self.manager.directory} deleted, resuming from step {step}: "
+                      + "; ".join(errors))
+      return restored
+    raise RuntimeError(f"no checkpoint in {self.manager.directory} can be restored ({'; '.join(errors)}). If the "
+                       "model or quantization config changed since it was written, use a new --workdir; otherwise "
+                       "delete that directory to start this run over")
 
   def close(self):
     self.manager.wait_until_finished()

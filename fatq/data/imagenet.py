@@ -1,7 +1,8 @@
 """ImageNet-style image folders as numpy arrays: decoding, preprocessing, labels and an on-disk cache.
 
-* Recursive ``*.jpg / *.jpeg / *.png`` (any case); grayscale, CMYK, palette and RGBA images become RGB; a file that
-  cannot be decoded is skipped with a warning and counted (never a crash).
+* Recursive ``*.jpg / *.jpeg / *.png`` (any case); grayscale (8 or 16 bit), CMYK, palette and RGBA images become
+  RGB; a file that cannot be decoded (corrupt, truncated, not an image) is skipped with a warning and counted (never
+  a crash). Images smaller than the crop are upsampled.
 * Labeled folders use a label file of ``file, label`` lines (``#`` comments), 0-based 1000-class indices in
   sorted-synset order; ``label_offset=1`` maps them onto 1001-class TF-slim/TFLite models (class 0 = background).
 * Preprocessing (``x / 127.5 - 1`` after a bilinear resize without antialiasing, half-pixel centres as
@@ -65,6 +66,11 @@ def load_rgb(path) -> np.ndarray:
 
   with Image.open(path) as im:
     im.load()
+    if im.mode == "I" or im.mode.startswith("I;16"):
+      # 16-bit grayscale PNG (Pillow's "I;16" / "I"): convert("RGB") would clip every value above 255 to white;
+      # keep the top 8 bits, as Pillow itself does for 16-bit RGB PNGs.
+      gray = np.clip(np.asarray(im).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
+      return np.repeat(gray[..., None], 3, axis=-1)
     if im.mode in ("RGBA", "LA", "P", "PA"):
       im = im.convert("RGBA")
       bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -142,6 +148,9 @@ def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, label
       meta = json.loads(cache.with_suffix(".json").read_text())
       images = np.load(cache.with_suffix(".npy")).astype(np.float32)
       kept, skipped = meta["files"], meta["skipped"]
+      if len(images) != len(kept) or not np.all(np.isfinite(images)):
+        warnings.warn(f"the image cache {cache}.npy is damaged (NaN/Inf or a wrong image count); decoding again")
+        images = None
     except (OSError, ValueError, KeyError):
       images = None
   if images is None:

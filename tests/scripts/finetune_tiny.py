@@ -1,16 +1,75 @@
-"""A tiny FAT run (random LeNet-5, 21 steps, checkpoint every 2 steps): ``finetune_tiny.py WORKDIR [resume]``.
-Prints the best thresholds as JSON on its last line. Used by tests/test_resume.py, which kills it."""
-import sys, numpy as np, jax, ml_collections, json
+"""A tiny FAT run for the crash-safety tests (tests/test_resume.py), which kill or interrupt it.
+
+    finetune_tiny.py WORKDIR [--resume] [--slow-after N]
+
+A two-layer MLP on random 8-feature inputs (compiles in about a second), 4-bit per-channel weights and asymmetric
+activations, 21 steps (3 epochs of 7 batches), held-out evaluation every 5 steps, a checkpoint every 2 steps.
+``--slow-after N`` prints ``waiting before step K`` and sleeps 2 s before every step K > N, so that a test can signal
+the process at a known point of training however loaded the machine is. Prints the best thresholds and the history as JSON on its last line;
+exits with 130 after Ctrl-C (SIGINT), once the training loop has saved its state.
+"""
+import argparse
+import json
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
 import fatq
 from fatq import training
-from fatq.models import LeNet5
-qcfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, per_channel=True), fatq.QuantSpec.fat(4, symmetric=False))
-m = LeNet5(quant=qcfg)
-x = np.asarray(jax.random.uniform(jax.random.key(0), (200, 28, 28, 1)))
-params = m.init(jax.random.key(1), x)["params"]
-stats = fatq.calibrate(m, params, [x[:50]])
-th = fatq.init_thresholds(m, params, stats, x[:1])
-teacher = np.asarray(m.clone(quant=None).apply({"params": params}, x))
-cfg = ml_collections.ConfigDict(dict(epochs=3, batch_size=20, loss="rmse", schedule="cosine_restarts", lr=1e-2, lr_min=0.0, restart_period=10, eval_every=5, seed=0, checkpoint_every=2))
-best, hist = training.finetune(m, {"params": params, "quant_stats": stats}, th, x[:150], teacher[:150], (x[150:], teacher[150:]), cfg, workdir=sys.argv[1], resume=len(sys.argv) > 2, progress=False)
-print(json.dumps(dict(best=jax.tree.map(lambda a: np.asarray(a).tolist(), fatq.points(best)), history=hist)))
+
+
+class TinyMLP(nn.Module):
+  quant: fatq.QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = fatq.quant_point(self, self.quant, "input", x)
+    x = fatq.QDense(16, activation="relu", quant=self.quant, name="fc1")(x)
+    return fatq.QDense(4, quant=self.quant, name="fc2")(x)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("workdir")
+  ap.add_argument("--resume", action="store_true")
+  ap.add_argument("--slow-after", type=int, default=0)
+  args = ap.parse_args()
+
+  if args.slow_after:  # wrap the jitted step: the sleep happens between steps, in Python, where signals land
+    make = training.make_train_step
+
+    def slow_make(*a, **k):
+      step_fn = make(*a, **k)
+
+      def slow(state, *rest):
+        if int(state.step) >= args.slow_after:
+          print(f"waiting before step {int(state.step) + 1}", flush=True)  # the test signals on this line
+          time.sleep(2.0)
+        return step_fn(state, *rest)
+      return slow
+    training.make_train_step = slow_make
+
+  qcfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, per_channel=True), fatq.QuantSpec.fat(4, symmetric=False))
+  model = TinyMLP(quant=qcfg)
+  x = np.random.default_rng(0).uniform(-1, 1, (200, 8)).astype(np.float32)
+  params = TinyMLP().init(jax.random.key(1), x[:1])["params"]
+  stats = fatq.calibrate(model, params, [x[:50]])
+  th = fatq.init_thresholds(model, params, stats, x[:1])
+  teacher = np.asarray(TinyMLP().apply({"params": params}, x))
+  cfg = ml_collections.ConfigDict(dict(epochs=3, batch_size=20, loss="rmse", schedule="cosine_restarts", lr=3e-2,
+                                       lr_min=0.0, restart_period=10, eval_every=5, seed=0, checkpoint_every=2))
+  try:
+    best, hist = training.finetune(model, {"params": params, "quant_stats": stats}, th, x[:140], teacher[:140],
+                                   (x[140:], teacher[140:]), cfg, workdir=args.workdir, resume=args.resume,
+                                   progress=False, log=lambda s: print(s, flush=True))
+  except KeyboardInterrupt:
+    sys.exit(130)
+  print(json.dumps(dict(best=jax.tree.map(lambda a: np.asarray(a).tolist(), fatq.points(best)), history=hist)))
+
+
+if __name__ == "__main__":
+  main()

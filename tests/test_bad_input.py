@@ -1,0 +1,315 @@
+"""Bad input: each mistake fails early with a message that names the problem and the fix, and nothing already
+computed is lost.
+
+Covered elsewhere (not repeated here): a typo in a quantization option, bits 0 / 33 and inverted bounds of a
+QuantSpec, a bad regular expression (test_layers.py::test_spec_validation_messages); checkpoints of another width,
+class count or architecture, and files that are not checkpoints (test_loaders.py::test_bad_checkpoints); a missing
+ImageNet checkpoint (test_models.py); a missing or empty image folder, grayscale / CMYK / palette / RGBA images and
+a corrupt JPEG (test_imagenet_data.py); corrupt and truncated IDX files (test_lenet.py).
+"""
+
+import errno
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+import fatq
+from fatq import experiment, tasks
+from fatq.data import imagenet
+from fatq.models import LeNet5
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINETUNE = os.path.join(ROOT, "experiments", "finetune.py")
+
+
+def _finetune(workdir, *flags, config="lenet5_mnist.py"):
+  return subprocess.run([sys.executable, FINETUNE, "--config", os.path.join(ROOT, "configs", config),
+                         "--workdir", str(workdir), "--noprogress", *flags], capture_output=True, text=True,
+                        timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.fat.epoch=2", 'Did you mean "epochs" instead of "epoch"?'),  # ml_collections suggests the key
+    ("--config.fat.epochs=abc", "flag --config.fat.epochs=abc: invalid literal for int()"),
+    ("--config.fat.batch_size=0", "error: config.fat.batch_size = 0: must be a positive integer "
+                                  "(set it with --config.fat.batch_size=...)"),
+])
+def test_bad_config_flag_stops_before_any_work(tmp_path, flag, message):
+  out = _finetune(tmp_path / "w", flag)
+  assert out.returncode != 0
+  assert message in out.stderr
+  assert not (tmp_path / "w" / "results.json").exists() and not (tmp_path / "w" / "float_checkpoint").exists()
+
+
+def _load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def test_shipped_configs_pass_the_checks():
+  configs = [_load_config("lenet5_mnist.py"), _load_config("lenet5_mnist.py", "quick")]
+  configs += [_load_config(f) for f in sorted(os.listdir(os.path.join(ROOT, "configs")))
+              if f.endswith("_fat.py") and f != "imagenet_fat.py"]  # imagenet_fat.py: their shared layout
+  assert len(configs) >= 6
+  for cfg in configs:
+    experiment.check_config(cfg)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.rows.append(dict(weight_bits=33, act_bits=8)),
+     r"config.rows\[9\] \(W33A8-tensor-sym\): QuantSpec.bits must be an integer in 2..16, got 33"),
+    (lambda c: c.rows.append(dict(weight_bits=8, act_bits=1)), r"config.rows\[9\].*bits must be an integer in 2..16"),
+    (lambda c: c.rows.append(dict(weight_bits=8, rules=[("conv1/.*", dict(bits=8, scale_bounds=(1.0, 0.5)))])),
+     r"config.rows\[9\].*scale_bounds = \(1.0, 0.5\) is inverted: write it as \(low, high\)"),
+    (lambda c: c.rows.append(dict(weight_bitz=8)), r"config.rows\[9\].*unknown quantization option\(s\) \['weight_bitz'\]"),
+    (lambda c: setattr(c, "input_bits", 33), r"config.input_bits = 33: QuantSpec.bits must be an integer in 2..16"),
+    (lambda c: c.fat.update(epochs=0), r"config.fat.epochs = 0: must be a positive integer"),
+    (lambda c: c.fat.update(lr=-1e-3), r"config.fat.lr = -0.001: must be a positive learning rate"),
+    (lambda c: c.fat.update(loss="l2"), r"config.fat.loss = 'l2': choose one of \['rmse', 'smoothed_l1'\]"),
+    (lambda c: c.fat.update(schedule="cosine"), r"config.fat.schedule = 'cosine': choose one of"),
+    (lambda c: c.data.update(num_holdout=0), r"config.data.num_holdout = 0: fine-tuning needs held-out images"),
+    (lambda c: c.calibration.update(batch_size=0), r"config.calibration.batch_size = 0: must be a positive integer"),
+])
+def test_out_of_range_config_values(edit, message):
+  cfg = _load_config("lenet5_mnist.py")
+  assert len(cfg.rows) == 9
+  edit(cfg)
+  with pytest.raises(ValueError, match=message):
+    experiment.check_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def test_missing_and_damaged_float_checkpoint(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint at .*nothing: run experiments/finetune.py"):
+    experiment.load_variables(tmp_path / "nothing")
+  path = tmp_path / "ckpt"
+  experiment.save_variables(str(path), {"params": {"w": np.arange(1000, dtype=np.float32)}})
+  np.testing.assert_array_equal(experiment.load_variables(path)["params"]["w"], np.arange(1000))
+  files = [p for p in path.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files
+  for p in files:  # cut short, as by a crash or a full disk while writing
+    with open(p, "r+b") as f:
+      f.truncate(3)
+  with pytest.raises(ValueError, match="cannot read the checkpoint at .*ckpt .*incomplete.*Delete it"):
+    experiment.load_variables(path)
+
+
+def _params_like(model):
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), np.zeros((1, 28, 28, 1), np.float32))
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
+
+
+def test_float_checkpoint_of_another_model(tmp_path):
+  model = LeNet5(num_classes=10)
+  sample = np.zeros((1, 28, 28, 1), np.float32)
+  tasks.check_params_fit(model, _params_like(model), sample, "ok", "fix")  # the right one passes
+  # a LeNet-5 with 5 classes, saved and loaded as tasks.prepare does
+  experiment.save_variables(str(tmp_path / "c"), {"params": _params_like(LeNet5(num_classes=5))})
+  params = experiment.load_variables(tmp_path / "c")["params"]
+  with pytest.raises(ValueError, match=r"the checkpoint c does not fit LeNet5: fc3/bias has shape \(5,\), the "
+                                       r"model needs \(10,\) \(another architecture.*\); retrain"):
+    tasks.check_params_fit(model, params, sample, "c", "retrain")
+  other = {"dense": {"kernel": np.zeros((784, 10), np.float32)}}
+  with pytest.raises(ValueError, match="does not fit LeNet5: it has no conv1/bias; retrain"):
+    tasks.check_params_fit(model, other, sample, "c", "retrain")
+  extra = dict(_params_like(model), fc4={"kernel": np.zeros((10, 10), np.float32)})
+  with pytest.raises(ValueError, match="tensors the model lacks, e.g. fc4/kernel"):
+    tasks.check_params_fit(model, extra, sample, "c", "retrain")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image files.
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+  d = tmp_path / "imgs"
+  d.mkdir()
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (40, 60, 3), np.uint8)
+  Image.fromarray(rgb).save(d / "a_ok.png")
+  gray16 = rng.integers(0, 65536, (40, 60), np.uint16)
+  Image.fromarray(gray16).save(d / "b_gray16.png")  # 16-bit grayscale PNG
+  Image.fromarray((gray16 >> 8).astype(np.uint8)).save(d / "b_gray16_as_8bit.png")
+  Image.fromarray(np.full((2, 3, 3), (10, 200, 30), np.uint8)).save(d / "c_tiny.png")  # smaller than any crop
+  Image.fromarray(np.full((1, 1, 3), 77, np.uint8)).save(d / "c_1x1.png")
+  buf = io.BytesIO()
+  Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+  (d / "x_truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+  (d / "y_text.png").write_text("this is a text file with an image extension")
+  (d / "z_empty.jpg").write_bytes(b"")
+  return d
+
+
+def test_unreadable_images_are_skipped_counted_and_named(odd_images, tmp_path):
+  with pytest.warns(UserWarning) as caught:
+    s = imagenet.load_folder(odd_images, "fat", 16, cache_dir=tmp_path / "c")
+  bad = ["x_truncated.jpg", "y_text.png", "z_empty.jpg"]
+  assert [os.path.basename(f) for f in s.skipped] == bad
+  messages = " ".join(str(w.message) for w in caught)
+  assert all(f"skipping unreadable image {odd_images / b}" in messages for b in bad)
+  assert len(s.images) == len(s.files) == 5
+  assert np.all(np.isfinite(s.images)) and s.images.min() >= -1 and s.images.max() <= 1
+  # the cached result keeps the count
+  with pytest.warns(UserWarning, match="x_truncated.jpg"):
+    again = imagenet.load_folder(odd_images, "fat", 16, cache_dir=tmp_path / "c")
+  assert again.skipped == s.skipped
+
+
+def test_16_bit_and_tiny_images(odd_images):
+  # 16-bit grayscale keeps its top 8 bits (Pillow's convert('RGB') would turn almost all of it white)
+  np.testing.assert_array_equal(imagenet.load_rgb(odd_images / "b_gray16.png"),
+                                imagenet.load_rgb(odd_images / "b_gray16_as_8bit.png"))
+  for method in ("fat", "crop0875", "none"):
+    tiny = imagenet.preprocess(imagenet.load_rgb(odd_images / "c_tiny.png"), method, 32)
+    assert tiny.shape == (32, 32, 3)  # upsampled, not an empty crop
+    np.testing.assert_allclose(tiny, np.broadcast_to(np.array([10, 200, 30]) / 127.5 - 1, (32, 32, 3)), atol=1e-6)
+    one = imagenet.preprocess(imagenet.load_rgb(odd_images / "c_1x1.png"), method, 8)
+    np.testing.assert_allclose(one, 77 / 127.5 - 1, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_damaged_image_cache_is_rebuilt(odd_images, tmp_path):
+  with pytest.warns(UserWarning):
+    first = imagenet.load_folder(odd_images, "fat", 16, cache_dir=tmp_path / "c")
+  [npy] = (tmp_path / "c").glob("*.npy")
+  arr = np.load(npy)
+  arr[1, 0, 0, 0] = np.nan
+  np.save(npy, arr)
+  with pytest.warns(UserWarning, match="image cache .* is damaged"):
+    second = imagenet.load_folder(odd_images, "fat", 16, cache_dir=tmp_path / "c")
+  np.testing.assert_array_equal(second.images, first.images)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NaN / Inf in weights or images, and the tiny experiment the remaining tests run.
+
+
+class TinyMLP(nn.Module):
+  quant: fatq.QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = fatq.quant_point(self, self.quant, "input", x)
+    x = fatq.QDense(16, activation="relu", quant=self.quant, name="fc1")(x)
+    return fatq.QDense(4, quant=self.quant, name="fc2")(x)
+
+
+def _tiny_experiment():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (160, 8)).astype(np.float32)
+  model = TinyMLP()
+  params = jax.tree.map(np.array, model.init(jax.random.key(0), x[:1])["params"])  # writable copies
+  data = experiment.Data(train=x[:80], calibration=x[80:100], holdout=x[100:120], eval_images=x[120:],
+                         eval_labels=rng.integers(0, 4, 40).astype(np.int32))
+  cfg = ml_collections.ConfigDict(dict(
+      seed=0, model=dict(name="tiny_mlp"), data=dict(name="random"), calibration=dict(batch_size=20), input_bits=8,
+      fat=dict(epochs=2, batch_size=20, loss="rmse", schedule="constant", lr=1e-2, restart_period=4, eval_every=0,
+               checkpoint_every=0, seed=0),
+      rows=[dict(weight_bits=8, act_bits=8), dict(weight_bits=4, act_bits=4, per_channel=True, fat=True)],
+      eval_batch_size=40))
+  return cfg, model, params, data
+
+
+def test_nan_or_inf_in_weights_or_images_stops_before_any_work(tmp_path):
+  cfg, model, params, data = _tiny_experiment()
+  params["fc2"]["kernel"][3, 1] = np.nan
+  with pytest.raises(ValueError, match=r"float weights contain NaN/Inf: fc2/kernel \(shape \(16, 4\)\) has 1 "
+                                       r"non-finite value.*load another"):
+    experiment.run(cfg, model, params, data, str(tmp_path), progress=False)
+  assert not (tmp_path / "results.json").exists()
+  params["fc2"]["kernel"][3, 1] = 0.0
+  data.holdout[5, 2] = np.inf
+  data.holdout[7, 0] = -np.inf
+  with pytest.raises(ValueError, match=r"holdout set: image 5 \(of 20\) contains NaN/Inf, 2 image\(s\) in all"):
+    experiment.run(cfg, model, params, data, str(tmp_path), progress=False)
+  assert not (tmp_path / "results.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The work directory and the disk.
+
+
+def test_workdir_that_cannot_be_created(tmp_path):
+  (tmp_path / "file").write_text("a file where the workdir's parent should be")
+  out = _finetune(tmp_path / "file" / "run")
+  assert out.returncode != 0
+  assert "is not writable (Not a directory); choose another --workdir" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only directory")
+def test_read_only_workdir(tmp_path):
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o555)
+  try:
+    out = _finetune(ro)
+  finally:
+    ro.chmod(0o755)
+  assert out.returncode != 0
+  assert "is not writable (Permission denied); choose another --workdir" in out.stderr
+
+
+def _no_space(*args, **kwargs):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_while_saving_keeps_results_and_resume_continues(tmp_path, monkeypatch):
+  cfg, model, params, data = _tiny_experiment()
+  workdir = str(tmp_path)
+  results_path = tmp_path / "results.json"
+  logs = []
+
+  # 1. the disk fills up while the fine-tuned row's checkpoint is written
+  monkeypatch.setattr(experiment, "save_variables", _no_space)
+  with pytest.raises(OSError, match="disk full while writing .*checkpoint: free space .* run the same command with "
+                                    "--resume to continue") as e:
+    experiment.run(cfg, model, params, data, workdir, progress=False, log=logs.append)
+  assert e.value.errno == errno.ENOSPC
+  rows = [(r["name"], r["method"]) for r in json.loads(results_path.read_text())["rows"]]
+  assert rows == [("float", "float"), ("W8A8-tensor-sym", "ptq"), ("W4A4-channel-sym", "ptq")]
+  before = results_path.read_text()
+
+  # 2. on resume the training is not redone; now results.json itself cannot be written (half a file, then ENOSPC)
+  monkeypatch.undo()
+
+  def half_then_full(obj, f, **kw):
+    f.write(json.dumps(obj, **kw)[:100])
+    _no_space()
+
+  # only fatq.experiment's json (atomic_write_json): orbax's own files are written as before
+  monkeypatch.setattr(experiment, "json", types.SimpleNamespace(dump=half_then_full, load=json.load))
+  logs.clear()
+  with pytest.raises(OSError, match=r"disk full while writing .*results.json.*--resume"):
+    experiment.run(cfg, model, params, data, workdir, resume=True, progress=False, log=logs.append)
+  assert any("resumed at step 8 of 8" in m for m in logs), logs  # the fine-tuning was restored, not repeated
+  assert results_path.read_text() == before  # the previous results.json is intact
+  assert not (tmp_path / "results.json.tmp").exists()
+
+  # 3. space again: --resume finishes the row from the saved state
+  monkeypatch.undo()
+  logs.clear()
+  results = experiment.run(cfg, model, params, data, workdir, resume=True, progress=False, log=logs.append)
+  assert any("resumed at step 8 of 8" in m for m in logs), logs
+  assert [(r["name"], r["method"]) for r in results["rows"]] == rows + [("W4A4-channel-sym", "fat")]
+  assert json.loads(results_path.read_text())["rows"] == results["rows"]
