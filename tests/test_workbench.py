@@ -313,6 +313,25 @@ def test_memory_model_by_hand_for_a_tiny_model():
   assert analysis.memory(10, 5, 5, 3, 3)["inference_total"] == (30 + 15) / 8
 
 
+def test_layer_order_is_execution_order_not_key_order():
+  import flax.linen as nn
+
+  from fatq.workbench.experiments import analysis_layers
+
+  class Deep(nn.Module):  # l1 .. l11: key-sorted pytrees put l10, l11 before l2
+    @nn.compact
+    def __call__(self, x):
+      for i in range(1, 12):
+        x = QDense(2, name=f"l{i}")(x)
+      return x
+
+  model = Deep()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+  want = [f"l{i}" for i in range(1, 12)]
+  assert [n for n, _ in analysis_layers(params, model, (3,))] == want
+  assert [n for n, _ in analysis.activation_sizes(model, params, (3,))] == ["input"] + want
+
+
 def test_memory_of_lenet5_by_hand():
   from fatq.workbench.experiments import build_shipped, model_memory
 
@@ -333,6 +352,7 @@ def _tiny_cfg(experiment, **kw):
   return c
 
 
+@pytest.mark.slow  # ~50 s on 2 busy cores (trains a float LeNet-5)
 def test_datafree_sweep_on_a_slice_of_mnist_writes_results(tmp_path):
   from fatq.workbench import experiments
 

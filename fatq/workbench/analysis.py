@@ -134,6 +134,27 @@ def efficiency(w: np.ndarray, w_q: np.ndarray, bits: int) -> dict[str, float]:
 # Memory model.
 
 
+def call_order(model, params: Any, input_shape: tuple[int, ...]) -> list[str]:
+  """Paths (``'block3/depthwise'``) of the submodules of ``model`` in the order their ``__call__`` starts (a parent
+  before its children). Pytree dicts are key-sorted (``block10`` before ``block2``), so this is the only reliable
+  execution order."""
+  import flax.linen as nn
+
+  order: list[str] = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__":
+      path = "/".join(context.module.path)
+      if path not in order:
+        order.append(path)
+    return next_fun(*args, **kwargs)
+
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, x)
+  return order
+
+
 def activation_sizes(model, params: Any, input_shape: tuple[int, ...]) -> list[tuple[str, int]]:
   """``(name, elements per example)`` of the input and of every conv / dense layer output, in call order."""
   from fatq.models.common import layers
@@ -152,7 +173,8 @@ def activation_sizes(model, params: Any, input_shape: tuple[int, ...]) -> list[t
         walk(v, prefix + (k,))
 
   walk(state["intermediates"], ())
-  return out
+  order = {name: i for i, name in enumerate(call_order(model, params, input_shape))}
+  return out[:1] + sorted(out[1:], key=lambda a: order.get(a[0], len(order)))
 
 
 def memory(num_params: int, largest_activation: int, all_activations: int, weight_bits: int,

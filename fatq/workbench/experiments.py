@@ -10,6 +10,7 @@ images; ``{'model': 'mobilenet_v1_0.75'}`` loads the Keras/tfjs checkpoint in ..
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -190,10 +191,16 @@ def run_datafree(cfg, workdir, log=print):
   return dict(rows=rows, timings=timings), "\n".join([head, "-" * len(head)] + [_fmt_df(r) for r in rows])
 
 
-def analysis_layers(params):
+def analysis_layers(params, model=None, input_shape=None):
+  """``(path, {'kernel', 'bias'})`` of every conv / dense layer; in execution order when ``model`` and
+  ``input_shape`` are given (a loaded checkpoint's params are key-sorted: block1, block10, ..., conv1)."""
   from fatq.models.common import layers
 
-  return layers(params)
+  out = layers(params)
+  if model is not None:
+    order = {name: i for i, name in enumerate(analysis.call_order(model, params, input_shape))}
+    out = sorted(out, key=lambda pl: order.get(pl[0], len(order)))
+  return out
 
 
 def _fmt_df(r):
@@ -363,16 +370,17 @@ def run_sensitivity(cfg, workdir, log=print):
     task = load_task(t, workdir, cfg.seed, log)
     bs = t.get("eval_batch_size", 250)
     fl, _ = evaluate(task, None, bs)
-    names = [p for p, _ in analysis_layers(task.params)]
+    names = [p for p, _ in analysis_layers(task.params, task.model, task.input_shape)]
     for bits in t["bits"]:
       for layer in names:
-        esc = layer
+        esc = re.escape(layer)
         spec_w = QuantSpec(bits=bits, symmetric=True, per_channel=t.get("per_channel", False), trainable=False)
         spec_a = QuantSpec(bits=bits, symmetric=False, trainable=False) if cfg.quantize_output else None
         quant = QuantConfig((QuantRule(f"{esc}/kernel", spec_w), QuantRule(f"{esc}/output", spec_a),
                              QuantRule(r".*", None)))
         m, _ = evaluate(task, quant, bs, calib=task.data.calibration)
-        rows.append(dict(task=task.name, layer=layer, bits=bits, **m, drop=fl["top1"] - m["top1"]))
+        rows.append(dict(task=task.name, layer=layer, bits=bits, per_channel=bool(t.get("per_channel", False)), **m,
+                         drop=fl["top1"] - m["top1"]))
         log(_fmt_sens(rows[-1]))
     rows.append(dict(task=task.name, layer="(float)", bits=32, **fl, drop=0.0))
     timings[task.name] = round(time.perf_counter() - t0, 1)
@@ -408,7 +416,7 @@ def run_bit_efficiency(cfg, workdir, log=print):
     t0 = time.perf_counter()
     task = load_task(t, workdir, cfg.seed, log, need_data=False) if t["model"] != "lenet5" else \
         load_task(t, workdir, cfg.seed, log)
-    layer_list = analysis_layers(task.params)
+    layer_list = analysis_layers(task.params, task.model, task.input_shape)
     for path, l in layer_list:
       w = np.asarray(l["kernel"])
       for method in cfg.methods:
@@ -464,8 +472,11 @@ def run_bit_efficiency(cfg, workdir, log=print):
       rs = {r["layer"]: r for r in rows if r["task"] == name and r["method"] == method and r["bits"] == cfg.quartile_bits}
       a1.plot(range(len(layers)), [rs[l]["bit_efficiency"] for l in layers], "o-", ms=3, label=method)
       a2.plot(range(len(layers)), [rs[l]["range_per_bit"] for l in layers], "o-", ms=3, label=method)
-    a1.set(title=f"{name}: bit efficiency (entropy / bits), {cfg.quartile_bits}-bit", xlabel="layer")
-    a2.set(title=f"{name}: dynamic range (octaves) per bit", xlabel="layer", yscale="log")
+    a1.set(title=f"{name}: bit efficiency (entropy / bits), {cfg.quartile_bits}-bit")
+    a2.set(title=f"{name}: dynamic range (octaves) per bit, {cfg.quartile_bits}-bit", yscale="log")
+    for ax in (a1, a2):  # layers in execution order
+      ax.set_xticks(range(len(layers)))
+      ax.set_xticklabels(layers, rotation=90, fontsize=6)
     a1.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "bit_efficiency.png"), dpi=100)
