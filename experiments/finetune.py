@@ -19,6 +19,10 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
 flags.DEFINE_string("workdir", None, "Directory for results and checkpoints (created if missing).")
 flags.DEFINE_bool("resume", False, "Skip the rows already in WORKDIR/results.json.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_bool("export", False, "After the table, export fine-tuned rows to TensorFlow Lite and check them "
+                  "(experiments/export_tflite.py; WORKDIR/rows/<row>/tflite).")
+flags.DEFINE_enum("export_scheme", "int8", ["int8", "uint8"], "TFLite scheme for --export (see docs/export.md).")
+flags.DEFINE_string("export_row", "all", "Rows for --export: 'all' fine-tuned rows, 'best' (highest top-1), or a name.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -47,6 +51,27 @@ def main(argv):
   print()
   print(experiment.table(results))
   print(f"\nresults: {os.path.join(workdir, 'results.json')}  ({results['timings']['total']} s)")
+  if FLAGS.export:
+    export(cfg, model, params, data, workdir, results)
+
+
+def export(cfg, model, params, data, workdir, results):
+  """--export: the same export and checks as experiments/export_tflite.py, for the chosen fine-tuned rows."""
+  from fatq.export import ExportError, export_row
+
+  fat = [r for r in results["rows"] if r["method"] == "fat"]
+  if FLAGS.export_row == "best":
+    fat = sorted(fat, key=lambda r: -r["top1"])[:1]
+  elif FLAGS.export_row != "all":
+    fat = [r for r in fat if r["name"] == FLAGS.export_row]
+    if not fat:
+      sys.exit(f"error: --export_row {FLAGS.export_row!r} is not a fine-tuned row of this run")
+  for r in fat:
+    print(f"\n== export {r['name']} ({FLAGS.export_scheme})")
+    try:
+      export_row(cfg, model, params, data, workdir, r["name"], scheme=FLAGS.export_scheme)
+    except ExportError as e:  # e.g. a mode the scheme cannot represent: report it, export the other rows
+      print(f"{r['name']}: not exported: {e}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,13 @@ Translation rules worth knowing:
 * ``jnp.mean`` over the spatial axes of an NHWC tensor (``reduce_sum`` then a division by the count) becomes
   ``AVERAGE_POOL_2D`` over the whole map plus a reshape: an integer op that keeps its input's scale and zero point.
   A model without a quantizer after the mean therefore computes it on the input's grid in TFLite (at most half a step
-  of rounding that the JAX model does not have).
+  of rounding that the JAX model does not have); :func:`tie_pool` gives the JAX model the same rounding.
+* Biases are int32 codes ``round(b / (s_in * s_w))``; the JAX model's float biases differ by up to half that step,
+  which can be a sizeable part of an output step where weights are large. :meth:`Exported.snap_biases` gives the
+  JAX model the exported biases (used by :func:`export_and_check`).
+* Weight channels whose scale TFLite cannot use as it is (a range under the converter's 1e-6 floor, or so small that
+  the int32 bias code would overflow) get the smallest usable scale (:meth:`Exported._fit_weight_scales`); the
+  changes are listed in thresholds.json (``adjusted``).
 * Bias constants are always exported as full per-output-channel vectors (a scalar bias after a per-channel conv is
   mis-quantized by the converter, SPEC §3). The converter also folds an all-equal, non-zero bias vector into a splat
   constant and quantizes it with channel 0's scale (measured here: every channel got the same int32 code); such a
@@ -37,7 +43,12 @@ Schemes (``thresholds.json`` and the checks on the model's quantization modes):
   int8 zero point + 128). Per-channel weights are refused. TensorFlow 2's converter writes int8 tensors internally
   (only the input and output can be uint8), so ``model.tflite`` for this scheme holds the same scales with int8 zero
   points (uint8 - 128) for activations; thresholds.json gives the uint8 terms.
-* Per-channel activations and bit widths other than 8 are refused by both schemes.
+* Grids narrower than 8 bits (e.g. a W4A4 row) are carried in the 8-bit tensors at the same scale: the converter
+  rejects sub-8-bit tensors (``tfl.conv_2d`` has no i4 operands, also with ``_experimental_low_bit_qat``), so
+  weights are quantized on their n-bit grid here and stored as int8 codes (4 bits: ``[-7, 7]``), and an activation's
+  n-bit range becomes MINIMUM / MAXIMUM ops before its quantization (4 bits: 16 of the 256 codes,
+  ``codes`` in thresholds.json). The interpreter computes the n-bit model; the file is no smaller than an 8-bit one.
+* Per-channel activations and more than 8 bits are refused by both schemes, naming the tensor.
 """
 
 from __future__ import annotations
@@ -58,6 +69,12 @@ from fatq.layers import export_markers
 Tree = Any
 SCHEMES = ("int8", "uint8")
 IO_TYPES = ("int8", "uint8", "float32")
+
+
+# The converter floors a weight channel's range at this (measured: 1e-6 / 254 scales for [-127, 127] grids).
+_MIN_WEIGHT_RANGE = 1e-6
+# Bias codes stay within +-2^30: TFLite adds them to int32 accumulators (|sum of products| < 2^26 here).
+_BIAS_LIMIT = 2.0**30
 
 
 class ExportError(ValueError):
@@ -91,6 +108,21 @@ class Point:
   def nudged_max(self) -> np.ndarray:
     return ((self.qmax - self.zero_point) * self.scale).astype(np.float32)
 
+  @property
+  def offset(self) -> int:
+    """Shift from this point's unsigned n-bit codes to the 8-bit carrier's: an n-bit grid (n < 8) is stored as the
+    codes ``[qmin, qmax] + offset`` of an int8 tensor with the same scale (e.g. 4 bits: int8 codes -8..7)."""
+    return 2**7 - 2 ** (self.bits - 1)
+
+  @property
+  def carrier_min(self) -> np.ndarray:
+    """The 8-bit range (same scale, zero point shifted by ``offset``) whose grid contains this point's grid."""
+    return ((self.qmin - self.zero_point - self.offset) * self.scale).astype(np.float32)
+
+  @property
+  def carrier_max(self) -> np.ndarray:
+    return ((255 - self.zero_point - self.offset) * self.scale).astype(np.float32)
+
 
 def _points(ranges: dict[str, dict[str, np.ndarray]], weight_names: set[str]) -> dict[str, Point]:
   out = {}
@@ -107,9 +139,9 @@ def _check_point(p: Point, scheme: str, asymmetric_weights: str) -> None:
   represent."""
   if scheme not in SCHEMES:
     raise ExportError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
-  if p.bits != 8:
+  if p.bits > 8:
     raise ExportError(f"tensor {p.name!r}: {p.bits}-bit quantization cannot be represented in the TFLite {scheme} "
-                      "scheme (8 bits only)")
+                      "scheme (at most 8 bits; narrower grids are carried in 8-bit tensors)")
   if p.kind == "activation" and p.scale.ndim:
     raise ExportError(f"tensor {p.name!r}: per-channel activation ranges cannot be represented in the TFLite "
                       f"{scheme} scheme (activations are per tensor)")
@@ -260,8 +292,16 @@ class _Translator:
       y = self.fq_weight(w, p)
       self.raw[id(y)] = w
     else:
-      y = tf.quantization.fake_quant_with_min_max_vars(self.tensor(x), float(p.nudged_min), float(p.nudged_max),
-                                                       num_bits=p.bits, narrow_range=p.narrow)
+      xt = self.tensor(x)
+      if p.bits < 8:
+        # TFLite's kernels clamp only to the 8-bit range (and a fused ReLU/ReLU6); the n-bit range's clamp becomes
+        # MINIMUM / MAXIMUM ops (same scale) in front of the carrier's quantization.
+        xt = tf.minimum(xt, float(p.nudged_max))
+        relu = getattr(x, "op", None) is not None and x.op.type in ("Relu", "Relu6")
+        if not (relu and float(p.nudged_min) == 0.0):
+          xt = tf.maximum(xt, float(p.nudged_min))
+      y = tf.quantization.fake_quant_with_min_max_vars(xt, float(p.carrier_min), float(p.carrier_max),
+                                                       num_bits=8, narrow_range=p.narrow)
       if id(x) in self.prod:
         self.prod[id(x)]["output"] = name
     self.qname[id(y)] = name
@@ -269,14 +309,16 @@ class _Translator:
 
   def fq_weight(self, w, p):
     tf = self.tf
-    if True:
-      if p.scale.ndim:
-        y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-            tf.constant(w), p.nudged_min, p.nudged_max, num_bits=p.bits, narrow_range=p.narrow)
-      else:
-        y = tf.quantization.fake_quant_with_min_max_vars(tf.constant(w), float(p.nudged_min), float(p.nudged_max),
-                                                         num_bits=p.bits, narrow_range=p.narrow)
-    return y
+    if p.bits < 8:
+      # n-bit weights: quantized here on their own grid, then stored as int8 codes of the same scale (the converter
+      # rejects sub-8-bit tensors): an exact subset of the int8 grid.
+      from fatq.quantizers import fake_quant
+      w = np.asarray(fake_quant(w, p.nudged_min, p.nudged_max, p.bits, p.narrow), np.float32)
+    if p.scale.ndim:
+      return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+          tf.constant(w), p.carrier_min, p.carrier_max, num_bits=8, narrow_range=p.narrow)
+    return tf.quantization.fake_quant_with_min_max_vars(tf.constant(w), float(p.carrier_min), float(p.carrier_max),
+                                                        num_bits=8, narrow_range=p.narrow)
 
   def follow(self, src, dst):
     """``dst`` is computed by the same TFLite op as ``src`` (fused bias / activation)."""
@@ -558,9 +600,95 @@ class _Translator:
     return self.carry(ins[0], self.tf.reduce_max(ins[0], axis=tuple(eqn.params["axes"])))
 
 
+def set_biases(variables: Tree, biases: dict[str, np.ndarray]) -> Tree:
+  """``variables`` with the parameters named ``<layer path>/bias`` replaced (float32), e.g. by the int32 biases of an
+  export (``thresholds.json``: ``values_int32 * scale``)."""
+  params = jax.tree.map(np.array, variables["params"])
+  for name, value in biases.items():
+    node = params
+    *path, leaf = name.split("/")
+    for k in path:
+      node = node[k]
+    node[leaf] = np.asarray(value, np.float64).astype(np.float32).reshape(np.shape(node[leaf]))
+  return {**variables, "params": params}
+
+
 def _trace(model, variables: Tree, sample: np.ndarray):
   with export_markers():
     return jax.make_jaxpr(lambda x: model.apply(variables, x))(sample)
+
+
+# Ops that move a value without changing it: the result stays on its input's quantization grid.
+_SAME_GRID = {"reshape", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p", "transpose",
+              "broadcast_in_dim", "reduce_window_max", "slice", "pad"}
+
+
+def global_pool_inputs(model, variables: Tree, sample: np.ndarray) -> list[str | None]:
+  """For each global average pool (a mean over the spatial axes of an NHWC tensor) in the model, the quantization
+  point whose grid its input is on (None when it has none), in program order."""
+  found = []
+
+  def walk(jaxpr, names):
+    for eqn in jaxpr.eqns:
+      prim = eqn.primitive.name
+      ins = [names.get(v) if not hasattr(v, "val") else None for v in eqn.invars]
+      for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        if sub is not None and (hasattr(sub, "eqns") or hasattr(sub, "jaxpr")):
+          inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+          outs = walk(inner, dict(zip(inner.invars, ins)))
+          names.update({o: n for o, n in zip(eqn.outvars, outs) if n})
+          break
+      else:
+        if prim == _marker_name():
+          names[eqn.outvars[0]] = eqn.params["name"]
+        elif prim in _SAME_GRID and ins and ins[0]:
+          names[eqn.outvars[0]] = ins[0]
+        elif prim == "reduce_sum" and len(eqn.invars[0].aval.shape) == 4 and tuple(eqn.params["axes"]) == (1, 2):
+          found.append(ins[0])
+    return [names.get(v) for v in jaxpr.outvars]
+
+  walk(_trace(model, variables, sample).jaxpr, {})
+  return found
+
+
+def tie_pool(model, variables: Tree, sample: np.ndarray, log=print):
+  """``(model, variables, input point)`` with the global average pool's output quantized on its input's grid.
+
+  TFLite's AVERAGE_POOL_2D keeps its input's scale and zero point, so the integer model rounds the pooled means to
+  that grid; a fake-quant model that keeps the float mean differs by up to half a step per feature (measured: 3 output
+  steps on MobileNet v1). This turns on the model's ``quantize_pool`` point ``pool`` and gives it the statistics and
+  FAT factors of the pool's input point, so that both compute the same rounding. Returns the model unchanged (and
+  None) when it has no ``quantize_pool`` field, already quantizes its pool, or its pool input is not quantized.
+  """
+  from fatq.layers import STATS, THRESHOLDS
+
+  if getattr(model, "quantize_pool", True) or model.quant is None or STATS not in variables:
+    return model, variables, None
+  inputs = [n for n in global_pool_inputs(model, variables, sample) if n]
+  if len(inputs) != 1 or model.quant.spec_for("pool") != model.quant.spec_for(inputs[0]):
+    return model, variables, None
+  src = inputs[0].split("/")
+  src[-1] += "_quant"
+
+  def with_pool(tree):
+    node = tree
+    for k in src:
+      if k not in node:
+        return tree
+      node = node[k]
+    return {**tree, "pool_quant": jax.tree.map(np.asarray, node)}
+
+  tied = model.clone(quantize_pool=True)
+  new = {**variables, STATS: with_pool(variables[STATS])}
+  if THRESHOLDS in variables:
+    new[THRESHOLDS] = with_pool(variables[THRESHOLDS])
+  r = quant_ranges(tied, new, sample)
+  a, b = r["pool"], r[inputs[0]]
+  if not (np.array_equal(a["scale"], b["scale"]) and np.array_equal(a["zero_point"], b["zero_point"])):
+    raise ExportError(f"the pool quantizer did not get the grid of {inputs[0]!r}")
+  log(f"global average pool: quantized on the grid of {inputs[0]!r} (as TFLite's AVERAGE_POOL_2D computes it)")
+  return tied, new, inputs[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -588,19 +716,75 @@ class Exported:
     self.closed = closed
     self.tf = tf
     self.translator = None
+    self.output_point = None
 
     def fn(x):
       t = _Translator(tf, self.points, scheme, asymmetric_weights)
       out = t.run(closed.jaxpr, closed.consts, [x])
       self.translator = t
+      self.output_point = t.qname.get(id(out[0]))
       if len(out) != 1:
         raise ExportError(f"the model returns {len(out)} outputs; fatq.export handles one")
       return tf.identity(out[0], name="logits")
 
     self.function = tf.function(fn, autograph=False, input_signature=[tf.TensorSpec(sample.shape, tf.float32, name="input")])
     self.concrete = self.function.get_concrete_function()
+    self.adjusted = self._fit_weight_scales()
+    if self.adjusted:  # trace again with the raised scales
+      self.function = tf.function(fn, autograph=False,
+                                  input_signature=[tf.TensorSpec(sample.shape, tf.float32, name="input")])
+      self.concrete = self.function.get_concrete_function()
     unused = set(self.points) - {n for n, p in self.points.items() if p.kind in ("weight", "activation")}
     self.points = {n: p for n, p in self.points.items() if n not in unused}
+
+  def _fit_weight_scales(self) -> dict[str, dict]:
+    """Raise the weight scales that TFLite cannot use as they are; returns {weight point: what changed}.
+
+    Two cases, both in (near-)dead channels whose weights are ~1e-6 or smaller (measured: 5 channels of the
+    fine-tuned MobileNet v1, each followed by ReLU6 with a negative bias): the converter floors a channel's range at
+    1e-6 (its scale then differs from thresholds.json), and a tiny ``s_in * s_w`` makes the int32 bias code huge: the
+    converter clips it at 2^31 - 1 and the accumulator then overflows (TFLite gave such channels positive outputs).
+    Such a scale becomes the smallest that avoids both (bias codes within 2^30); the channel's weights are then
+    quantized on that coarser grid, which changes its output by at most half its (tiny) weights' sum times the input.
+    """
+    changed = {}
+    for layer in self.translator.layers:
+      if layer["kernel"] is None or layer["kernel"] not in self.points:
+        continue
+      w = self.points[layer["kernel"]]
+      need = np.full(w.scale.shape, _MIN_WEIGHT_RANGE / (w.qmax - w.qmin))
+      if "bias" in layer and layer["input"] in self.points:
+        s_in = float(self.points[layer["input"]].scale)
+        fit = np.abs(np.asarray(layer["bias"], np.float64)) / (s_in * _BIAS_LIMIT)
+        need = np.maximum(need, fit if w.scale.ndim else fit.max())
+      low = w.scale < need
+      if np.any(low):
+        new = np.where(low, need * (1 + 1e-3), w.scale).astype(np.float32)
+        changed[w.name] = dict(channels=np.flatnonzero(np.atleast_1d(low)).tolist(),
+                               scale=np.atleast_1d(w.scale)[np.atleast_1d(low)].tolist(),
+                               new_scale=np.atleast_1d(new)[np.atleast_1d(low)].tolist())
+        w.scale = new
+    return changed
+
+  def biases(self):
+    """``(layer, name, scale, int32 codes)`` of every layer bias: scale ``s_in * s_w`` per output channel (float64),
+    codes ``round(b / scale)`` (what the converter stores)."""
+    out = []
+    for layer in self.translator.layers:
+      if "bias" not in layer or layer["kernel"] is None or layer["input"] is None:
+        continue
+      w, x = self.points[layer["kernel"]], self.points[layer["input"]]
+      s = (np.float64(x.scale) * w.scale.astype(np.float64)) * np.ones(layer["cout"])
+      codes = np.clip(np.round(layer["bias"] / s), -(2**31 - 1), 2**31 - 1).astype(np.int64)
+      out.append((layer, layer["kernel"].rsplit("/", 1)[0] + "/bias", s, codes))
+    return out
+
+  def snap_biases(self, variables: Tree) -> Tree:
+    """``variables`` with every exported bias replaced by its int32 value (codes x scale), i.e. what the TFLite model
+    adds. The JAX fake-quant model keeps float biases; the difference is up to half a bias step ``s_in * s_w``, which
+    for layers with large weights is a sizeable part of an output step (measured on MobileNet v1: 0.16 of a step, a
+    constant one-code offset of a whole channel). The converter maps the snapped biases to the same codes."""
+    return set_biases(variables, {name: codes * s for _, name, s, codes in self.biases()})
 
   # thresholds ---------------------------------------------------------------------------------------------------------
   def thresholds(self) -> dict:
@@ -610,25 +794,22 @@ class Exported:
     dtype = "uint8" if uint8 else "int8"
     layers = {l["kernel"]: l for l in self.translator.layers if l["kernel"]}
     for name, p in self.points.items():
+      # codes: the stored integers this point's grid uses (all of int8/uint8 at 8 bits, a sub-range below)
       e = dict(name=name, kind=p.kind, dtype=dtype, bits=p.bits, min=p.nudged_min.tolist(),
                max=p.nudged_max.tolist(), scale=p.scale.tolist(),
-               zero_point=(p.zero_point - shift).astype(np.int64).tolist(), quantized_axis=None,
-               narrow_range=p.narrow)
+               zero_point=(p.zero_point + p.offset - shift).astype(np.int64).tolist(), quantized_axis=None,
+               narrow_range=p.narrow, codes=[p.qmin + p.offset - shift, p.qmax + p.offset - shift])
       if p.kind == "weight":
         layer = layers.get(name)
         e["op"] = layer["op"] if layer else None
+        if name in self.adjusted:
+          e["adjusted"] = self.adjusted[name]
         if p.scale.ndim:
           # TFLite layouts: CONV_2D OHWI (axis 0), DEPTHWISE_CONV_2D 1HWC (axis 3), FULLY_CONNECTED OI (axis 0).
           e["quantized_axis"] = 3 if layer and layer["op"] == "DEPTHWISE_CONV_2D" else 0
       entries.append(e)
-    for layer in self.translator.layers:
-      if "bias" not in layer or layer["kernel"] is None or layer["input"] is None:
-        continue
-      w, x = self.points[layer["kernel"]], self.points[layer["input"]]
-      s = (np.float64(x.scale) * w.scale.astype(np.float64)) * np.ones(layer["cout"])
-      name = layer["kernel"].rsplit("/", 1)[0] + "/bias"
-      codes = np.clip(np.round(layer["bias"] / s), -(2**31 - 1), 2**31 - 1).astype(np.int64)
-      per_channel = bool(w.scale.ndim)
+    for layer, name, s, codes in self.biases():
+      per_channel = bool(self.points[layer["kernel"]].scale.ndim)
       entries.append(dict(name=name, kind="bias", dtype="int32", bits=32,
                           scale=s.astype(np.float32).tolist() if per_channel else float(np.float32(s[0])),
                           zero_point=[0] * layer["cout"] if per_channel else 0,
@@ -640,7 +821,8 @@ class Exported:
                    bias=(l["kernel"].rsplit("/", 1)[0] + "/bias") if "bias" in l and l["kernel"] else None)
               for l in self.translator.layers]
     ops = [dict(op=o["op"], inputs=o["inputs"], output=o.get("output")) for o in self.translator.ops]
-    return dict(scheme=self.scheme, input_shape=list(self.input_shape), tensors=entries, layers=layers, ops=ops)
+    return dict(scheme=self.scheme, input_shape=list(self.input_shape), output=self.output_point, tensors=entries,
+                layers=layers, ops=ops)
 
   # conversion ---------------------------------------------------------------------------------------------------------
   def convert(self, input_type: str = "int8", output_type: str = "int8") -> bytes:
@@ -693,20 +875,22 @@ def thresholds_json(model, variables: Tree, sample_images: np.ndarray, scheme: s
 
 def export_tflite(model, variables: Tree, sample_images: np.ndarray, out_dir: str | os.PathLike,
                   scheme: str = "int8", input_type: str = "int8", output_type: str = "int8",
-                  asymmetric_weights: str = "refuse", log=print) -> dict:
+                  asymmetric_weights: str = "refuse", log=print, exported: "Exported | None" = None) -> dict:
   """Write ``out_dir/model.tflite`` and ``out_dir/thresholds.json`` (plus thresholds_<other scheme>.json when the
-  model can be expressed in it). ``variables`` = {'params', 'quant_stats', 'quant'}. Returns a small report."""
+  model can be expressed in it). ``variables`` = {'params', 'quant_stats', 'quant'}; ``exported``: the
+  :class:`Exported` of these arguments when the caller has built it already. Returns a small report."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
-  ex = Exported(model, variables, sample_images, scheme, asymmetric_weights)
+  ex = exported or Exported(model, variables, sample_images, scheme, asymmetric_weights)
   blob = ex.convert(input_type, output_type)
   (out / "model.tflite").write_bytes(blob)
   th = ex.thresholds()
   th.update(input_type=input_type, output_type=output_type)
   (out / "thresholds.json").write_text(json.dumps(th, indent=1))
   report = dict(model_tflite=str(out / "model.tflite"), thresholds=str(out / "thresholds.json"), scheme=scheme,
-                bytes=len(blob), tensors=len(th["tensors"]), seconds=round(time.time() - t0, 2))
+                bytes=len(blob), tensors=len(th["tensors"]), seconds=round(time.time() - t0, 2),
+                adjusted_weight_scales=ex.adjusted)
   for other in SCHEMES:
     if other == scheme:
       continue
@@ -779,10 +963,12 @@ def match_tflite(model: str | os.PathLike | bytes, thresholds: dict) -> dict[str
 class TFLiteModel:
   """The ai-edge-litert interpreter on a .tflite model, batch 1: float images in, float logits out."""
 
-  def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None):
-    from ai_edge_litert.interpreter import Interpreter
+  def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None, xnnpack: bool = True):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     kw = dict(model_content=model) if isinstance(model, bytes) else dict(model_path=str(model))
+    if not xnnpack:  # TFLite's own builtin kernels instead of the default XNNPACK delegate
+      kw["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     self.interp = Interpreter(**kw, num_threads=num_threads)
     self.interp.allocate_tensors()
     self.inp = self.interp.get_input_details()[0]
@@ -794,7 +980,10 @@ class TFLiteModel:
       return x.astype(np.float32)
     scale, zp = self.inp["quantization"]
     info = np.iinfo(dt)
-    return np.clip(np.floor(x / scale + 0.5) + zp, info.min, info.max).astype(dt)
+    # fatq's quantizer in float32 (fatq.quantizers.quantize), so that the codes equal the JAX model's exactly
+    s = np.float32(scale)
+    lo, hi = np.float32(info.min - zp) * s, np.float32(info.max - zp) * s
+    return (np.floor((np.clip(x.astype(np.float32), lo, hi) - lo) / s + np.float32(0.5)) + info.min).astype(dt)
 
   def raw(self, x1: np.ndarray) -> np.ndarray:
     """One image (shape of the model input), already in the input dtype; returns the raw output."""
@@ -827,3 +1016,213 @@ class TFLiteModel:
       self.raw(x)
       t.append(time.perf_counter() - t0)
     return float(np.median(t) * 1e3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks and the export report.
+
+
+def check_readback(model: str | os.PathLike | bytes, thresholds: dict) -> dict:
+  """Every thresholds.json tensor read back from the .tflite file: scale and zero point equal?
+
+  Scales are compared in relative terms (the converter recomputes them from min/max in float32: a few ulps), zero
+  points exactly. For the uint8 scheme the file's tensors are int8 (SPEC §3): its zero points are compared with the
+  uint8 ones minus 128. Returns counts and the mismatches (empty when all agree)."""
+  found = match_tflite(model, thresholds)
+  shift = 128 if thresholds["scheme"] == "uint8" else 0
+  bad, worst = [], 0.0
+  for t in thresholds["tensors"]:
+    got = found.get(t["name"])
+    if got is None:
+      bad.append(dict(name=t["name"], problem="not found in the .tflite model"))
+      continue
+    want_scale = np.atleast_1d(np.asarray(t["scale"], np.float64))
+    want_zp = np.atleast_1d(t["zero_point"]) - (shift if t["kind"] != "bias" else 0)
+    scale = np.asarray(got["scale"], np.float64)
+    rel = float(np.max(np.abs(scale - want_scale) / want_scale)) if scale.shape == want_scale.shape else np.inf
+    worst = max(worst, rel)
+    if rel > 4e-6 or not np.array_equal(np.asarray(got["zero_point"]), want_zp):
+      bad.append(dict(name=t["name"], problem="scale / zero point differ", want_scale=want_scale[:4].tolist(),
+                      got_scale=scale[:4].tolist(), want_zero_point=want_zp[:4].tolist(),
+                      got_zero_point=list(got["zero_point"][:4])))
+  return dict(tensors=len(thresholds["tensors"]), matched=len(thresholds["tensors"]) - len(bad),
+              max_scale_rel_diff=worst, mismatches=bad)
+
+
+def predict(model, variables: Tree, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
+  """JAX logits in batches (the last batch padded: one compiled shape)."""
+  fwd = jax.jit(lambda v, x: model.apply(v, x))
+  out = []
+  for i in range(0, len(images), batch_size):
+    x = images[i:i + batch_size]
+    n = len(x)
+    if n < batch_size and i:
+      x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
+    out.append(np.asarray(fwd(variables, x))[:n])
+  return np.concatenate(out)
+
+
+TARGETS = dict(agreement=0.995, max_logit_diff_steps=2.0, top1_diff_points=0.2)
+
+
+def compare_logits(jax_logits: np.ndarray, lite_logits: np.ndarray, labels: np.ndarray, step: float,
+                   label_offset: int = 0) -> dict:
+  """Interpreter vs JAX fake-quant: top-1 of each, top-1 agreement, max logit difference in output steps."""
+  pj, pl = jax_logits.argmax(1), lite_logits.argmax(1)
+  srt = np.sort(jax_logits, axis=1)
+  tied = srt[:, -1] == srt[:, -2]  # quantized logits: equal top-2 codes, argmax decided by index order
+  rows = np.arange(len(pj))
+  # either model's top-1 is also a maximum of the other's logits (ties broken either way)
+  tie_aware = (jax_logits[rows, pl] == srt[:, -1]) | (lite_logits[rows, pj] == lite_logits.max(1))
+  m = dict(images=len(labels), top1_jax=float(np.mean(pj == labels + label_offset)),
+           top1_tflite=float(np.mean(pl == labels + label_offset)), agreement=float(np.mean(pj == pl)),
+           max_logit_diff_steps=float(np.max(np.abs(jax_logits - lite_logits)) / step),
+           mean_logit_diff_steps=float(np.mean(np.abs(jax_logits - lite_logits)) / step),
+           logits_equal=float(np.mean(np.all(np.abs(jax_logits - lite_logits) < 0.5 * step, axis=1))),
+           jax_top2_tied=float(np.mean(tied)),
+           agreement_untied=float(np.mean((pj == pl)[~tied])) if np.any(~tied) else None,
+           agreement_tie_aware=float(np.mean(tie_aware)),
+           logit_diff_histogram={str(k): int(v) for k, v in zip(*np.unique(
+               np.round(np.abs(jax_logits - lite_logits) / step).astype(int), return_counts=True))})
+  m["top1_diff_points"] = 100 * (m["top1_tflite"] - m["top1_jax"])
+  m["pass"] = dict(agreement=m["agreement"] >= TARGETS["agreement"],
+                   max_logit_diff_steps=m["max_logit_diff_steps"] <= TARGETS["max_logit_diff_steps"] + 1e-6,
+                   top1_diff_points=abs(m["top1_diff_points"]) <= TARGETS["top1_diff_points"] + 1e-9)
+  return m
+
+
+def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, images: np.ndarray,
+                     labels: np.ndarray, out_dir: str | os.PathLike, *, label_offset: int = 0, scheme: str = "int8",
+                     input_type: str | None = None, output_type: str | None = None,
+                     asymmetric_weights: str = "refuse", tie_pool_grid: bool = True, snap_biases: bool = True,
+                     eval_model=None,
+                     threads=(1, 2), latency_runs: int = 50, float_blob: bytes | None = None, log=print) -> dict:
+  """Export ``qmodel`` (convolutions in the ``impl='lax'`` form) with :func:`export_tflite`, then check the file:
+
+  * every thresholds.json tensor's scale / zero point read back from model.tflite (:func:`check_readback`);
+  * interpreter vs JAX fake-quant on ``images``: top-1 of each, agreement, max logit difference in output steps;
+  * interpreter latency (median single-image invoke) at each of ``threads`` and file size, beside the float model's
+    (``float_model`` with ``float_params``, converted without quantization; written as float.tflite).
+
+  ``tie_pool_grid``: quantize the global average pool's output on its input's grid first (:func:`tie_pool`), in the
+  exported model and in the JAX model it is compared with. ``snap_biases``: give the JAX model the int32 biases of
+  the TFLite model (:meth:`Exported.snap_biases`); the JAX top-1 of the model as fine-tuned (float pool, float
+  biases) is reported beside it. ``eval_model``: the module used for the JAX logits (e.g.
+  the same model with ``impl='fast'``); it gets the same quantization configuration. input/output types default to
+  the scheme's dtype. Writes out_dir/export_report.json and returns the report.
+  """
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  input_type, output_type = input_type or scheme, output_type or scheme
+  sample = np.asarray(images[:1], np.float32)
+  pool_src, untied = None, (qmodel, variables)
+  if tie_pool_grid:
+    qmodel, variables, pool_src = tie_pool(qmodel, variables, sample, log=log)
+  report = dict(scheme=scheme, input_type=input_type, output_type=output_type, asymmetric_weights=asymmetric_weights,
+                pool_quantized_on=pool_src, int32_biases_in_jax=snap_biases)
+  ex = Exported(qmodel, variables, sample, scheme, asymmetric_weights)
+  if snap_biases:
+    variables = ex.snap_biases(variables)
+  report["export"] = export_tflite(qmodel, variables, sample, out, scheme, input_type, output_type,
+                                   asymmetric_weights, log=lambda *_: None, exported=ex)
+  th = json.loads((out / "thresholds.json").read_text())
+  report["bits"] = sorted({t["bits"] for t in th["tensors"] if t["kind"] != "bias"})
+  report["readback"] = rb = check_readback(out / "model.tflite", th)
+  log(f"read back: {rb['matched']}/{rb['tensors']} tensors of thresholds.json have the same scale and zero point "
+      f"in model.tflite (max scale rel. diff {rb['max_scale_rel_diff']:.1e})")
+  for m in rb["mismatches"][:10]:
+    log(f"  MISMATCH {m}")
+
+  # interpreter vs JAX
+  t0 = time.time()
+  lite = TFLiteModel(out / "model.tflite", num_threads=max(threads))
+  lite_logits = lite(images)
+  t_lite = time.time() - t0
+  step = float(np.asarray({t["name"]: t for t in th["tensors"]}[th["output"]]["scale"]))
+  em = (eval_model or qmodel).clone(quant=qmodel.quant)
+  if hasattr(qmodel, "quantize_pool"):
+    em = em.clone(quantize_pool=qmodel.quantize_pool)
+  t0 = time.time()
+  jax_logits = predict(em, variables, images)
+  t_jax = time.time() - t0
+  np.savez_compressed(out / "logits.npz", jax=jax_logits, tflite=lite_logits, labels=labels)
+  report["eval"] = compare_logits(jax_logits, lite_logits, labels, step, label_offset)
+  report["eval"].update(output_step=step, seconds_tflite=round(t_lite, 1), seconds_jax=round(t_jax, 1))
+  if pool_src is not None or snap_biases:  # the model as fine-tuned (float pooled features and biases), for reference
+    m0, v0 = untied
+    e0 = (eval_model or m0).clone(quant=m0.quant)
+    report["eval"]["top1_jax_as_finetuned"] = float(np.mean(predict(e0, v0, images).argmax(1) == labels + label_offset))
+
+  # size and latency beside the float model
+  if float_blob is None:
+    float_blob = convert_float(float_function(float_model, float_params, sample))
+  (out / "float.tflite").write_bytes(float_blob)
+  blob = (out / "model.tflite").read_bytes()
+  report["size_bytes"] = dict(tflite=len(blob), float_tflite=len(float_blob))
+  report["latency_ms"] = {}
+  for name, b in (("tflite", blob), ("float_tflite", float_blob)):
+    for n in threads:
+      report["latency_ms"][f"{name}_{n}t"] = round(TFLiteModel(b, num_threads=n).latency_ms(images[0],
+                                                                                              runs=latency_runs), 3)
+  report["files"] = dict(model=str(out / "model.tflite"), float_model=str(out / "float.tflite"),
+                         thresholds=str(out / "thresholds.json"), report=str(out / "export_report.json"))
+  (out / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+  log(format_report(report))
+  return report
+
+
+def _json_default(o):
+  if isinstance(o, (np.generic, np.ndarray)):
+    return o.tolist()
+  raise TypeError(f"not JSON-serialisable: {type(o)}")
+
+
+def format_report(r: dict) -> str:
+  e, s, l = r["eval"], r["size_bytes"], r["latency_ms"]
+  ok = lambda k: "ok" if e["pass"][k] else "MISSED"
+  lines = [f"export report ({r['scheme']} scheme, {r['input_type']} in / {r['output_type']} out, bits {r['bits']}"
+           + (f", pool on the grid of {r['pool_quantized_on']!r}" if r.get("pool_quantized_on") else "") + ")",
+           f"  thresholds.json vs model.tflite: {r['readback']['matched']}/{r['readback']['tensors']} tensors equal",
+           f"  top-1 on {e['images']} images: JAX fake-quant {100 * e['top1_jax']:.2f}%, interpreter "
+           f"{100 * e['top1_tflite']:.2f}% (diff {e['top1_diff_points']:+.2f} points, target |diff| <= 0.2: "
+           f"{ok('top1_diff_points')})",
+           f"  agreement {100 * e['agreement']:.2f}% (target >= 99.5%: {ok('agreement')}), max logit diff "
+           f"{e['max_logit_diff_steps']:.2f} output steps (target <= 2: {ok('max_logit_diff_steps')}), logits equal "
+           f"on {100 * e['logits_equal']:.1f}% of images"]
+  if e["jax_top2_tied"]:
+    lines.append(f"  JAX top-2 logits tied on {100 * e['jax_top2_tied']:.2f}% of images; agreement on the others "
+                 f"{100 * e['agreement_untied']:.2f}%, tie-aware agreement {100 * e['agreement_tie_aware']:.2f}%")
+  if "top1_jax_as_finetuned" in e:
+    lines.append(f"  JAX top-1 as fine-tuned (float biases / pooled features): {100 * e['top1_jax_as_finetuned']:.2f}%")
+  threads = sorted({k.rsplit("_", 1)[1] for k in l})
+  lines.append(f"  size {s['tflite'] / 1024:.1f} KiB (float {s['float_tflite'] / 1024:.1f} KiB); latency ms "
+               + ", ".join(f"{t}: {l['tflite_' + t]:.3f} (float {l['float_tflite_' + t]:.3f})" for t in threads))
+  return "\n".join(lines)
+
+
+def export_row(cfg, model, params: Tree, data, workdir: str | os.PathLike, row: str | None = None,
+               out_dir: str | os.PathLike | None = None, **kwargs) -> dict:
+  """Export one fine-tuned row of an ``experiments/finetune.py`` run and check it (:func:`export_and_check`).
+
+  ``cfg``: the experiment config; ``model, params, data``: its float model, parameters and :class:`fatq.experiment.Data`
+  (as ``fatq.tasks.prepare`` returns them); the row's checkpoint is ``WORKDIR/rows/<row>/checkpoint``. The model is
+  exported from its ``impl='lax'`` form (the 'fast' rewrites export badly, SPEC §4) and evaluated in the configured
+  form. Output goes to ``WORKDIR/rows/<row>/tflite`` unless ``out_dir``."""
+  from fatq import experiment
+
+  rows = {experiment.row_name(r): r for r in cfg.rows}
+  done = sorted(r for r in rows if os.path.isdir(os.path.join(workdir, "rows", r, "checkpoint")))
+  if row is None and len(done) == 1:
+    row = done[0]
+  if row not in done:
+    raise ExportError(f"choose a row among the fine-tuned rows {done}" + (f" (got {row!r})" if row else ""))
+  quant = experiment.quant_config(rows[row], experiment.base_rules(cfg))
+  lax_model = model.clone(impl="lax") if hasattr(model, "impl") else model
+  variables = experiment.load_variables(os.path.join(workdir, "rows", row, "checkpoint"))
+  out = out_dir or os.path.join(workdir, "rows", row, "tflite")
+  report = export_and_check(lax_model.clone(quant=quant), variables, lax_model, params, data.eval_images,
+                            data.eval_labels, out, label_offset=data.label_offset, eval_model=model, **kwargs)
+  report["row"] = row
+  report["workdir"] = str(workdir)
+  Path(out, "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+  return report

@@ -227,3 +227,164 @@ def test_unsupported_primitive_is_named():
   model, variables = quantized(Odd, PER_CHANNEL, {}, x, perturb=False)
   with pytest.raises(E.ExportError, match="'sin'"):
     E.Exported(model, variables, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Narrow grids, the pool rule, degenerate channels, the export report.
+
+INPUT8 = fatq.QuantRule("input", fatq.QuantSpec(bits=8, symmetric=False, trainable=False))
+
+
+def test_four_bit_grid_carried_in_int8(mnist, lenet_params, tmp_path):
+  """A 4-bit model exports as int8 tensors whose codes stay on the 4-bit grid (the converter rejects i4 tensors):
+  the same scales, weights in [-7, 7], activations clamped to 16 codes by MINIMUM ops; interpreter == JAX."""
+  xtr, _, xte, _ = mnist
+  cfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, per_channel=True), fatq.QuantSpec.fat(4, symmetric=False),
+                                 extra=[INPUT8])
+  model, variables = quantized(LeNet5, cfg, lenet_params, xtr[:200])
+  E.export_tflite(model, variables, xte[:1], tmp_path, log=lambda *_: None)
+  th = json.loads((tmp_path / "thresholds.json").read_text())
+  t = {e["name"]: e for e in th["tensors"]}
+  assert t["conv1/kernel"]["bits"] == 4 and t["conv1/kernel"]["codes"] == [-7, 7]
+  assert t["conv1/output"]["codes"] == [-8, 7] and t["input"]["codes"] == [-128, 127]
+  assert not E.check_readback(tmp_path / "model.tflite", th)["mismatches"]
+  from ai_edge_litert.interpreter import Interpreter
+  interp = Interpreter(model_path=str(tmp_path / "model.tflite"))
+  assert "MINIMUM" in {o["op_name"] for o in interp._get_ops_details()}
+  kernel = E.match_tflite(tmp_path / "model.tflite", th)["conv1/kernel"]["index"]
+  assert np.abs(interp.get_tensor(kernel).astype(int)).max() <= 7
+  lite = E.TFLiteModel(tmp_path / "model.tflite")
+  m = E.compare_logits(np.asarray(jax.jit(lambda x: model.apply(variables, x))(xte)), lite(xte), mnist[3],
+                       lite.output_step)
+  assert m["max_logit_diff_steps"] <= 2.0 + 1e-6, m
+  assert m["agreement_tie_aware"] >= 0.99, m  # 4-bit logits tie often; the argmax among ties is arbitrary
+
+
+def test_refuses_more_than_8_bits(mnist, lenet_params):
+  xtr, _, xte, _ = mnist
+  cfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(16, per_channel=True), fatq.QuantSpec.fat(8, symmetric=False))
+  model, variables = quantized(LeNet5, cfg, lenet_params, xtr[:100], perturb=False)
+  with pytest.raises(E.ExportError, match=r"'conv1/kernel'.*16-bit.*int8"):
+    E.thresholds_json(model, variables, xte[:1])
+
+
+class ConvLinear(nn.Module):
+  """One conv without activation: a channel's bias reaches the output unchanged."""
+  quant: fatq.QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = quant_point(self, self.quant, "input", x)
+    return QConv(4, (3, 3), quant=self.quant, name="conv")(x)
+
+
+def test_near_dead_channel_gets_a_usable_scale(tmp_path):
+  """A channel with 1e-7 weights and a large bias: its calibrated scale would clip the int32 bias code (and the
+  converter floors tiny ranges); the export raises that scale, and the interpreter then matches JAX."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+  params = ConvLinear().init(jax.random.key(0), x[:1])["params"]
+  params["conv"]["kernel"] = params["conv"]["kernel"].at[..., 1].set(1e-7)
+  params["conv"]["bias"] = jnp.asarray([0.1, -2.5, 0.3, 0.0])
+  model, variables = quantized(ConvLinear, PER_CHANNEL, params, x, perturb=False)
+  ex = E.Exported(model, variables, x[:1])
+  assert ex.adjusted["conv/kernel"]["channels"] == [1]
+  blob = ex.convert()
+  assert not E.check_readback(blob, ex.thresholds())["mismatches"]
+  lite = E.TFLiteModel(blob)
+  jax_out = np.asarray(model.apply(ex.snap_biases(variables), x))
+  assert np.max(np.abs(lite(x) - jax_out)) <= 1.01 * lite.output_step
+
+
+class PoolNet(nn.Module):
+  """conv -> ReLU6 -> global average pool -> dense, with the models' opt-in pool quantizer."""
+  quant: fatq.QuantConfig | None = None
+  quantize_pool: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    from fatq.models.common import classify
+    x = quant_point(self, self.quant, "input", x)
+    x = QConv(16, (3, 3), activation="relu6", quant=self.quant, name="conv")(x)
+    return classify(self, x, 10, self.quant, self.quantize_pool)
+
+
+def test_pool_quantized_on_its_input_grid():
+  """tie_pool: the global average pool's output gets its input's grid (what TFLite's AVERAGE_POOL_2D does), in the
+  JAX model and the export; with the int32 biases too, interpreter and JAX then agree to an output step."""
+  rng = np.random.default_rng(0)
+  # 11 x 11 = 121 values per mean: an odd count has no rounding ties (TFLite rounds ties away from zero in int8 codes,
+  # fatq's quantizer half up), as MobileNet's 7 x 7
+  x = np.clip(rng.normal(size=(64, 11, 11, 3)), -1, 1).astype(np.float32)
+  params = PoolNet().init(jax.random.key(0), x[:1])["params"]
+  model, variables = quantized(PoolNet, PER_CHANNEL, params, x[:32])
+  assert E.global_pool_inputs(model, variables, x[:1]) == ["conv/output"]
+  tied, tv, src = E.tie_pool(model, variables, x[:1], log=lambda *_: None)
+  assert src == "conv/output" and tied.quantize_pool
+  r = fatq.quant_ranges(tied, tv, x[:1])
+  assert r["pool"]["scale"] == r[src]["scale"] and r["pool"]["zero_point"] == r[src]["zero_point"]
+  ex = E.Exported(tied, tv, x[:1])
+  blob = ex.convert()
+  assert not E.check_readback(blob, ex.thresholds())["mismatches"]
+  lite = E.TFLiteModel(blob)(x)
+  step = E.TFLiteModel(blob).output_step
+  diff = np.abs(lite - np.asarray(tied.apply(ex.snap_biases(tv), x))) / step
+  untied = np.abs(lite - np.asarray(model.apply(variables, x))) / step  # the float mean: what TFLite does not do
+  assert diff.max() <= 1.01, diff.max()
+  assert untied.max() > diff.max(), (untied.max(), diff.max())
+  assert E.tie_pool(tied, tv, x[:1])[2] is None  # already quantized: unchanged
+
+
+def test_export_row_report(mnist, lenet_params, tmp_path):
+  """The function behind experiments/export_tflite.py and finetune.py --export, on a LeNet run directory."""
+  import ml_collections
+
+  from fatq import experiment
+  xtr, _, xte, yte = mnist
+  row = dict(weight_bits=8, act_bits=8, per_channel=True, act_symmetric=False, fat=True)
+  cfg = ml_collections.ConfigDict(dict(model=dict(name="lenet5", num_classes=10), input_bits=8, rows=[row]))
+  name = experiment.row_name(row)
+  quant = experiment.quant_config(cfg.rows[0], experiment.base_rules(cfg))
+  _, variables = quantized(LeNet5, quant, lenet_params, xtr[:200])
+  experiment.save_variables(str(tmp_path / "rows" / name / "checkpoint"), variables)
+  data = experiment.Data(train=xtr[:10], calibration=xtr[:200], holdout=xtr[:10], eval_images=xte[:500],
+                         eval_labels=yte[:500])
+  with pytest.raises(E.ExportError, match="fine-tuned rows"):
+    E.export_row(cfg, LeNet5(), lenet_params, data, tmp_path, "W4A4-nope")
+  report = E.export_row(cfg, LeNet5(), lenet_params, data, tmp_path, threads=(1,), latency_runs=3,
+                        log=lambda *_: None)
+  out = tmp_path / "rows" / name / "tflite"
+  saved = json.loads((out / "export_report.json").read_text())
+  assert saved["row"] == name and report["readback"]["mismatches"] == []
+  assert all(report["eval"]["pass"].values()), report["eval"]
+  assert report["size_bytes"]["tflite"] < report["size_bytes"]["float_tflite"]
+  assert set(report["latency_ms"]) == {"tflite_1t", "float_tflite_1t"}
+  for f in ("model.tflite", "float.tflite", "thresholds.json"):
+    assert (out / f).exists(), f
+
+
+@pytest.mark.slow
+def test_mobilenet_v1_export_agrees_with_jax(tmp_path):
+  """MobileNet v1 0.75 (the shared Keras weights), calibrated on 20 images: the whole export and its checks."""
+  from fatq import experiment, models
+  from fatq.data import imagenet
+  from fatq.data.paths import data_root
+  ckpt = data_root() / "models/mobilenet_v1_0.75_224_keras_tfjs"
+  if not ckpt.exists():
+    pytest.skip(f"no {ckpt}")
+  cfg = dict(name="mobilenet_v1", width=0.75, num_classes=1000, checkpoint=str(ckpt), checkpoint_format="tfjs")
+  model, params, _ = models.load(cfg)
+  val = imagenet.val_set("fat", 224, 0, limit=60)
+  calib = imagenet.unlabeled_set("fat", 224, limit=20).images
+  import ml_collections
+  row = ml_collections.ConfigDict(dict(weight_bits=8, act_bits=8, per_channel=True, act_symmetric=False))
+  qmodel = model.clone(quant=experiment.quant_config(row, experiment.base_rules(ml_collections.ConfigDict())))
+  stats = fatq.calibrate(qmodel, params, [calib])
+  variables = {"params": params, "quant_stats": stats, "quant": fatq.init_thresholds(qmodel, params, stats, calib[:1])}
+  report = E.export_and_check(qmodel, variables, model, params, val.images, val.labels, tmp_path, threads=(2,),
+                              latency_runs=5, eval_model=model.clone(impl="fast"), log=lambda *_: None)
+  assert report["pool_quantized_on"] == "block13/pointwise/output"
+  assert report["readback"]["mismatches"] == []
+  e = report["eval"]
+  assert e["agreement_tie_aware"] >= 0.98 and e["max_logit_diff_steps"] <= 3.01, e
+  assert report["size_bytes"]["tflite"] < 0.3 * report["size_bytes"]["float_tflite"]
