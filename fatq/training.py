@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from fatq import parallel
 from fatq.calibration import finite
 from fatq.layers import THRESHOLDS
 
@@ -106,43 +107,61 @@ class TrainState:
   opt_state: Tree
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, loss_fn: Callable) -> Callable:
+def _jit(fn: Callable, mesh, n_replicated: int, n_batch: int) -> Callable:
+  """``jax.jit(fn)``; with a ``mesh``, the first ``n_replicated`` arguments and every output are replicated and the
+  last ``n_batch`` arguments are split along the batch dimension (data parallelism)."""
+  if mesh is None:
+    return jax.jit(fn)
+  rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(fn, in_shardings=(rep,) * n_replicated + (data,) * n_batch, out_shardings=rep)
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, loss_fn: Callable, mesh=None) -> Callable:
   """``step(state, frozen, images, teacher_logits) -> (state, loss)``: one pure, jitted update of the thresholds.
 
   ``frozen`` holds ``params`` and ``quant_stats``; gradients are taken with respect to ``state.thresholds`` only.
+  With a ``mesh`` (``fatq.parallel.make_mesh``) the batch is split over its devices and the state replicated: the
+  loss is the mean over the global batch, so the update is the single-device one.
   """
 
   def loss_of(thresholds, frozen, images, teacher_logits):
     return loss_fn(model.apply({**frozen, THRESHOLDS: thresholds}, images), teacher_logits)
 
-  @jax.jit
   def step(state: TrainState, frozen: Tree, images: jax.Array, teacher_logits: jax.Array):
     loss, grads = jax.value_and_grad(loss_of)(state.thresholds, frozen, images, teacher_logits)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.thresholds)
     thresholds = optax.apply_updates(state.thresholds, updates)
     return TrainState(state.step + 1, thresholds, opt_state), loss
 
-  return step
+  return _jit(step, mesh, n_replicated=2, n_batch=2)
 
 
-def make_eval_loss(model, loss_fn: Callable) -> Callable:
-  @jax.jit
+def make_eval_loss(model, loss_fn: Callable, mesh=None) -> Callable:
+  """``eval_loss(thresholds, frozen, images, teacher_logits) -> loss``, sharded like the train step."""
+
   def eval_loss(thresholds, frozen, images, teacher_logits):
     return loss_fn(model.apply({**frozen, THRESHOLDS: thresholds}, images), teacher_logits)
 
-  return eval_loss
+  return _jit(eval_loss, mesh, n_replicated=2, n_batch=2)
 
 
-def predict(model, variables: Tree, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-  """Logits of ``images`` in batches (the last batch padded, so only one shape is compiled)."""
-  fwd = jax.jit(lambda v, x: model.apply(v, x))
+def predict(model, variables: Tree, images: np.ndarray, batch_size: int = 256, mesh=None) -> np.ndarray:
+  """Logits of ``images`` in batches (the last batch padded, so only one shape is compiled).
+
+  Batches are split over ``mesh`` (default: every visible device); ``batch_size`` is rounded up to a multiple of
+  the device count. Each image's logits do not depend on the others in its batch, so padding changes nothing.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  batch_size = parallel.round_up(batch_size, parallel.num_devices(mesh))
+  fwd = _jit(lambda v, x: model.apply(v, x), mesh, n_replicated=1, n_batch=1)
+  variables = parallel.replicate(mesh, variables)  # once, not per batch
   out = []
   for i in range(0, len(images), batch_size):
     x = images[i:i + batch_size]
     n = len(x)
     if n < batch_size:
       x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
-    out.append(np.asarray(fwd(variables, x))[:n])
+    out.append(np.asarray(fwd(variables, parallel.shard_batch(mesh, x)))[:n])
   return np.concatenate(out)
 
 
@@ -152,7 +171,7 @@ def predict(model, variables: Tree, images: np.ndarray, batch_size: int = 256) -
 
 def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_logits: np.ndarray,
              holdout: tuple[np.ndarray, np.ndarray], cfg, workdir: str | None = None, resume: bool = False,
-             log: Callable[[str], None] = print, progress: bool = True) -> tuple[Tree, list[dict]]:
+             log: Callable[[str], None] = print, progress: bool = True, mesh=None) -> tuple[Tree, list[dict]]:
   """Train the FAT factors on unlabeled ``images`` against cached ``teacher_logits``.
 
   Every ``cfg.eval_every`` steps (and at the end) the distillation loss on the held-out images is measured; the
@@ -165,35 +184,52 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   ``resume=True`` continues from the latest checkpoint exactly: the batch order is a pure function of
   ``(seed, epoch)``, so the resumed run sees the same batches as an uninterrupted one.
 
+  Data parallel over ``mesh`` (default: every visible device, ``fatq.parallel``): each batch is split over the
+  devices, thresholds, optimizer state and ``frozen`` are replicated. The global batch is
+  ``cfg.per_device_batch_size * devices`` when that is set, else ``cfg.batch_size`` (a multiple of the device
+  count). One device runs the single-device program.
+
   Returns ``(best_thresholds, history)``.
   """
   if not jax.tree.leaves(thresholds):
     log("nothing to train: no quantization point has trainable thresholds")
     return thresholds, []
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  n_dev = parallel.num_devices(mesh)
   loss_fn = LOSSES[cfg.loss]
   optimizer, schedule = make_optimizer(cfg)
-  step_fn = make_train_step(model, optimizer, loss_fn)
-  eval_fn = make_eval_loss(model, loss_fn)
-  n, bs = len(images), cfg.batch_size
+  step_fn = make_train_step(model, optimizer, loss_fn, mesh)
+  eval_fn = make_eval_loss(model, loss_fn, mesh)
+  n, bs = len(images), parallel.global_batch_size(cfg, n_dev)
   if n < bs:
     raise ValueError(f"{n} training images is fewer than one batch of {bs}: lower batch_size or add images")
   steps_per_epoch = n // bs
   total = steps_per_epoch * cfg.epochs
   eval_every = cfg.get("eval_every", 0) or steps_per_epoch
   seed = cfg.get("seed", 0)
+  if n_dev > 1:
+    log(f"data parallel over {parallel.describe(mesh)}: global batch {bs} ({bs // n_dev} per device)")
+  frozen = parallel.replicate(mesh, frozen)  # placed once; the step's in_shardings then move nothing
+
+  # held-out batches of bs, or one of all the images when there are fewer, cut to a multiple of the device count
+  hb = min(bs, len(holdout[0])) // n_dev * n_dev
+  if hb == 0:
+    raise ValueError(f"{len(holdout[0])} held-out images is fewer than the {n_dev} devices: add held-out images")
 
   def holdout_loss(th):
     x, t = holdout
-    starts = range(0, max(len(x) - bs, 0) + 1, bs)
-    return float(np.mean([float(eval_fn(th, frozen, x[i:i + bs], t[i:i + bs])) for i in starts]))
+    starts = range(0, max(len(x) - hb, 0) + 1, hb)
+    return float(np.mean([float(eval_fn(th, frozen, *parallel.shard_batch(mesh, (x[i:i + hb], t[i:i + hb]))))
+                          for i in starts]))
 
-  state = TrainState(jnp.zeros([], jnp.int32), thresholds, optimizer.init(thresholds))
+  state = parallel.replicate(mesh, TrainState(jnp.zeros([], jnp.int32), thresholds, optimizer.init(thresholds)))
   best, best_loss = thresholds, None
   ckpt = _TrainCheckpoints(workdir, cfg.get("checkpoint_every", 0)) if workdir else None
   history: list[dict] = []
   if resume and ckpt and ckpt.latest() is not None:
     restored = ckpt.restore(dict(state=state, best=best, best_loss=0.0, last_good=thresholds))
     state, best, best_loss = restored["state"], restored["best"], float(restored["best_loss"])
+    state = parallel.replicate(mesh, state)  # restored as host numpy arrays
     last_good = restored["last_good"]
     history = _read_history(ckpt.metrics_path, int(state.step))
     log(f"resumed at step {int(state.step)} of {total} (best held-out loss {best_loss:.4f})")
@@ -224,11 +260,11 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
       epoch, b = divmod(step, steps_per_epoch)
       order = np.random.default_rng([seed, epoch]).permutation(n)
       idx = np.sort(order[b * bs:(b + 1) * bs])
-      new_state, loss = step_fn(state, frozen, images[idx], teacher_logits[idx])
+      new_state, loss = step_fn(state, frozen, *parallel.shard_batch(mesh, (images[idx], teacher_logits[idx])))
       if not bool(finite(new_state.thresholds)) or not np.isfinite(float(loss)):
         log(f"step {step + 1}: loss or a threshold became NaN/Inf; restoring the last good thresholds and "
             "resetting Adam")
-        state = TrainState(new_state.step, last_good, optimizer.init(last_good))
+        state = parallel.replicate(mesh, TrainState(new_state.step, last_good, optimizer.init(last_good)))
         continue
       state, step = new_state, step + 1
       seen += bs
