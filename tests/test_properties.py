@@ -124,9 +124,8 @@ def test_quantize_codes_are_integers_that_dequantize_to_fake_quant(data, bits, n
   assert np.all(np.abs(deq - y) <= np.broadcast_to(np.asarray(p.scale), y.shape) * 1.001 + 8 * EPS * span)
 
 
-@pytest.mark.xfail(reason="under jit XLA:CPU fuses fake_quant's code * scale + nudged_min into a fused multiply-add "
-                          "whose unrounded product leaves 0 at ~1 ulp of the range; (code - zero_point) * scale "
-                          "would be exact (eager, op by op, it is exact: see the tests above)", strict=False)
+# Under jit XLA:CPU would fuse code * scale + nudged_min into one multiply-add (0 came out 2.98e-8); fake_quant
+# computes (code - zero point) * scale as TFLite dequantizes.
 def test_zero_is_exact_under_jit():
   f = jax.jit(lambda x, lo, hi: Q.fake_quant(x, lo, hi, 2))
   assert float(f(jnp.float32(0.0), jnp.float32(-1.0), jnp.float32(0.0))) == 0.0  # 2.98e-8 on XLA:CPU
