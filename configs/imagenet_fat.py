@@ -40,7 +40,7 @@ def fat_config(model_config_file: str, variant: str | None):
   c.calibration = dict(batch_size=50)
   c.input_bits = 8
   c.fat = dict(epochs=2, batch_size=32, loss="rmse", schedule="cosine_restarts", lr=2e-3, lr_min=1e-5,
-               restart_period=25, eval_every=25, checkpoint_every=10, seed=0)
+               restart_period=25, eval_every=25, checkpoint_every=10, seed=0, per_device_batch_size=0)
   c.rows = paper_rows()
   c.eval_batch_size = 50
   if variant == "quick":
