@@ -13,8 +13,10 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from fatq import cli
 
 config_flags.DEFINE_config_file("config", None, "Model config file (configs/*.py).", lock_config=False)
 flags.DEFINE_string("workdir", None, "Directory for results.json (default runs/eval_<model>).")
@@ -79,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # app.run(main); a bad flag or config key ends in one line

@@ -12,8 +12,10 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from fatq import cli
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for results and checkpoints (created if missing).")
@@ -75,4 +77,4 @@ def export(cfg, model, params, data, workdir, results):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # app.run(main); a bad flag or config key ends in one line

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from fatq import cli
 
 config_flags.DEFINE_config_file("config", None, "Workbench config file (configs/workbench_*.py).", lock_config=False)
 flags.DEFINE_string("workdir", None, "Directory for results.json and plots (created if missing).")
@@ -40,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # app.run(main); a bad flag or config key ends in one line

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 import fatq
-from fatq import experiment, tasks
+from fatq import cli, experiment, tasks
 from fatq.data import imagenet
 from fatq.models import LeNet5
 
@@ -44,8 +44,9 @@ def _finetune(workdir, *flags, config="lenet5_mnist.py"):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--config.fat.epoch=2", 'Did you mean "epochs" instead of "epoch"?'),  # ml_collections suggests the key
-    ("--config.fat.epochs=abc", "flag --config.fat.epochs=abc: invalid literal for int()"),
+    ("--config.fat.epoch=2", "error: config has no key 'fat.epoch' (did you mean 'fat.epochs'?)"),
+    ("--config.fatt.epochs=2", "error: config has no key 'fatt.epochs' (did you mean 'fat.epochs'?)"),
+    ("--config.fat.epochs=abc", "error: config key 'fat.epochs' takes an int (default 4), got 'abc'"),
     ("--config.fat.batch_size=0", "error: config.fat.batch_size = 0: must be a positive integer "
                                   "(set it with --config.fat.batch_size=...)"),
 ])
@@ -53,7 +54,41 @@ def test_bad_config_flag_stops_before_any_work(tmp_path, flag, message):
   out = _finetune(tmp_path / "w", flag)
   assert out.returncode != 0
   assert message in out.stderr
+  assert "Traceback" not in out.stderr
   assert not (tmp_path / "w" / "results.json").exists() and not (tmp_path / "w" / "float_checkpoint").exists()
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("finetune.py", ["--config", "configs/lenet5_mnist.py:quik", "--workdir", "W"],
+     "error: --config=configs/lenet5_mnist.py:quik: unknown config variant 'quik'; use '' or 'quick'"),
+    ("finetune.py", ["--config", "configs/lenet5_mnistt.py", "--workdir", "W"],
+     "error: config file 'configs/lenet5_mnistt.py' not found (--config)"),
+    ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", "W", "--config.data.limt=3"],
+     "error: config has no key 'data.limt' (did you mean 'data.limit'?)"),
+    ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", "W", "--config.data.limit=x"],
+     "error: config key 'data.limit' takes an int (default 0), got 'x'"),
+    ("sweep.py", ["--config", "configs/workbench_lsq.py", "--workdir", "W", "--config.train.epoch=1"],
+     "error: config has no key 'train.epoch' (did you mean 'train.epochs'?)"),
+])
+def test_entry_points_report_a_bad_config_in_one_line(tmp_path, script, args, message):
+  """Every entry point with a --config (fatq.cli.run): one line, exit status 2, nothing written."""
+  args = [str(tmp_path / "w") if a == "W" else a for a in args]
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip() == message
+  assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")
+
+
+def test_missing_key_message():
+  cfg = _load_config("lenet5_mnist.py")
+  assert cli.missing_key_message(cfg, "fat.epochs") is None
+  assert cli.missing_key_message(cfg, "fat.per_device_batch_size") is None
+  assert cli.missing_key_message(cfg, "fat.epoch") == "config has no key 'fat.epoch' (did you mean 'fat.epochs'?)"
+  assert cli.missing_key_message(cfg, "seeed") == "config has no key 'seeed' (did you mean 'seed'?)"
+  assert cli.missing_key_message(cfg, "calibration.xyz") == ("config has no key 'calibration.xyz' "
+                                                             "(keys under 'calibration': calibration.batch_size)")
+  assert "fat.epochs" in set(cli.flat_keys(cfg)) and "fat" in set(cli.flat_keys(cfg))
 
 
 def _load_config(name, arg=None):

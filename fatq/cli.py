@@ -1,0 +1,164 @@
+"""Command-line flag parsing for the entry points (experiments/*.py): a mistake in a flag ends in one line.
+
+    from fatq import cli
+    ...
+    if __name__ == "__main__":
+      cli.run(main)            # absl's app.run(main) with cli.parse_flags as the flags parser
+
+Without it a config key that does not exist (``--config.fat.epoch=3``) ends in a long traceback of ml_collections
+and absl. With it::
+
+    error: config has no key 'fat.epoch' (did you mean 'fat.epochs'?)
+    error: config key 'fat.epochs' takes an int (default 4), got 'abc'
+    error: config file 'configs/lenet5_mnistt.py' not found
+
+All of this happens while parsing flags: before any data is read or anything is compiled.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+
+from absl import app, flags
+from ml_collections import ConfigDict
+from ml_collections.config_flags import config_flags, config_path
+
+__all__ = ["run", "parse_flags", "flat_keys", "missing_key_message"]
+
+
+def run(main, argv: Sequence[str] | None = None) -> None:
+  """``absl.app.run(main)`` with :func:`parse_flags`."""
+  app.run(main, argv=argv, flags_parser=parse_flags)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """``flags.FLAGS(argv)``; a bad config file, config key or value exits with one ``error: ...`` line (status 2)."""
+  argv = list(argv)
+  try:
+    remaining = flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - anything raised while parsing flags is a command-line mistake or re-raised
+    message = explain(e, argv)
+    if message is None:
+      raise
+    _fail(message)
+  for name in _config_flag_names():
+    path = _config_argument(name, argv)
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+      _fail(f"config file {path.split(':', 1)[0]!r} not found (--{name})")
+  return remaining
+
+
+def explain(error: BaseException, argv: Sequence[str]) -> str | None:
+  """One line for an error raised while parsing ``argv``, or None when it is not a command-line mistake."""
+  names = _config_flag_names()
+  expanded = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+  for name in names:
+    path = _config_argument(name, expanded)
+    if path is None:
+      continue
+    file = path.split(":", 1)[0]
+    if not os.path.isfile(file):
+      return f"config file {file!r} not found (--{name})"
+    if isinstance(error, flags.IllegalFlagValueError) and f"--{name}=" in str(error) and \
+        "Error whilst parsing config file" in str(error):
+      return f"--{name}={path}: {_last_line(str(error))}"
+    overrides = _overrides(name, expanded)
+    if not overrides:
+      continue
+    try:
+      config = flags.FLAGS[name].parser.parse(path)  # a fresh copy, without the overrides
+    except Exception:  # noqa: BLE001 - the config file itself is broken: report that
+      return f"--{name}={path}: {_last_line(str(error))}"
+    if not isinstance(config, ConfigDict):
+      continue
+    for key in overrides:
+      message = missing_key_message(config, key)
+      if message:
+        return message
+    m = re.match(rf"flag --{re.escape(name)}\.(\S+?)=(.*?): (.*)$", str(error), re.S)
+    if isinstance(error, flags.IllegalFlagValueError) and m:
+      key, value, why = m.groups()
+      try:
+        default = config_path.get_value(key, config)
+      except Exception:  # noqa: BLE001
+        return f"config key {key!r}: bad value {value!r} ({_last_line(why)})"
+      kind = type(default).__name__
+      return f"config key {key!r} takes {_article(kind)} {kind} (default {default!r}), got {value!r}"
+  if isinstance(error, flags.Error):  # another flag: unknown, missing, wrong type
+    return _last_line(str(error)).rstrip(".") + " (see --helpshort)"
+  return None
+
+
+def flat_keys(config: ConfigDict, prefix: str = "") -> Iterator[str]:
+  """Every key of ``config`` as a dotted path, nested dicts' own keys included (``'fat'``, ``'fat.epochs'``)."""
+  for key, value in config.items():
+    yield prefix + key
+    if isinstance(value, ConfigDict):
+      yield from flat_keys(value, prefix + key + ".")
+
+
+def missing_key_message(config: ConfigDict, key: str) -> str | None:
+  """None when ``key`` (a dotted override path) exists in ``config``, else the error line with a suggestion."""
+  try:
+    config_path.get_value(key, config)
+    return None
+  except (KeyError, AttributeError, IndexError, ValueError, TypeError):
+    pass
+  keys = list(flat_keys(config))
+  parent, _, leaf = key.rpartition(".")
+  if not parent or parent in keys:  # the dict exists, the name in it does not: compare the name with its siblings
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    close = [siblings[c] for c in difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.7)]
+  else:  # a typo further up ('fatt.epochs'): compare whole paths of the same depth
+    close = difflib.get_close_matches(key, [k for k in keys if k.count(".") == key.count(".")], n=1, cutoff=0.7)
+  if close:
+    return f"config has no key {key!r} (did you mean {close[0]!r}?)"
+  while parent and parent not in keys:
+    parent = parent.rpartition(".")[0]
+  siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+  where = f"keys under {parent!r}" if parent else "top-level keys"
+  return f"config has no key {key!r} ({where}: {', '.join(siblings)})"
+
+
+def _config_flag_names() -> list[str]:
+  return [name for name, flag in flags.FLAGS._flags().items()  # noqa: SLF001 - absl has no public listing by type
+          if config_flags.is_config_flag(flag) and name == flag.name]
+
+
+def _config_argument(name: str, argv: Sequence[str]) -> str | None:
+  """The value of ``--name=PATH`` / ``--name PATH`` in ``argv`` (the last one), or None."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    m = re.match(rf"^-{{1,2}}{re.escape(name)}(=|$)", arg)
+    if m:
+      value = arg.split("=", 1)[1] if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+def _overrides(name: str, argv: Sequence[str]) -> list[str]:
+  """The dotted keys of ``--name.KEY=...`` overrides, in order (as ml_collections reads them)."""
+  keys = []
+  for arg in argv[1:]:
+    m = re.match(rf"^-{{1,2}}(no)?{re.escape(name)}\.([^=]+)", arg)
+    if m and m.group(2) not in keys:
+      keys.append(m.group(2))
+  return keys
+
+
+def _last_line(text: str) -> str:
+  lines = [s.strip() for s in text.strip().splitlines() if s.strip()]
+  line = lines[-1] if lines else text.strip()
+  return re.sub(r"^\w+(Error|Exception): ", "", line)
+
+
+def _article(word: str) -> str:
+  return "an" if word[:1] in "aeiou" else "a"
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
