@@ -8,8 +8,14 @@ Public API::
     stats = fatq.calibrate(model, params, batches)                 # quant_stats collection
     thresholds = fatq.init_thresholds(model, params, stats, x)     # quant collection (trainable)
     thresholds, history = fatq.finetune(model, {'params': params, 'quant_stats': stats}, thresholds, ...)
+
+Data-free quantization before calibration (module ``fatq.equalize``; MobileNets with ``relu6_clip=False``)::
+
+    params, report = fatq.equalize.equalize(model, params, image_shape)      # cross-layer equalization
+    params, corrections = fatq.equalize.correct_bias(qmodel, params, batches)  # empirical bias correction
 """
 
+from fatq import equalize
 from fatq.calibration import calibrate, init_thresholds, points, quant_ranges
 from fatq.config import PAPER_BOUNDS, REFERENCE_BOUNDS, QuantConfig, QuantRule, QuantSpec
 from fatq.folding import fold_batch_norm
@@ -20,5 +26,5 @@ from fatq.training import finetune, predict
 __all__ = [
     "PAPER_BOUNDS", "REFERENCE_BOUNDS", "QuantConfig", "QuantRule", "QuantSpec", "FakeQuant", "QConv", "QDense",
     "quant_point", "STATS", "THRESHOLDS", "RANGES", "calibrate", "init_thresholds", "quant_ranges", "points",
-    "fold_batch_norm", "fake_quant", "nudge", "quantize_bias", "finetune", "predict",
+    "fold_batch_norm", "fake_quant", "nudge", "quantize_bias", "finetune", "predict", "equalize",
 ]

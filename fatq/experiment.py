@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fatq import calibration, plots, training
+from fatq import calibration, equalize, plots, training
 from fatq.config import QuantConfig, QuantRule, QuantSpec
 from fatq.layers import STATS, THRESHOLDS
 
@@ -93,6 +93,11 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   for i, row in enumerate(rows):
     try:
       quant_config(row, base)
+      for key in DFQ_KEYS:
+        if not isinstance(row.get(key, False), bool):
+          raise ValueError(f"{key} must be True or False, got {row.get(key)!r}")
+      if row.get("bias_correction", row.get("equalize", False)) and not row.get("weight_bits", 8):
+        raise ValueError("bias_correction corrects the error of quantized weights: it needs weight_bits")
     except (ValueError, TypeError) as e:
       raise ValueError(f"config.rows[{i}] ({row_name(row)}): {e}") from None
   if not any(row.get("fat", False) for row in rows):
@@ -156,9 +161,15 @@ def scores(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | No
   return out
 
 
+# Row keys of data-free quantization (fatq.equalize), applied to the float params before calibration:
+# ``equalize`` (cross-layer equalization; ReLU6 -> ReLU where the model has the switch) and ``bias_correction``
+# (default: the value of ``equalize``, i.e. ``equalize=True`` is the paper's CLE + bias correction).
+DFQ_KEYS = ("equalize", "bias_correction")
+
+
 def quant_config(row: ml_collections.ConfigDict, base_rules=()) -> QuantConfig:
   """The QuantConfig of one experiment row; ``base_rules`` (e.g. the 8-bit input image) take precedence."""
-  opts = {k: v for k, v in row.items() if k not in ("fat", "name")}
+  opts = {k: v for k, v in row.items() if k not in ("fat", "name", *DFQ_KEYS)}
   cfg = QuantConfig.from_dict(opts)
   return QuantConfig(tuple(base_rules) + cfg.rules)
 
@@ -171,7 +182,43 @@ def row_name(row) -> str:
   a_sym = row.get("act_symmetric", w_sym)
   sym = ("sym" if w_sym else "asym") if w_sym == a_sym or not row.get("act_bits", 8) else \
       f"{'sym' if w_sym else 'asym'}W-{'sym' if a_sym else 'asym'}A"
-  return f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}"
+  return f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}{dfq_suffix(row)}"
+
+
+def dfq_suffix(row) -> str:
+  """'-cle' (equalization + bias correction), '-cle-nobc' (equalization alone), '-bc' (bias correction alone)."""
+  eq = bool(row.get("equalize", False))
+  bc = bool(row.get("bias_correction", eq))
+  return ("-cle" if eq else "") + ("-nobc" if eq and not bc else "") + ("-bc" if bc and not eq else "")
+
+
+def row_model(model, row):
+  """The float model a row quantizes: an equalized row runs MobileNets with ReLU instead of ReLU6 (their
+  ``relu6_clip`` switch), the activation that equalization can rescale exactly (fatq.equalize)."""
+  if row.get("equalize", False) and hasattr(model, "relu6_clip"):
+    return model.clone(relu6_clip=False)
+  return model
+
+
+def row_params(row, qmodel, params: Tree, calibration_images: np.ndarray, batch_size: int,
+               equalized: dict | None = None) -> tuple[Tree, dict]:
+  """The float params a row calibrates: ``params`` equalized and / or bias-corrected as the row says. ``qmodel``:
+  :func:`row_model` with the row's quantization; ``equalized``: a dict that keeps the equalized params for the
+  next rows of the same model (filled here). Returns ``(params, info)``, ``info`` a JSON-able summary (empty for
+  a plain row)."""
+  info = {}
+  if row.get("equalize", False):
+    equalized = {} if equalized is None else equalized
+    if "params" not in equalized:  # the same for every row: equalization does not depend on the quantization
+      eq, report = equalize.equalize(qmodel.clone(quant=None), params, calibration_images.shape[1:])
+      equalized.update(params=eq, report=report)
+    params, report = equalized["params"], equalized["report"]
+    info["equalize"] = dict(pairs=len(report["pairs"]), skipped=len(report["skipped"]), sweeps=report["sweeps"],
+                            relu6_to_relu=hasattr(qmodel, "relu6_clip"))
+  if row.get("bias_correction", row.get("equalize", False)):
+    params, shifts = equalize.correct_bias(qmodel, params, list(_batches(calibration_images, batch_size)))
+    info["bias_correction"] = dict(layers=len(shifts), max_abs=max(shifts.values(), default=0.0))
+  return params, info
 
 
 def base_rules(cfg) -> tuple[QuantRule, ...]:
@@ -186,7 +233,9 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
         log: Callable[[str], None] = print, progress: bool = True) -> dict:
   """Evaluate float, then PTQ (and FAT where ``row.fat``) for every row of ``cfg.rows``; return the results dict.
 
-  Checks the config and that weights and images are finite before any work. A full disk while saving raises an
+  A row with ``equalize`` / ``bias_correction`` (:data:`DFQ_KEYS`) calibrates params prepared by
+  :func:`row_params` on :func:`row_model`; its teacher (for FAT) and the agreement reference stay the original
+  float model. Checks the config and that weights and images are finite before any work. A full disk while saving raises an
   ``OSError(ENOSPC)`` that says to continue with ``resume=True``; ``results.json`` keeps every finished row.
   """
   check_config(cfg)
@@ -225,27 +274,40 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
   if ("float", "float") not in done:
     add("float", "float", None, scores(float_logits, eval_y, float_logits, off), time.perf_counter() - t0)
   teacher_train = teacher_holdout = None
+  equalized, equalized_float = {}, None  # shared by the rows that equalize
 
   for row in cfg.rows:
     name = row_name(row)
     methods = ["ptq"] + (["fat"] if row.get("fat", False) else [])
     if all((name, m) in done for m in methods):
       continue
-    qmodel = model.clone(quant=quant_config(row, base_rules(cfg)))
+    qmodel = row_model(model, row).clone(quant=quant_config(row, base_rules(cfg)))
     t0 = time.perf_counter()
-    stats = calibration.calibrate(qmodel, params, _batches(data.calibration, cfg.calibration.batch_size))
+    qparams, dfq = row_params(row, qmodel, params, data.calibration, cfg.calibration.batch_size, equalized)
+    if row.get("equalize", False) and (name, "ptq") not in done:
+      # The equalized float model's scores: what ReLU6 -> ReLU costs (equalization itself is exact), i.e. the
+      # top-1 an equalized row can approach. Once per run, not counted in the row's seconds.
+      if equalized_float is None:
+        t1 = time.perf_counter()
+        logits = training.predict(qmodel.clone(quant=None), {"params": equalized["params"]}, eval_x, bs)
+        equalized_float = scores(logits, eval_y, float_logits, off)
+        t0 += time.perf_counter() - t1
+      dfq["equalized_float"] = equalized_float
+    if dfq:
+      log(f"{name}: {json.dumps(dfq)}")
+    stats = calibration.calibrate(qmodel, qparams, _batches(data.calibration, cfg.calibration.batch_size))
     qmodel.quant.check_matches(calibration.points(stats))
-    frozen = {"params": params, STATS: stats}
+    frozen = {"params": qparams, STATS: stats}
     if (name, "ptq") not in done:
       logits = training.predict(qmodel, frozen, eval_x, bs)
-      add(name, "ptq", row, scores(logits, eval_y, float_logits, off), time.perf_counter() - t0)
+      add(name, "ptq", row, {**scores(logits, eval_y, float_logits, off), **dfq}, time.perf_counter() - t0)
     if "fat" not in methods or (name, "fat") in done:
       continue
     t0 = time.perf_counter()
     if teacher_train is None:  # the teacher's logits, once per image, shared by every row
       teacher_train = training.predict(model, {"params": params}, data.train, bs)
       teacher_holdout = training.predict(model, {"params": params}, data.holdout, bs)
-    thresholds = calibration.init_thresholds(qmodel, params, stats, data.calibration[:1])
+    thresholds = calibration.init_thresholds(qmodel, qparams, stats, data.calibration[:1])
     log(f"{name}: fine-tuning {calibration.count(thresholds)} threshold factors on {len(data.train)} "
         "unlabeled images")
     row_dir = os.path.join(workdir, "rows", name)

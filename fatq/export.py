@@ -1218,10 +1218,14 @@ def export_row(cfg, model, params: Tree, data, workdir: str | os.PathLike, row: 
     raise ExportError(f"choose a row among the fine-tuned rows {done}" + (f" (got {row!r})" if row else ""))
   quant = experiment.quant_config(rows[row], experiment.base_rules(cfg))
   lax_model = model.clone(impl="lax") if hasattr(model, "impl") else model
+  # The row's own model (an equalized row: ReLU instead of ReLU6); its checkpoint holds the params it was
+  # fine-tuned with (equalized, bias-corrected). The float reference stays the original model and params.
+  row_model = experiment.row_model(model, rows[row])
+  lax_row_model = row_model.clone(impl="lax") if hasattr(row_model, "impl") else row_model
   variables = experiment.load_variables(os.path.join(workdir, "rows", row, "checkpoint"))
   out = out_dir or os.path.join(workdir, "rows", row, "tflite")
-  report = export_and_check(lax_model.clone(quant=quant), variables, lax_model, params, data.eval_images,
-                            data.eval_labels, out, label_offset=data.label_offset, eval_model=model, **kwargs)
+  report = export_and_check(lax_row_model.clone(quant=quant), variables, lax_model, params, data.eval_images,
+                            data.eval_labels, out, label_offset=data.label_offset, eval_model=row_model, **kwargs)
   report["row"] = row
   report["workdir"] = str(workdir)
   Path(out, "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))

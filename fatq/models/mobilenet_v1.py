@@ -33,6 +33,9 @@ class MobileNetV1(nn.Module):
   quant: QuantConfig | None = None
   impl: str = "lax"
   quantize_pool: bool = False  # opt-in quantizer on the pooled features (see common.classify)
+  # False: ReLU instead of ReLU6 everywhere. ReLU is positive-homogeneous, which cross-layer equalization
+  # (fatq.equalize) needs to rescale channels without changing the function; ReLU6's clip at 6 is not.
+  relu6_clip: bool = True
 
   def _pad(self, stride: int):
     return ((0, 1), (0, 1)) if self.keras_padding and stride == 2 else "SAME"
@@ -41,11 +44,12 @@ class MobileNetV1(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     check_image("MobileNetV1", x)
     q, impl = self.quant, self.impl
+    act = "relu6" if self.relu6_clip else "relu"
     x = quant_point(self, q, "input", x)
-    x = QConv(depth(self.stem, self.width), (3, 3), (2, 2), self._pad(2), activation="relu6", quant=q, impl=impl,
+    x = QConv(depth(self.stem, self.width), (3, 3), (2, 2), self._pad(2), activation=act, quant=q, impl=impl,
               name="conv1")(x)
     for i, (filters, stride) in enumerate(self.blocks, 1):
-      x = SeparableBlock(depth(filters, self.width), stride, self._pad(stride), quant=q, impl=impl,
+      x = SeparableBlock(depth(filters, self.width), stride, self._pad(stride), quant=q, impl=impl, activation=act,
                          name=f"block{i}")(x)
     return classify(self, x, self.num_classes, q, self.quantize_pool)
 
@@ -56,13 +60,15 @@ class SeparableBlock(nn.Module):
   padding: object = "SAME"
   quant: QuantConfig | None = None
   impl: str = "lax"
+  activation: str = "relu6"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    x = QConv(c, (3, 3), (self.stride, self.stride), self.padding, groups=c, activation="relu6", quant=self.quant,
-              impl=self.impl, name="depthwise")(x)
-    return QConv(self.features, (1, 1), activation="relu6", quant=self.quant, impl=self.impl, name="pointwise")(x)
+    x = QConv(c, (3, 3), (self.stride, self.stride), self.padding, groups=c, activation=self.activation,
+              quant=self.quant, impl=self.impl, name="depthwise")(x)
+    return QConv(self.features, (1, 1), activation=self.activation, quant=self.quant, impl=self.impl,
+                 name="pointwise")(x)
 
 
 def tiny(**kwargs) -> MobileNetV1:

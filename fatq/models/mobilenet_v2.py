@@ -28,22 +28,26 @@ class MobileNetV2(nn.Module):
   quant: QuantConfig | None = None
   impl: str = "lax"
   quantize_pool: bool = False  # opt-in quantizer on the pooled features (see common.classify)
+  # False: ReLU instead of ReLU6 everywhere. ReLU is positive-homogeneous, which cross-layer equalization
+  # (fatq.equalize) needs to rescale channels without changing the function; ReLU6's clip at 6 is not.
+  relu6_clip: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     check_image("MobileNetV2", x)
     q, impl = self.quant, self.impl
+    act = "relu6" if self.relu6_clip else "relu"
     x = quant_point(self, q, "input", x)
-    x = QConv(make_divisible(32 * self.width), (3, 3), (2, 2), activation="relu6", quant=q, impl=impl,
+    x = QConv(make_divisible(32 * self.width), (3, 3), (2, 2), activation=act, quant=q, impl=impl,
               name="conv1")(x)
     i = 0
     for t, c, n, s in self.stages:
       out = make_divisible(int(c * self.width))
       for r in range(n):
-        x = InvertedResidual(out, t, 3, s if r == 0 else 1, "relu6", quant=q, impl=impl, name=f"block{i}")(x)
+        x = InvertedResidual(out, t, 3, s if r == 0 else 1, act, quant=q, impl=impl, name=f"block{i}")(x)
         i += 1
     head = make_divisible(self.head_features * self.width) if self.width > 1.0 else self.head_features
-    x = QConv(head, (1, 1), activation="relu6", quant=q, impl=impl, name="head")(x)
+    x = QConv(head, (1, 1), activation=act, quant=q, impl=impl, name="head")(x)
     return classify(self, x, self.num_classes, q, self.quantize_pool)
 
 
