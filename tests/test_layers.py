@@ -187,3 +187,18 @@ def test_asymmetric_unsigned_point_uses_unsigned_grid():
   np.testing.assert_allclose(float(r["quant_ranges"]["scale"]), 3.0 / 15, rtol=1e-6)
   assert len(np.unique(np.asarray(y))) == 16
   np.testing.assert_allclose(y, Q.fake_quant(x, 0.0, 3.0, 4), atol=1e-7)
+
+
+def test_asymmetric_per_channel_range_contains_zero():
+  # A channel of one sign (common: a depthwise 3x3 channel has 9 weights) gets the range [0, max] (or [min, 0]), as
+  # TFLite's converter chooses it; nudging [min, max] itself would shift it to end at 0 and clip the channel.
+  spec = fatq.QuantSpec.fat(8, per_channel=True, symmetric=False)
+  fq = fatq.FakeQuant(spec)
+  w = jnp.stack([jnp.linspace(0.5, 1.0, 9), jnp.linspace(-2.0, -0.25, 9), jnp.linspace(-1.0, 3.0, 9)], axis=-1)
+  _, v = fq.apply({}, w, mutable=["quant_stats"])
+  y, r = fq.apply(v, w, mutable=["quant_ranges"])
+  r = r["quant_ranges"]
+  np.testing.assert_allclose(r["lo"], [0.0, -2.0, -1.0])
+  np.testing.assert_allclose(r["hi"], [1.0, 0.0, 3.0])
+  np.testing.assert_allclose(r["scale"], np.array([1.0, 2.0, 4.0]) / 255, rtol=1e-6)
+  assert float(jnp.max(jnp.abs(y - w) / r["scale"])) <= 0.5 + 1e-4  # every weight within half a step
