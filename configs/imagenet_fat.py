@@ -1,8 +1,12 @@
 """Shared layout of the ImageNet FAT fine-tuning configs (``configs/<model>_fat.py``); not a config itself.
 
 Variants (``--config configs/<model>_fat.py:VARIANT``):
-  ``''``      the paper's Tables 1 and 2 at 8 bits: scalar ("tensor") and vector ("channel") mode, symmetric and
-              asymmetric thresholds, each as PTQ then FAT; plus W4A8 in vector mode;
+  ``''``      the paper's Tables 1 and 2 at 8 bits: vector ("channel") and scalar ("tensor") mode, symmetric and
+              asymmetric thresholds, each as PTQ then FAT; scalar mode again after cross-layer equalization and
+              bias correction (``equalize``, fatq.equalize); TFLite's int8 scheme (vector mode, symmetric weights,
+              asymmetric activations); W4A8 in vector mode. Two epochs over the 800 training images per row;
+  ``cpu``     the same rows with one epoch (25 steps of 32 images per row): what the README tables were measured
+              with on a 2-core CPU;
   ``quick``   one row (vector mode, symmetric weights, asymmetric activations: TFLite's int8 scheme), one epoch.
 """
 
@@ -13,17 +17,20 @@ import ml_collections
 
 
 def paper_rows():
-  rows = []
-  for per_channel in (False, True):
-    for symmetric in (True, False):
-      rows.append(dict(weight_bits=8, act_bits=8, per_channel=per_channel, symmetric=symmetric, fat=True))
+  rows = [dict(weight_bits=8, act_bits=8, per_channel=per_channel, symmetric=symmetric, fat=True)
+          for per_channel in (True, False) for symmetric in (True, False)]
+  # TFLite's int8 scheme (per-channel symmetric weights, asymmetric activations): the row to export
+  rows.append(dict(weight_bits=8, act_bits=8, per_channel=True, symmetric=True, act_symmetric=False, fat=True))
   rows.append(dict(weight_bits=4, act_bits=8, per_channel=True, symmetric=True, act_symmetric=False, fat=True))
+  # scalar mode after cross-layer equalization and bias correction
+  rows += [dict(weight_bits=8, act_bits=8, per_channel=False, symmetric=symmetric, equalize=True, fat=True)
+           for symmetric in (True, False)]
   return rows
 
 
 def fat_config(model_config_file: str, variant: str | None):
-  if variant not in (None, "", "quick"):
-    raise ValueError(f"unknown config variant {variant!r}; use '' or 'quick'")
+  if variant not in (None, "", "cpu", "quick"):
+    raise ValueError(f"unknown config variant {variant!r}; use '', 'cpu' or 'quick'")
   spec = importlib.util.spec_from_file_location("model_config", os.path.join(os.path.dirname(__file__),
                                                                              model_config_file))
   module = importlib.util.module_from_spec(spec)
@@ -43,6 +50,8 @@ def fat_config(model_config_file: str, variant: str | None):
                restart_period=25, eval_every=25, checkpoint_every=10, seed=0, per_device_batch_size=0)
   c.rows = paper_rows()
   c.eval_batch_size = 50
+  if variant == "cpu":
+    c.fat.epochs = 1
   if variant == "quick":
     c.fat.epochs = 1
     c.rows = [dict(weight_bits=8, act_bits=8, per_channel=True, symmetric=True, act_symmetric=False, fat=True)]

@@ -2,8 +2,9 @@
 equalization + bias correction, fatq/equalize.py; issue 4), on the layout of configs/imagenet_fat.py.
 
 Rows, each symmetric and asymmetric: plain PTQ; ``-cle-nobc`` (equalization alone); ``-cle`` (equalization + bias
-correction). Equalized rows run the MobileNets with ReLU instead of ReLU6 (see fatq/equalize.py); their
-``equalized_float`` entry in results.json scores that float model. No fine-tuning (fat=False).
+correction); ``-cle-relu`` (the same with ReLU instead of ReLU6, the paper's practice and the form TFLite exports;
+see fatq/equalize.py). The ``equalized_float`` entry of an equalized row in results.json scores its float model.
+No fine-tuning (fat=False).
 
     python experiments/finetune.py --config configs/mobilenet_cle_ptq.py:mobilenet_v1_0.75 --workdir runs/cle_mobilenet_v1_0.75
     python experiments/finetune.py --config configs/mobilenet_cle_ptq.py:mobilenet_v2_1.0 --workdir runs/cle_mobilenet_v2_1.0
@@ -20,7 +21,7 @@ MODELS = ("mobilenet_v1_0.75", "mobilenet_v2_1.0")
 
 def rows():
   out = []
-  for dfq in ({}, dict(equalize=True, bias_correction=False), dict(equalize=True)):
+  for dfq in ({}, dict(equalize=True, bias_correction=False), dict(equalize=True), dict(equalize="relu")):
     for symmetric in (True, False):
       out.append(dict(weight_bits=8, act_bits=8, per_channel=False, symmetric=symmetric, fat=False, **dfq))
   return out

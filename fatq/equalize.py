@@ -16,11 +16,13 @@ the scales stop changing. Channels that carry nothing (dead on one side: a folde
 weight rounded to zero) make that formula 0/0 or infinite; :func:`scales` gives them a range that does not set
 their layer's per-tensor range. Without that, MobileNet v2's equalized weights stayed unusable at 8 bits per tensor.
 
-ReLU6 is not positive-homogeneous (``relu6(y / s) != relu6(y) / s`` once ``y > 6``): a pair whose ``A`` ends in
-ReLU6 is left alone here. MobileNet v1 / v2 end almost every layer in ReLU6, so for them the practice of the paper's
-MobileNetV2 experiments (and of AIMET) is followed: the model is run with ReLU instead of ReLU6 (the models' field
-``relu6_clip=False``), which changes the float function a little (measured by the experiment's ``-cle`` rows as
-``equalized_float``), and then equalized exactly.
+ReLU6 is not positive-homogeneous (``relu6(y / s) != relu6(y) / s`` once ``y > 6``), but it is with its bound
+rescaled too: ``min(relu(y / s), 6 / s) = relu6(y) / s``. A pair whose ``A`` ends in ReLU6 therefore gets a
+per-channel bound (the ``params`` leaf ``relu6_bound`` of ``A``, which :class:`fatq.layers.QConv` applies instead
+of 6), divided by ``s`` like the bias: the float function stays exact. TFLite's fused ReLU6 clips every channel at
+6, so such a model does not export; the paper's MobileNetV2 practice (and AIMET's) is the alternative: run the model
+with ReLU instead of ReLU6 (the models' field ``relu6_clip=False``, the experiment's ``equalize='relu'``), which
+changes the float function (measured by the experiment's ``-cle-relu`` rows as ``equalized_float``), then equalize.
 
 Which layers are pairs (:func:`pairs`): consecutive conv / dense layers in execution order whose shapes chain (``B``
 has as many input channels as ``A`` has outputs, so a flatten to a dense layer is excluded), whose ``A`` ends in
@@ -49,12 +51,12 @@ import numpy as np
 
 from fatq import calibration
 from fatq.config import QuantConfig, QuantRule, QuantSpec
-from fatq.layers import STATS, FakeQuant, QConv, QDense, conv2d
+from fatq.layers import RELU6_BOUND, STATS, FakeQuant, QConv, QDense, conv2d
 
 Tree = Any
 
-# Activations f with f(y / s) = f(y) / s for s > 0.
-HOMOGENEOUS = ("relu", "none")
+# Activations f with f(y / s) = f(y) / s for s > 0 (ReLU6 with its bound divided by s as well).
+HOMOGENEOUS = ("relu", "none", "relu6")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +140,9 @@ def pairs(model, params: Tree, input_shape: tuple[int, ...]) -> tuple[list[Pair]
     elif a.block != b.block and (a.block in adds or b.block in adds):
       why = "a residual add reads the tensor between them"
     elif a.activation not in HOMOGENEOUS:
-      why = f"{a.activation} is not positive-homogeneous" + (" (run the model with relu6_clip=False)"
-                                                             if a.activation == "relu6" else "")
+      why = f"{a.activation} is not positive-homogeneous"
+    elif a.activation == "relu6" and a.kind == "dense":
+      why = "a dense layer has no per-channel ReLU6 bound"
     if why:
       skipped.append((a.path, b.path, why))
     else:
@@ -201,7 +204,7 @@ def scales(r1: np.ndarray, r2: np.ndarray, bias: np.ndarray | None, activation: 
     ignored = live1 & ~live2
     s[ignored] = np.maximum(r1[ignored] / np.median(r1[both]), 1.0)
     b = np.zeros_like(r1) if bias is None else np.asarray(bias, np.float64)
-    zero = (b <= 0) if activation == "relu" else (b == 0)
+    zero = (b <= 0) if activation in ("relu", "relu6") else (b == 0)
     silent = ~live1 & zero & live2
     s[silent] = np.median(r2[both]) / r2[silent]
   return s
@@ -225,6 +228,9 @@ def equalize(model, params: Tree, input_shape: tuple[int, ...], *, max_sweeps: i
   kinds = {layer.path: layer.kind for layer in layer_calls(model, params, input_shape)}
   # float64 while sweeping: a chain is rescaled a hundred times; one rounding to float32 at the end
   work = {p: {k: np.asarray(v, np.float64) for k, v in original[p].items()} for pr in found for p in (pr.a, pr.b)}
+  for pr in found:
+    if pr.a_activation == "relu6" and RELU6_BOUND not in work[pr.a]:
+      work[pr.a][RELU6_BOUND] = np.full(work[pr.a]["kernel"].shape[-1], 6.0)
   spread_before = {p: _spread(work[p]["kernel"]) for p in work}
   sweeps, change = 0, np.inf
   while sweeps < max_sweeps and change > tol:
@@ -235,13 +241,15 @@ def equalize(model, params: Tree, input_shape: tuple[int, ...], *, max_sweeps: i
       s = scales(channel_ranges(a["kernel"], -1), channel_ranges(b["kernel"], axis), a.get("bias"),
                  pr.a_activation, dead)
       a["kernel"] = a["kernel"] / s
-      if "bias" in a:
-        a["bias"] = a["bias"] / s
+      for leaf in ("bias", RELU6_BOUND):
+        if leaf in a:
+          a[leaf] = a[leaf] / s
       shape = [1] * b["kernel"].ndim
       shape[axis] = -1
       b["kernel"] = b["kernel"] * s.reshape(shape)
       change = max(change, float(np.max(np.abs(s - 1.0))))
-  new = {p: {k: v.astype(np.asarray(original[p][k]).dtype) for k, v in leaves.items()} for p, leaves in work.items()}
+  new = {p: {k: v.astype(np.float32 if k == RELU6_BOUND else np.asarray(original[p][k]).dtype)
+             for k, v in leaves.items()} for p, leaves in work.items()}
   report = dict(pairs=[(p.a, p.b) for p in found], skipped=skipped, sweeps=sweeps, last_change=change,
                 spread={p: (spread_before[p], _spread(work[p]["kernel"])) for p in work})
   return _set_layer_params(params, new), report

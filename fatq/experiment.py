@@ -93,9 +93,10 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   for i, row in enumerate(rows):
     try:
       quant_config(row, base)
-      for key in DFQ_KEYS:
-        if not isinstance(row.get(key, False), bool):
-          raise ValueError(f"{key} must be True or False, got {row.get(key)!r}")
+      if row.get("equalize", False) not in EQUALIZE_MODES:
+        raise ValueError(f"equalize must be one of {EQUALIZE_MODES}, got {row.get('equalize')!r}")
+      if not isinstance(row.get("bias_correction", False), bool):
+        raise ValueError(f"bias_correction must be True or False, got {row.get('bias_correction')!r}")
       if row.get("bias_correction", row.get("equalize", False)) and not row.get("weight_bits", 8):
         raise ValueError("bias_correction corrects the error of quantized weights: it needs weight_bits")
     except (ValueError, TypeError) as e:
@@ -162,9 +163,11 @@ def scores(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | No
 
 
 # Row keys of data-free quantization (fatq.equalize), applied to the float params before calibration:
-# ``equalize`` (cross-layer equalization; ReLU6 -> ReLU where the model has the switch) and ``bias_correction``
-# (default: the value of ``equalize``, i.e. ``equalize=True`` is the paper's CLE + bias correction).
+# ``equalize`` (cross-layer equalization: True keeps ReLU6 exact with per-channel bounds; 'relu' runs ReLU6 models
+# with ReLU instead, as the paper did, which TFLite can export) and ``bias_correction`` (default: on when
+# ``equalize`` is, i.e. ``equalize=True`` is the paper's CLE + bias correction).
 DFQ_KEYS = ("equalize", "bias_correction")
+EQUALIZE_MODES = (False, True, "relu")
 
 
 def quant_config(row: ml_collections.ConfigDict, base_rules=()) -> QuantConfig:
@@ -186,16 +189,18 @@ def row_name(row) -> str:
 
 
 def dfq_suffix(row) -> str:
-  """'-cle' (equalization + bias correction), '-cle-nobc' (equalization alone), '-bc' (bias correction alone)."""
+  """'-cle' (equalization + bias correction), '-cle-relu' (the same, ReLU6 -> ReLU), '-cle-nobc' (equalization
+  alone), '-bc' (bias correction alone)."""
   eq = bool(row.get("equalize", False))
   bc = bool(row.get("bias_correction", eq))
-  return ("-cle" if eq else "") + ("-nobc" if eq and not bc else "") + ("-bc" if bc and not eq else "")
+  return (("-cle" if eq else "") + ("-relu" if row.get("equalize") == "relu" else "")
+          + ("-nobc" if eq and not bc else "") + ("-bc" if bc and not eq else ""))
 
 
 def row_model(model, row):
-  """The float model a row quantizes: an equalized row runs MobileNets with ReLU instead of ReLU6 (their
-  ``relu6_clip`` switch), the activation that equalization can rescale exactly (fatq.equalize)."""
-  if row.get("equalize", False) and hasattr(model, "relu6_clip"):
+  """The float model a row quantizes: with ``equalize='relu'`` MobileNets run with ReLU instead of ReLU6 (their
+  ``relu6_clip`` switch; fatq.equalize), otherwise ``model``."""
+  if row.get("equalize", False) == "relu" and hasattr(model, "relu6_clip"):
     return model.clone(relu6_clip=False)
   return model
 
@@ -203,18 +208,18 @@ def row_model(model, row):
 def row_params(row, qmodel, params: Tree, calibration_images: np.ndarray, batch_size: int,
                equalized: dict | None = None) -> tuple[Tree, dict]:
   """The float params a row calibrates: ``params`` equalized and / or bias-corrected as the row says. ``qmodel``:
-  :func:`row_model` with the row's quantization; ``equalized``: a dict that keeps the equalized params for the
-  next rows of the same model (filled here). Returns ``(params, info)``, ``info`` a JSON-able summary (empty for
-  a plain row)."""
+  :func:`row_model` with the row's quantization; ``equalized``: a dict that keeps the equalized params of each
+  ``equalize`` mode for the next rows of the same model (filled here). Returns ``(params, info)``, ``info`` a
+  JSON-able summary (empty for a plain row)."""
   info = {}
-  if row.get("equalize", False):
+  mode = row.get("equalize", False)
+  if mode:
     equalized = {} if equalized is None else equalized
-    if "params" not in equalized:  # the same for every row: equalization does not depend on the quantization
-      eq, report = equalize.equalize(qmodel.clone(quant=None), params, calibration_images.shape[1:])
-      equalized.update(params=eq, report=report)
-    params, report = equalized["params"], equalized["report"]
+    if mode not in equalized:  # the same for every row: equalization does not depend on the quantization
+      equalized[mode] = equalize.equalize(qmodel.clone(quant=None), params, calibration_images.shape[1:])
+    params, report = equalized[mode]
     info["equalize"] = dict(pairs=len(report["pairs"]), skipped=len(report["skipped"]), sweeps=report["sweeps"],
-                            relu6_to_relu=hasattr(qmodel, "relu6_clip"))
+                            relu6_to_relu=mode == "relu" and hasattr(qmodel, "relu6_clip"))
   if row.get("bias_correction", row.get("equalize", False)):
     params, shifts = equalize.correct_bias(qmodel, params, list(_batches(calibration_images, batch_size)))
     info["bias_correction"] = dict(layers=len(shifts), max_abs=max(shifts.values(), default=0.0))
@@ -274,7 +279,7 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
   if ("float", "float") not in done:
     add("float", "float", None, scores(float_logits, eval_y, float_logits, off), time.perf_counter() - t0)
   teacher_train = teacher_holdout = None
-  equalized, equalized_float = {}, None  # shared by the rows that equalize
+  equalized, equalized_float = {}, {}  # per equalize mode, shared by the rows that equalize
 
   for row in cfg.rows:
     name = row_name(row)
@@ -285,14 +290,15 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
     t0 = time.perf_counter()
     qparams, dfq = row_params(row, qmodel, params, data.calibration, cfg.calibration.batch_size, equalized)
     if row.get("equalize", False) and (name, "ptq") not in done:
-      # The equalized float model's scores: what ReLU6 -> ReLU costs (equalization itself is exact), i.e. the
-      # top-1 an equalized row can approach. Once per run, not counted in the row's seconds.
-      if equalized_float is None:
+      # The equalized float model's scores: the top-1 an equalized row can approach (the float model's itself, up
+      # to float32 rounding, unless ReLU6 -> ReLU changed the function). Once per mode, not in the row's seconds.
+      mode = row.get("equalize")
+      if mode not in equalized_float:
         t1 = time.perf_counter()
-        logits = training.predict(qmodel.clone(quant=None), {"params": equalized["params"]}, eval_x, bs)
-        equalized_float = scores(logits, eval_y, float_logits, off)
+        logits = training.predict(qmodel.clone(quant=None), {"params": equalized[mode][0]}, eval_x, bs)
+        equalized_float[mode] = scores(logits, eval_y, float_logits, off)
         t0 += time.perf_counter() - t1
-      dfq["equalized_float"] = equalized_float
+      dfq["equalized_float"] = equalized_float[mode]
     if dfq:
       log(f"{name}: {json.dumps(dfq)}")
     stats = calibration.calibrate(qmodel, qparams, _batches(data.calibration, cfg.calibration.batch_size))

@@ -60,11 +60,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 
 from fatq.calibration import quant_ranges
-from fatq.layers import export_markers
+from fatq.layers import RELU6_BOUND, export_markers
 
 Tree = Any
 SCHEMES = ("int8", "uint8")
@@ -704,6 +705,13 @@ class Exported:
 
     if asymmetric_weights not in ("refuse", "symmetrize"):
       raise ExportError(f"asymmetric_weights must be 'refuse' or 'symmetrize', got {asymmetric_weights!r}")
+    bounded = sorted(name.rpartition("/")[0] for name in flax.traverse_util.flatten_dict(
+        flax.core.unfreeze(variables.get("params", {})), sep="/") if name.endswith("/" + RELU6_BOUND))
+    if bounded:
+      raise ExportError(f"layer {bounded[0]!r} (and {len(bounded) - 1} more) ends in a ReLU6 with a bound per "
+                        "channel (cross-layer equalization, equalize=True), which TFLite's fused ReLU6 (6 for every "
+                        "channel) cannot represent: fine-tune the row with equalize='relu' (ReLU6 -> ReLU before "
+                        "equalizing) to export it")
     sample = np.asarray(sample_images[:1], np.float32)
     self.input_shape = sample.shape
     self.scheme = scheme

@@ -67,6 +67,8 @@ def export_markers():
 
 
 ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "relu6": nn.relu6, "tanh": jnp.tanh}
+# Optional ``params`` leaf of a QConv with ReLU6: the upper bound per output channel (default 6 for all).
+RELU6_BOUND = "relu6_bound"
 
 
 class FakeQuant(nn.Module):
@@ -312,7 +314,12 @@ class QConv(nn.Module):
       y = conv2d(x, kernel, self.strides, self.padding, self.groups, self.impl)
       if self.use_bias:
         y = y + self.param("bias", nn.initializers.zeros, (self.features,))
-    y = ACTIVATIONS[self.activation](y)
+    if self.activation == "relu6" and self.has_variable("params", RELU6_BOUND):
+      # ReLU6 whose bound differs per channel: what cross-layer equalization leaves (fatq.equalize), exactly
+      # relu6(s * y) / s = clip(y, 0, 6 / s)
+      y = jnp.clip(y, 0.0, self.get_variable("params", RELU6_BOUND))
+    else:
+      y = ACTIVATIONS[self.activation](y)
     return quant_point(self, self.quant, "output", y)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,6 +15,7 @@ import pytest
 from fatq import equalize, experiment, models
 from fatq.config import QuantConfig, QuantSpec
 from fatq.data import data_root, imagenet
+from fatq.layers import RELU6_BOUND, QDense
 from fatq.models import mnasnet, mobilenet_v1, mobilenet_v2
 
 TINY = {"mobilenet_v1": mobilenet_v1.tiny, "mobilenet_v2": mobilenet_v2.tiny, "mnasnet": mnasnet.tiny}
@@ -103,24 +105,38 @@ def test_pairs_follow_the_architecture():
   assert equalize.residual_blocks(v2, (32, 32, 3)) == {"block2", "block4"}
   assert [p.b_kind for p in pairs if p.b == "logits"] == ["dense"]  # through the global average pool
 
-  # With ReLU6 only the linear pairs remain (project -> next expand where no add is involved); the float function
-  # is still exactly the same.
+  # With ReLU6 the same pairs, each ReLU6 layer with a per-channel bound 6 / s: the float function stays exact,
+  # with channels that do reach the bound (the inputs are scaled up so that many do).
   v2_relu6 = mobilenet_v2.tiny()
   params = uneven(params)
-  pairs, skipped = equalize.pairs(v2_relu6, params, (32, 32, 3))
-  assert {(p.a, p.b) for p in pairs} == {("block0/project", "block1/expand")}
-  assert ("conv1", "block0/depthwise", "relu6 is not positive-homogeneous (run the model with relu6_clip=False)") \
-      in skipped
-  x = np.asarray(jax.random.normal(jax.random.key(1), (4, 32, 32, 3)))
+  pairs6, _ = equalize.pairs(v2_relu6, params, (32, 32, 3))
+  assert {(p.a, p.b) for p in pairs6} == got
+  x = 4 * np.asarray(jax.random.normal(jax.random.key(1), (4, 32, 32, 3)))
   new, _ = equalize.equalize(v2_relu6, params, (32, 32, 3))
-  f = forward(v2_relu6)
-  y0, y1 = f(params, x), f(new, x)
-  assert np.max(np.abs(y1 - y0)) <= 1e-4 * np.max(np.abs(y0))
+  bound = new["conv1"][RELU6_BOUND]
+  assert bound.shape == (params["conv1"]["kernel"].shape[-1],) and np.ptp(bound) > 1.0  # a bound per channel
+  assert RELU6_BOUND not in new["block0"]["project"]  # no activation, no bound
+  capture = jax.jit(lambda p, x: v2_relu6.apply({"params": p}, x, capture_intermediates=True))
+  y0, state = capture(params, x)
+  assert float(jnp.mean(state["intermediates"]["conv1"]["__call__"][0] == 6.0)) > 0.01  # ReLU6 clips here
+  y1, _ = capture(new, x)
+  assert np.max(np.abs(np.asarray(y1 - y0))) <= 1e-4 * np.max(np.abs(np.asarray(y0)))
+  # and the model with ReLU instead (equalize='relu') has no bounds
+  relu_new, _ = equalize.equalize(v2, params, (32, 32, 3))
+  assert RELU6_BOUND not in relu_new["conv1"]
 
-  # MobileNet v1 with ReLU6: nothing can be rescaled, and equalize says why
-  v1 = mobilenet_v1.tiny()
-  with pytest.raises(ValueError, match="no pair of layers it can rescale.*relu6_clip=False"):
-    equalize.equalize(v1, init(v1, x), (32, 32, 3))
+
+def test_equalize_says_why_nothing_can_be_rescaled():
+  class Tanh(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = QDense(8, activation="tanh", name="fc1")(x.reshape(x.shape[0], -1))
+      return QDense(4, name="fc2")(x)
+
+  model = Tanh()
+  x = np.zeros((1, 4, 4, 1), np.float32)
+  with pytest.raises(ValueError, match="no pair of layers it can rescale.*fc1 -> fc2: tanh is not positive-homogeneous"):
+    equalize.equalize(model, init(model, x), (4, 4, 1))
 
 
 def test_dead_channel_keeps_its_scale(images32):
@@ -167,13 +183,12 @@ def test_channel_that_the_next_layer_ignores_no_longer_sets_the_range(images32):
 
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_cle_on_real_weights(name):
-  """The shared checkpoints with ReLU: the same logits after equalization (16 real 224x224 images), and the
+  """The shared checkpoints: the same logits after equalization (16 real 224x224 images), and the
   depthwise channel ranges much closer to each other."""
   cfg = REAL[name]
   if not (MODELS / cfg["checkpoint"]).exists():
     pytest.skip(f"no {cfg['checkpoint']}")
-  model, params, _ = models.load(cfg)
-  model = model.clone(relu6_clip=False)
+  model, params, _ = models.load(cfg)  # ReLU6: equalized with per-channel bounds
   x = imagenet.val_set("fat", 224, limit=16).images
   new, report = equalize.equalize(model, params, x.shape[1:])
   f = forward(model)
@@ -237,27 +252,43 @@ def tiny_run(tmp_path, rows):
 def test_experiment_rows_with_equalize(tmp_path):
   rows = [dict(weight_bits=8, act_bits=8), dict(weight_bits=8, act_bits=8, equalize=True),
           dict(weight_bits=8, act_bits=8, equalize=True, bias_correction=False),
-          dict(weight_bits=8, act_bits=8, bias_correction=True)]
+          dict(weight_bits=8, act_bits=8, bias_correction=True), dict(weight_bits=8, act_bits=8, equalize="relu")]
   cfg, model, params, data = tiny_run(tmp_path, rows)
   assert [experiment.row_name(r) for r in rows] == ["W8A8-tensor-sym", "W8A8-tensor-sym-cle",
-                                                     "W8A8-tensor-sym-cle-nobc", "W8A8-tensor-sym-bc"]
+                                                     "W8A8-tensor-sym-cle-nobc", "W8A8-tensor-sym-bc",
+                                                     "W8A8-tensor-sym-cle-relu"]
   assert experiment.quant_config(rows[1]) == experiment.quant_config(rows[0])  # the keys are not quantizer options
   results = experiment.run(cfg, model, params, data, str(tmp_path), progress=False, log=lambda *_: None)
   saved = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
   assert set(saved) == {"float", *[experiment.row_name(r) for r in rows]}
   cle = saved["W8A8-tensor-sym-cle"]
-  assert cle["equalize"] == dict(pairs=7, skipped=0, sweeps=cle["equalize"]["sweeps"], relu6_to_relu=True)
+  assert cle["equalize"] == dict(pairs=7, skipped=0, sweeps=cle["equalize"]["sweeps"], relu6_to_relu=False)
+  assert saved["W8A8-tensor-sym-cle-relu"]["equalize"]["relu6_to_relu"]
   assert cle["bias_correction"]["layers"] == 8 and "bias_correction" not in saved["W8A8-tensor-sym-cle-nobc"]
   assert "equalize" not in saved["W8A8-tensor-sym-bc"] and saved["W8A8-tensor-sym-bc"]["bias_correction"]
-  # the tiny model's activations stay below 6 on these images: ReLU gives the same float model as ReLU6
+  # equalization with per-channel ReLU6 bounds keeps the float model (so do ReLU and ReLU6 here: the tiny model's
+  # activations stay below 6 on these images)
   assert cle["equalized_float"]["agreement"] == 1.0
-  assert len(results["rows"]) == 5
+  assert saved["W8A8-tensor-sym-cle-relu"]["equalized_float"]["agreement"] == 1.0
+  assert len(results["rows"]) == 6
 
 
 def test_equalize_keys_are_checked():
   cfg = ml_collections.ConfigDict(dict(rows=[dict(weight_bits=8, equalize="yes")]))
-  with pytest.raises(ValueError, match=r"rows\[0\].*equalize must be True or False"):
+  with pytest.raises(ValueError, match=r"rows\[0\].*equalize must be one of \(False, True, 'relu'\)"):
     experiment.check_config(cfg)
   cfg = ml_collections.ConfigDict(dict(rows=[dict(weight_bits=0, act_bits=8, equalize=True)]))
   with pytest.raises(ValueError, match=r"rows\[0\].*bias_correction .* needs weight_bits"):
     experiment.check_config(cfg)
+
+
+def test_export_refuses_per_channel_relu6_bounds():
+  pytest.importorskip("tensorflow")
+  from fatq import export
+
+  model = mobilenet_v2.tiny()
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  new, _ = equalize.equalize(model, uneven(init(model, x)), (32, 32, 3))
+  with pytest.raises(export.ExportError, match=r"layer 'block0/depthwise' \(and \d+ more\) ends in a ReLU6 with a "
+                     r"bound per channel.*equalize='relu'"):
+    export.Exported(model, {"params": new}, x)
