@@ -47,11 +47,8 @@ def _start_and_wait(env, workdir, line="waiting before step 10"):
   """Start a run that pauses 2 s before each step after 9, and return it once it reports the pause before step 10:
   its state is then at step 9, of which no checkpoint exists (the last is step 8)."""
   err = open(workdir.parent / f"{workdir.name}.stderr", "w")
-  # SIGINT back to its default: a shell runs background jobs (`pytest ... &`) with SIGINT ignored, the child would
-  # inherit that and Python would never raise KeyboardInterrupt (a terminal's Ctrl-C is what is simulated here)
   proc = subprocess.Popen([sys.executable, SCRIPT, str(workdir), "--slow-after", "9"], stdout=subprocess.PIPE,
-                          stderr=err, text=True, env=env,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                          stderr=err, text=True, env=env)
   watchdog = threading.Timer(240, proc.kill)  # never hang the test suite on a stuck child
   watchdog.start()
   seen = []

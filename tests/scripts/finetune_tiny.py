@@ -10,6 +10,7 @@ exits with 130 after Ctrl-C (SIGINT), once the training loop has saved its state
 """
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -40,6 +41,9 @@ def main():
   args = ap.parse_args()
 
   if args.slow_after:  # wrap the jitted step: the sleep happens between steps, in Python, where signals land
+    # Ctrl-C as from a terminal: a shell starts background jobs (`pytest ... &`) with SIGINT ignored, which this
+    # process would inherit, and Python would then never raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     make = training.make_train_step
 
     def slow_make(*a, **k):
