@@ -270,12 +270,18 @@ def test_stochastic_intrinsic_uses_quantize_rng():
 
 
 def test_quantize_weight_matches_fakequant_specs():
-  w = np.asarray(jax.random.normal(jax.random.key(3), (5, 5, 6, 16)))
+  w = np.array(jax.random.normal(jax.random.key(3), (5, 5, 6, 16)))
+  w[..., 0] = np.abs(w[..., 0]) + 0.5  # a channel of one sign: its per-channel range is [0, max]
   for method in analysis.METHODS:
     for bits in (2, 4, 8):
-      y, _ = _apply_point(analysis.weight_spec(method, bits), jnp.asarray(w), thresholds=False)
-      np.testing.assert_allclose(np.asarray(y), analysis.quantize_weight(w, method, bits), atol=1e-6)
-      assert len(np.unique(analysis.quantize_weight(w, method, bits))) <= 2**bits
+      for per_channel in (False, True):
+        y, _ = _apply_point(analysis.weight_spec(method, bits, per_channel), jnp.asarray(w), thresholds=False)
+        want = analysis.quantize_weight(w, method, bits, per_channel)
+        np.testing.assert_allclose(np.asarray(y), want, atol=1e-6)
+        assert len(np.unique(want)) <= 2**bits * (16 if per_channel else 1)
+  # the one-signed channel keeps its largest weights (a range nudged to end at 0 would clip them)
+  asym = analysis.quantize_weight(w, "asym", 8, per_channel=True)
+  assert np.max(np.abs(asym[..., 0] - w[..., 0])) <= w[..., 0].max() / 255 / 2 + 1e-6
 
 
 def test_model_size_and_efficiency_by_hand():

@@ -40,7 +40,8 @@ METHODS = ("asym", "sym", "pot")
 def quantize_weight(w: np.ndarray, method: str, bits: int, per_channel: bool = False) -> np.ndarray:
   """Data-free quantize-dequantize of one weight tensor (output channels on the last axis).
 
-  ``asym``: TF fake quant on ``[min, max]`` (nudged so 0 is on the grid), 2^n levels; ``sym``: narrow signed grid
+  ``asym``: TF fake quant on ``[min(min, 0), max(max, 0)]`` (as TFLite's converter and fatq's FakeQuant choose it,
+  then nudged so 0 is on the grid), 2^n levels; ``sym``: narrow signed grid
   on ``[-max|w|, max|w|]`` (2^n - 1 levels); ``pot``: power of two with ``2^(n-1) - 1`` exponents below
   ``round(log2 max|w|)``. Per tensor unless ``per_channel``.
   """
@@ -50,7 +51,7 @@ def quantize_weight(w: np.ndarray, method: str, bits: int, per_channel: bool = F
   hi = jnp.max(w, axis=axes, keepdims=per_channel)
   t = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
   if method == "asym":
-    out = uq.fake_quant(w, lo, hi, bits, False)
+    out = uq.fake_quant(w, jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0), bits, False)
   elif method == "sym":
     out = uq.fake_quant(w, -t, t, bits, True)
   elif method == "pot":
