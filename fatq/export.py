@@ -708,7 +708,8 @@ class Exported:
     bounded = sorted(name.rpartition("/")[0] for name in flax.traverse_util.flatten_dict(
         flax.core.unfreeze(variables.get("params", {})), sep="/") if name.endswith("/" + RELU6_BOUND))
     if bounded:
-      raise ExportError(f"layer {bounded[0]!r} (and {len(bounded) - 1} more) ends in a ReLU6 with a bound per "
+      more = f" (and {len(bounded) - 1} more)" if len(bounded) > 1 else ""
+      raise ExportError(f"layer {bounded[0]!r}{more} ends in a ReLU6 with a bound per "
                         "channel (cross-layer equalization, equalize=True), which TFLite's fused ReLU6 (6 for every "
                         "channel) cannot represent: fine-tune the row with equalize='relu' (ReLU6 -> ReLU before "
                         "equalizing) to export it")
