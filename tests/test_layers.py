@@ -26,6 +26,16 @@ def test_fast_depthwise_equals_lax(stride, padding, size):
   fast = conv2d(x, k, (stride, stride), padding, groups=5, impl="fast")
   assert fast.shape == ref.shape
   np.testing.assert_allclose(fast, ref, atol=1e-5, rtol=1e-5)
+  # the hand-written backward pass (custom_vjp): input and kernel gradients of a non-linear loss
+  _assert_same_gradients(lambda x, k, impl: conv2d(x, k, (stride, stride), padding, 5, impl), x, k)
+
+
+def _assert_same_gradients(conv, x, k):
+  grads = {impl: jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, impl)) * jnp.arange(conv(x, k, impl).size)
+                                               .reshape(conv(x, k, impl).shape) / 100), argnums=(0, 1))(x, k)
+           for impl in ("fast", "lax")}
+  for g_fast, g_lax in zip(grads["fast"], grads["lax"]):
+    np.testing.assert_allclose(g_fast, g_lax, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -34,6 +44,7 @@ def test_fast_pointwise_equals_lax(stride):
   k = _rand(3, (1, 1, 6, 4))
   np.testing.assert_allclose(conv2d(x, k, (stride, stride), "SAME", impl="fast"),
                              conv2d(x, k, (stride, stride), "SAME", impl="lax"), atol=1e-5, rtol=1e-5)
+  _assert_same_gradients(lambda x, k, impl: conv2d(x, k, (stride, stride), "SAME", impl=impl), x, k)
 
 
 def test_fast_depthwise_5x5_gradients_equal_lax():
