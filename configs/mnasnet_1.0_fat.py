@@ -1,6 +1,7 @@
 """FAT fine-tuning of mnasnet_1.0 on the unlabeled ImageNet images (paper Tables 1-2 rows; see configs/imagenet_fat.py).
 
     python experiments/finetune.py --config configs/mnasnet_1.0_fat.py --workdir runs/mnasnet_1.0_fat
+    python experiments/finetune.py --config configs/mnasnet_1.0_fat.py:cpu --workdir runs/mnasnet_1.0_fat_cpu
     python experiments/finetune.py --config configs/mnasnet_1.0_fat.py:quick --workdir runs/mnasnet_1.0_quick
 """
 
