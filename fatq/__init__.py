@@ -9,7 +9,7 @@ Public API::
     thresholds = fatq.init_thresholds(model, params, stats, x)     # quant collection (trainable)
     thresholds, history = fatq.finetune(model, {'params': params, 'quant_stats': stats}, thresholds, ...)
 
-Data-free quantization before calibration (module ``fatq.equalize``; MobileNets with ``relu6_clip=False``)::
+Data-free quantization before calibration (module ``fatq.equalize``)::
 
     params, report = fatq.equalize.equalize(model, params, image_shape)      # cross-layer equalization
     params, corrections = fatq.equalize.correct_bias(qmodel, params, batches)  # empirical bias correction

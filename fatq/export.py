@@ -1227,7 +1227,7 @@ def export_row(cfg, model, params: Tree, data, workdir: str | os.PathLike, row: 
     raise ExportError(f"choose a row among the fine-tuned rows {done}" + (f" (got {row!r})" if row else ""))
   quant = experiment.quant_config(rows[row], experiment.base_rules(cfg))
   lax_model = model.clone(impl="lax") if hasattr(model, "impl") else model
-  # The row's own model (an equalized row: ReLU instead of ReLU6); its checkpoint holds the params it was
+  # The row's own model (an equalize='relu' row: ReLU instead of ReLU6); its checkpoint holds the params it was
   # fine-tuned with (equalized, bias-corrected). The float reference stays the original model and params.
   row_model = experiment.row_model(model, rows[row])
   lax_row_model = row_model.clone(impl="lax") if hasattr(row_model, "impl") else row_model

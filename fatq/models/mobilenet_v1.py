@@ -33,8 +33,8 @@ class MobileNetV1(nn.Module):
   quant: QuantConfig | None = None
   impl: str = "lax"
   quantize_pool: bool = False  # opt-in quantizer on the pooled features (see common.classify)
-  # False: ReLU instead of ReLU6 everywhere. ReLU is positive-homogeneous, which cross-layer equalization
-  # (fatq.equalize) needs to rescale channels without changing the function; ReLU6's clip at 6 is not.
+  # False: ReLU instead of ReLU6 everywhere, the form of cross-layer equalization that TFLite can export
+  # (equalize='relu' in fatq.experiment; equalize=True keeps ReLU6 with per-channel bounds instead).
   relu6_clip: bool = True
 
   def _pad(self, stride: int):
