@@ -1,10 +1,15 @@
 """Throughput of FAT fine-tuning on CPU: float forward vs training step, fast vs plain-lax convolutions.
 
     python bench/finetune_step.py [--model mobilenet_v2] [--width 1.0] [--batch 32] [--size 224] [--steps 3]
+    python bench/finetune_step.py --breakdown   # where the fast step's time goes
 
 A training step is the quantized student's forward and backward w.r.t. the thresholds plus the Adam update, with
 cached teacher logits (as experiments/finetune.py runs it). Weights are random: speed does not depend on them.
 Prints images/s for each, the step/forward cost ratio (target <= 3) and the fast/lax speed-up (target >= 3).
+
+``--breakdown`` times, with the fast convolutions, the pieces between a float forward and a training step: the
+quantized forward, the float backward pass to the input only and to every weight (no quantizer), and the gradient
+w.r.t. the thresholds; each as a multiple of the float forward.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +26,7 @@ import numpy as np
 
 import fatq
 from fatq import training
+from fatq.layers import THRESHOLDS
 from fatq.models import registry
 
 
@@ -33,24 +40,50 @@ def timed(fn, *args, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def measure(name: str, width: float, impl: str, batch: int, size: int, steps: int) -> dict:
+def setup(name: str, width: float, impl: str, batch: int, size: int) -> SimpleNamespace:
+  """A W8A8 FAT model (per-channel weights, asymmetric activations) calibrated on one random batch."""
   quant = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True), fatq.QuantSpec.fat(8, symmetric=False))
   model = registry.build(dict(name=name, width=width, num_classes=1001, impl=impl), quant)
   x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
   params = model.init(jax.random.key(0), x[:1])["params"]
   stats = fatq.calibrate(model, params, [x])
-  th = fatq.init_thresholds(model, params, stats, x[:1])
-  frozen = {"params": params, "quant_stats": stats}
   teacher = model.clone(quant=None)
-  logits = teacher.apply({"params": params}, x)
-  forward = jax.jit(lambda p, x: teacher.apply({"params": p}, x))
+  return SimpleNamespace(model=model, teacher=teacher, x=x, params=params,
+                         frozen={"params": params, "quant_stats": stats},
+                         thresholds=fatq.init_thresholds(model, params, stats, x[:1]),
+                         logits=teacher.apply({"params": params}, x))
+
+
+def measure(name: str, width: float, impl: str, batch: int, size: int, steps: int) -> dict:
+  m = setup(name, width, impl, batch, size)
+  forward = jax.jit(lambda p, x: m.teacher.apply({"params": p}, x))
   cfg = ml_collections.ConfigDict(dict(schedule="cosine_restarts", lr=1e-3, lr_min=0.0, restart_period=100))
   tx, _ = training.make_optimizer(cfg)
-  step = training.make_train_step(model, tx, training.rmse)
-  state = training.TrainState(jnp.zeros([], jnp.int32), th, tx.init(th))
-  t_fwd = timed(forward, params, x, steps=steps)
-  t_step = timed(lambda s: step(s, frozen, x, logits)[1], state, steps=steps)
+  step = training.make_train_step(m.model, tx, training.rmse)
+  state = training.TrainState(jnp.zeros([], jnp.int32), m.thresholds, tx.init(m.thresholds))
+  t_fwd = timed(forward, m.params, m.x, steps=steps)
+  t_step = timed(lambda s: step(s, m.frozen, m.x, m.logits)[1], state, steps=steps)
   return dict(impl=impl, forward_img_s=batch / t_fwd, step_img_s=batch / t_step, step_over_forward=t_step / t_fwd)
+
+
+def breakdown(name: str, width: float, batch: int, size: int, steps: int) -> dict[str, float]:
+  """Seconds per call of each piece of the fast training step (see the module docstring)."""
+  m = setup(name, width, "fast", batch, size)
+
+  def float_loss(p, x):
+    return training.rmse(m.teacher.apply({"params": p}, x), m.logits)
+
+  def quant_loss(t, x):
+    return training.rmse(m.model.apply({**m.frozen, THRESHOLDS: t}, x), m.logits)
+
+  pieces = {  # label: (function of (variables, images), variables)
+      "float forward": (lambda p, x: m.teacher.apply({"params": p}, x), m.params),
+      "quantized forward": (lambda t, x: m.model.apply({**m.frozen, THRESHOLDS: t}, x), m.thresholds),
+      "float fwd+bwd, input grad": (jax.grad(float_loss, argnums=1), m.params),
+      "float fwd+bwd, weight grads": (jax.grad(float_loss), m.params),
+      "quantized fwd+bwd, threshold grads": (jax.grad(quant_loss), m.thresholds),
+  }
+  return {label: timed(jax.jit(fn), v, m.x, steps=steps) for label, (fn, v) in pieces.items()}
 
 
 def main():
@@ -61,7 +94,19 @@ def main():
   ap.add_argument("--size", type=int, default=224)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--json", default="", help="also write the figures to this file")
+  ap.add_argument("--breakdown", action="store_true", help="time the pieces of the fast step instead")
   a = ap.parse_args()
+  if a.breakdown:
+    t = breakdown(a.model, a.width, a.batch, a.size, a.steps)
+    base = t["float forward"]
+    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions")
+    print(f"{'piece':<36} {'ms':>8} {'img/s':>7} {'x forward':>10}")
+    for label, sec in t.items():
+      print(f"{label:<36} {sec * 1e3:>8.0f} {a.batch / sec:>7.1f} {sec / base:>10.2f}")
+    if a.json:
+      with open(a.json, "w") as f:
+        json.dump(dict(args=vars(a), seconds=t), f, indent=2)
+    return
   rows = [measure(a.model, a.width, impl, a.batch, a.size, a.steps) for impl in ("fast", "lax")]
   fast, lax = rows
   print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, {jax.device_count()} {jax.devices()[0].platform} "
