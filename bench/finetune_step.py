@@ -73,15 +73,16 @@ def breakdown(name: str, width: float, batch: int, size: int, steps: int) -> dic
   def float_loss(p, x):
     return training.rmse(m.teacher.apply({"params": p}, x), m.logits)
 
-  def quant_loss(t, x):
-    return training.rmse(m.model.apply({**m.frozen, THRESHOLDS: t}, x), m.logits)
+  def threshold_grads(v, x):  # as the train step: weights and statistics are arguments, not constants
+    return jax.grad(lambda t: training.rmse(m.model.apply({**v, THRESHOLDS: t}, x), m.logits))(v[THRESHOLDS])
 
+  quantized = {**m.frozen, THRESHOLDS: m.thresholds}
   pieces = {  # label: (function of (variables, images), variables)
       "float forward": (lambda p, x: m.teacher.apply({"params": p}, x), m.params),
-      "quantized forward": (lambda t, x: m.model.apply({**m.frozen, THRESHOLDS: t}, x), m.thresholds),
+      "quantized forward": (m.model.apply, quantized),
       "float fwd+bwd, input grad": (jax.grad(float_loss, argnums=1), m.params),
       "float fwd+bwd, weight grads": (jax.grad(float_loss), m.params),
-      "quantized fwd+bwd, threshold grads": (jax.grad(quant_loss), m.thresholds),
+      "quantized fwd+bwd, threshold grads": (threshold_grads, quantized),
   }
   return {label: timed(jax.jit(fn), v, m.x, steps=steps) for label, (fn, v) in pieces.items()}
 
