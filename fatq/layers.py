@@ -97,10 +97,7 @@ class FakeQuant(nn.Module):
       lo, hi = quantizers.symmetric_range(self._factor("scale", 1.0, t_max.shape), t_max, signed, s.scale_bounds)
       return lo, hi, signed  # signed symmetric grids are narrow: zero point exactly 0
     shift_bounds = tuple(jnp.where(signed, a, b) for a, b in zip(s.signed_shift_bounds, s.unsigned_shift_bounds))
-    # The calibrated range always contains 0, as TFLite's converter makes it: nudging a range that excludes 0 would
-    # shift it to 0 and clip, e.g., a per-channel weight range [0.5, 1] to [0, 0.5] (a depthwise channel has 9
-    # weights, often of one sign).
-    t_left, t_right = jnp.minimum(t_left, 0.0), jnp.maximum(t_right, 0.0)
+    t_left, t_right = quantizers.containing_zero(t_left, t_right)
     lo, hi = quantizers.asymmetric_range(self._factor("shift", 0.0, t_left.shape),
                                          self._factor("width", 1.0, t_left.shape),
                                          t_left, t_right, shift_bounds, s.scale_bounds)

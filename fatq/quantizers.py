@@ -85,6 +85,15 @@ def nudge(lo: jax.Array, hi: jax.Array, num_bits: int, narrow_range: bool | jax.
   return QuantParams(scale, zero_point, qmin, qmax)
 
 
+def containing_zero(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``[min(lo, 0), max(hi, 0)]``: a calibrated asymmetric range widened to contain 0, as TFLite's converter makes it.
+
+  Nudging a range that excludes 0 would shift it to end at 0 and clip, e.g., a per-channel weight range [0.5, 1] to
+  [0, 0.5] (a depthwise channel has 9 weights, often of one sign).
+  """
+  return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+
+
 def fake_quant(x: jax.Array, lo: jax.Array, hi: jax.Array, num_bits: int,
                narrow_range: bool | jax.Array = False) -> jax.Array:
   """Quantize-dequantize ``x`` on the nudged n-bit grid of ``[lo, hi]`` (TF ``fake_quant_with_min_max_vars``).

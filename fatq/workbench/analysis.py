@@ -51,7 +51,7 @@ def quantize_weight(w: np.ndarray, method: str, bits: int, per_channel: bool = F
   hi = jnp.max(w, axis=axes, keepdims=per_channel)
   t = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
   if method == "asym":
-    out = uq.fake_quant(w, jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0), bits, False)
+    out = uq.fake_quant(w, *uq.containing_zero(lo, hi), bits, False)
   elif method == "sym":
     out = uq.fake_quant(w, -t, t, bits, True)
   elif method == "pot":
