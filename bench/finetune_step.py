@@ -9,7 +9,9 @@ Prints images/s for each, the step/forward cost ratio (target <= 3) and the fast
 
 ``--breakdown`` times, with the fast convolutions, the pieces between a float forward and a training step: the
 quantized forward, the float backward pass to the input only and to every weight (no quantizer), and the gradient
-w.r.t. the thresholds; each as a multiple of the float forward.
+w.r.t. the thresholds; each as a multiple of the float forward, in time and in FLOPs (XLA's count). The FLOP
+column is the floor a backward pass sets: the input and weight gradients of a layer each cost about as much
+arithmetic as its forward.
 """
 
 from __future__ import annotations
@@ -66,8 +68,13 @@ def measure(name: str, width: float, impl: str, batch: int, size: int, steps: in
   return dict(impl=impl, forward_img_s=batch / t_fwd, step_img_s=batch / t_step, step_over_forward=t_step / t_fwd)
 
 
-def breakdown(name: str, width: float, batch: int, size: int, steps: int) -> dict[str, float]:
-  """Seconds per call of each piece of the fast training step (see the module docstring)."""
+def flops(fn, *args) -> float:
+  """Floating-point operations of one call, as XLA's cost analysis of the compiled program counts them."""
+  return float(fn.lower(*args).compile().cost_analysis().get("flops", float("nan")))
+
+
+def breakdown(name: str, width: float, batch: int, size: int, steps: int) -> dict[str, dict[str, float]]:
+  """Seconds and FLOPs per call of each piece of the fast training step (see the module docstring)."""
   m = setup(name, width, "fast", batch, size)
 
   def float_loss(p, x):
@@ -84,7 +91,9 @@ def breakdown(name: str, width: float, batch: int, size: int, steps: int) -> dic
       "float fwd+bwd, weight grads": (jax.grad(float_loss), m.params),
       "quantized fwd+bwd, threshold grads": (threshold_grads, quantized),
   }
-  return {label: timed(jax.jit(fn), v, m.x, steps=steps) for label, (fn, v) in pieces.items()}
+  jitted = {label: (jax.jit(fn), v) for label, (fn, v) in pieces.items()}
+  return {label: dict(seconds=timed(fn, v, m.x, steps=steps), flops=flops(fn, v, m.x))
+          for label, (fn, v) in jitted.items()}
 
 
 def main():
@@ -101,12 +110,13 @@ def main():
     t = breakdown(a.model, a.width, a.batch, a.size, a.steps)
     base = t["float forward"]
     print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions")
-    print(f"{'piece':<36} {'ms':>8} {'img/s':>7} {'x forward':>10}")
-    for label, sec in t.items():
-      print(f"{label:<36} {sec * 1e3:>8.0f} {a.batch / sec:>7.1f} {sec / base:>10.2f}")
+    print(f"{'piece':<36} {'ms':>8} {'img/s':>7} {'x forward':>10} {'GFLOP':>8} {'x forward':>10}")
+    for label, r in t.items():
+      print(f"{label:<36} {r['seconds'] * 1e3:>8.0f} {a.batch / r['seconds']:>7.1f} "
+            f"{r['seconds'] / base['seconds']:>10.2f} {r['flops'] / 1e9:>8.1f} {r['flops'] / base['flops']:>10.2f}")
     if a.json:
       with open(a.json, "w") as f:
-        json.dump(dict(args=vars(a), seconds=t), f, indent=2)
+        json.dump(dict(args=vars(a), pieces=t), f, indent=2)
     return
   rows = [measure(a.model, a.width, impl, a.batch, a.size, a.steps) for impl in ("fast", "lax")]
   fast, lax = rows

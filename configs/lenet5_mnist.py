@@ -10,13 +10,24 @@ one-minute smoke run (1 float epoch, 3000 FAT images, two rows). Data: ``$FATQ_D
 import ml_collections
 
 
+# Below 8 bits the logits stay at 8 bits, as the input image does: the usual convention for low-bit rows (first and
+# last layers at 8 bits; here only the output tensor). 16 logit levels tie the top classes: with 4-bit logits FAT
+# W4A4 loses a further 1.0 point of Fashion-MNIST top-1 (README, Results).
+LOGITS_AT_8_BITS = [("fc3/output", dict(bits=8, symmetric=False))]
+
+
 def rows():
   """The table: ptq-lenet5.txt's settings (per-layer symmetric weights, asymmetric activations, min/max
   calibration), then FAT at 8, 4 and 3 bits in scalar ("tensor") and vector ("channel") mode."""
   ptq_paper = [dict(weight_bits=b, act_bits=0) for b in (16, 8)] + [
       dict(weight_bits=16, act_bits=16, act_symmetric=False)]  # W8A8 PTQ is the first row of the FAT rows
-  fat = [dict(weight_bits=b, act_bits=b, per_channel=pc, act_symmetric=False, fat=True)
-         for b in (8, 4, 3) for pc in (False, True)]
+  fat = []
+  for b in (8, 4, 3):
+    for pc in (False, True):
+      row = dict(weight_bits=b, act_bits=b, per_channel=pc, act_symmetric=False, fat=True)
+      if b < 8:
+        row.update(rules=LOGITS_AT_8_BITS, name=f"W{b}A{b}-{'channel' if pc else 'tensor'}-symW-asymA-logits8")
+      fat.append(row)
   return ptq_paper + fat
 
 
@@ -25,8 +36,10 @@ def get_config(arg: str | None = None, dataset: str = "mnist"):
     raise ValueError(f"unknown config variant {arg!r}; use '' or 'quick'")
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # AdamW's weight decay makes a float model that loses less at low bits: on Fashion-MNIST, 0.05 gave float 90.84
+  # (90.74 without) and FAT W4A4 per channel 88.97 (87.90 without), both with 4-bit logits.
   c.model = dict(name="lenet5", num_classes=10, checkpoint="", float_epochs=8 if dataset == "mnist" else 15,
-                 float_batch_size=128, float_lr=1e-3)
+                 float_batch_size=128, float_lr=1e-3, float_weight_decay=0.05)
   # Images for FAT (unlabeled), calibration and the held-out distillation loss come from the training split.
   c.data = dict(name=dataset, dir="", num_train=10000, num_calibration=100, num_holdout=1000)
   c.calibration = dict(batch_size=100)

@@ -82,7 +82,8 @@ def _lenet5(cfg, workdir: str, progress: bool):
     print(f"float LeNet-5: training {m.float_epochs} epochs on {len(train_x)} labeled {cfg.data.name} images "
           f"(cached in {ckpt})")
     params = train_classifier(model, train_x, train_y, epochs=m.float_epochs, batch_size=m.float_batch_size,
-                              lr=m.float_lr, seed=cfg.seed, progress=progress)
+                              lr=m.float_lr, weight_decay=m.get("float_weight_decay", 0.0), seed=cfg.seed,
+                              progress=progress)
     save_variables(ckpt, {"params": params})
   train, cal, hold = split_unlabeled(train_x, cfg.data, cfg.seed)  # labels of these are never used
   return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=test_x, eval_labels=test_y)

@@ -375,14 +375,17 @@ class _TrainCheckpoints:
 
 
 def train_classifier(model, images: np.ndarray, labels: np.ndarray, *, epochs: int, batch_size: int = 128,
-                     lr: float = 1e-3, seed: int = 0, log: Callable[[str], None] = print,
-                     progress: bool = True) -> Tree:
-  """Supervised float training (cross-entropy, Adam with cosine decay): how the small models get their
-  pre-trained weights. Returns ``params``."""
+                     lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+                     log: Callable[[str], None] = print, progress: bool = True) -> Tree:
+  """Supervised float training (cross-entropy, AdamW with cosine decay): how the small models get their
+  pre-trained weights. Returns ``params``.
+
+  ``weight_decay`` is AdamW's decoupled decay, ``w <- w - lr_t * weight_decay * w`` each step (biases included).
+  A LeNet-5 trained with it loses less at 4 and 3 bits (README, Results, measures it)."""
   rng = np.random.default_rng(seed)
   params = model.init(jax.random.key(seed), images[:1])["params"]
   steps_per_epoch = len(images) // batch_size
-  tx = optax.adam(optax.cosine_decay_schedule(lr, steps_per_epoch * epochs))
+  tx = optax.adamw(optax.cosine_decay_schedule(lr, steps_per_epoch * epochs), weight_decay=weight_decay)
   opt_state = tx.init(params)
 
   @jax.jit

@@ -82,3 +82,22 @@ def test_train_step_changes_only_thresholds_and_lowers_loss():
   jax.tree.map(np.testing.assert_array_equal, params_before, jax.tree.map(np.array, params))
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), th, state.thresholds))
   assert max(moved) > 1e-3
+
+
+def test_train_classifier_weight_decay_shrinks_weights():
+  """AdamW's decoupled decay (the float LeNet recipe): same data and seed, smaller kernels, same fit to the data."""
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 2, 256).astype(np.int32)
+  x = rng.uniform(0, 0.5, (256, 28, 28, 1)).astype(np.float32)
+  x[y == 1, :14] += 0.5  # class 1: the top half is brighter
+  fit = {wd: training.train_classifier(LeNet5(num_classes=2), x, y, epochs=4, batch_size=32, lr=3e-3,
+                                       weight_decay=wd, progress=False)
+         for wd in (0.0, 10.0)}
+
+  def kernel_norm(p):
+    return float(np.sqrt(sum(np.sum(np.square(p[layer]["kernel"])) for layer in p)))
+
+  assert kernel_norm(fit[10.0]) < 0.8 * kernel_norm(fit[0.0])
+  for p in fit.values():  # both still learn the rule
+    acc = np.mean(np.argmax(LeNet5(num_classes=2).apply({"params": p}, x), -1) == y)
+    assert acc > 0.9, acc
