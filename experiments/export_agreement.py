@@ -1,7 +1,8 @@
 """Where interpreter and JAX fake-quant logits differ, for an exported row: the JAX model with and without the two
 export rules (global average pool quantized on its input's grid, int32 biases), in the configured convolution form
-and in the exported ('lax') form, against the interpreter with XNNPACK and with TFLite's builtin kernels; and, as the
-floor, two implementations of the same model against each other (XNNPACK vs builtin kernels, JAX 'fast' vs 'lax').
+and in the exported ('lax') form, against the interpreter with XNNPACK, with TFLite's builtin kernels and with its
+reference kernels; and, as the floor, implementations of the same model against each other (the three kernel sets,
+fatq.integer's JAX integer model, JAX 'fast' vs 'lax').
 
     python experiments/export_agreement.py --workdir runs/mobilenet_v1_0.75_quick [--row NAME] [--lax]
 
@@ -54,9 +55,9 @@ def main():
   tied, tied_vars, src = E.tie_pool(qmodel, variables, images[:1])
 
   lite = {}
-  for name, xnn in (("XNNPACK", True), ("builtin", False)):
+  for name, kernels in (("XNNPACK", "xnnpack"), ("builtin", "builtin"), ("reference", "reference")):
     t0 = time.time()
-    lite[name] = E.TFLiteModel(os.path.join(d, "model.tflite"), num_threads=2, xnnpack=xnn)(images)
+    lite[name] = E.TFLiteModel(os.path.join(d, "model.tflite"), num_threads=2, kernels=kernels)(images)
     print(f"interpreter ({name}): {time.time() - t0:.0f} s", flush=True)
   forms = [(getattr(model, "impl", "lax"), lambda m: m)]
   if args.lax and hasattr(model, "impl") and model.impl != "lax":
@@ -80,6 +81,18 @@ def main():
   # Two correct implementations of the same model against each other: the floor of what agreement can mean here.
   noise = {"TFLite XNNPACK vs TFLite builtin kernels": E.compare_logits(lite["XNNPACK"], lite["builtin"], labels, step,
                                                                       data.label_offset)}
+  noise["TFLite XNNPACK vs TFLite reference kernels"] = E.compare_logits(lite["XNNPACK"], lite["reference"], labels,
+                                                                        step, data.label_offset)
+  noise["TFLite builtin vs TFLite reference kernels"] = E.compare_logits(lite["builtin"], lite["reference"], labels,
+                                                                        step, data.label_offset)
+  from fatq.integer import IntegerModel
+  for arithmetic, own in (("reference", "reference"), ("xnnpack", "XNNPACK")):
+    t0 = time.time()
+    integer = IntegerModel(os.path.join(d, "model.tflite"), kernels=arithmetic)(images)
+    print(f"fatq integer model ({arithmetic} arithmetic): {time.time() - t0:.0f} s", flush=True)
+    for name in (own, "builtin"):
+      noise[f"fatq integer (JAX, {arithmetic} arithmetic) vs TFLite {name} kernels"] = E.compare_logits(
+          integer, lite[name], labels, step, data.label_offset)
   if len(forms) > 1:  # two float32 JAX forms, same rules
     a, b = (logits.get((f, "input grid" if src else "float", "int32")) for f in (forms[0][0], "lax"))
     noise[f"JAX {forms[0][0]} vs JAX lax"] = E.compare_logits(a, b, labels, step, data.label_offset)

@@ -9,8 +9,9 @@ Reads WORKDIR/results.json (the experiment config, written by experiments/finetu
 evaluation images as finetune.py does (fatq.tasks.prepare), and the orbax checkpoint WORKDIR/rows/<row>/checkpoint;
 writes to WORKDIR/rows/<row>/tflite (or --out). The report (printed, and saved as export_report.json) checks every
 tensor's scale / zero point read back from the file against thresholds.json, compares the interpreter with the JAX
-fake-quant model on the evaluation images (top-1, agreement, max logit difference in output steps) and gives file
-size and interpreter latency beside the float model's. See fatq/export.py and docs/export.md for the rules.
+fake-quant model on the evaluation images (top-1, agreement, max logit difference in output steps), evaluates the file
+with TFLite's integer arithmetic in JAX (fatq.integer, checked against the interpreter's reference kernels on
+--reference_images images) and gives file size and interpreter latency beside the float model's. See fatq/export.py and docs/export.md for the rules.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main():
                   help="keep the global average pool's output unquantized in the JAX model (TFLite still rounds it)")
   ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="interpreter threads for the latency")
   ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N evaluation images only (0: all)")
+  ap.add_argument("--reference_images", type=int, default=200,
+                  help="images on which the JAX integer model is checked against TFLite's (slow) reference kernels")
+  ap.add_argument("--no_integer", action="store_true", help="skip the JAX integer evaluation (fatq.integer)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
 
@@ -53,7 +57,8 @@ def main():
     report = export_row(cfg, model, params, data, args.workdir, args.row, args.out, scheme=args.scheme,
                         input_type=args.input_type, output_type=args.output_type,
                         asymmetric_weights=args.asymmetric_weights, tie_pool_grid=not args.float_pool,
-                        threads=tuple(args.threads))
+                        threads=tuple(args.threads), integer_check=not args.no_integer,
+                        reference_images=args.reference_images)
   except (ExportError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   print(f"\nreport: {report['files']['report']}")

@@ -20,21 +20,6 @@ PER_TENSOR_ASYM = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, symmetric=False
                                            fatq.QuantSpec.fat(8, symmetric=False))
 
 
-@pytest.fixture(scope="module")
-def mnist():
-  from fatq.data import idx
-  xtr, ytr = idx.load("mnist", "train")
-  xte, yte = idx.load("mnist", "test")
-  return xtr[:8000], ytr[:8000], xte[:1000], yte[:1000]
-
-
-@pytest.fixture(scope="module")
-def lenet_params(mnist):
-  from fatq.training import train_classifier
-  xtr, ytr, _, _ = mnist
-  return train_classifier(LeNet5(), xtr, ytr, epochs=1, batch_size=64, progress=False, log=lambda *_: None)
-
-
 def quantized(model_cls, config, params, calib, perturb=True):
   model = model_cls(quant=config)
   stats = fatq.calibrate(model, params, [calib])
@@ -127,12 +112,17 @@ class OneConv(nn.Module):
 
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_training_quantizer_equals_tflite_integer_arithmetic(tmp_path, depthwise):
-  """fatq's fake quant (training) and TFLite's integer kernels compute the same integers.
+  """fatq's fake quant (training) and TFLite's integer kernels round the same real number onto the same grid.
 
   1. The input quantizer: the int8 codes TFLite's QUANTIZE produces equal fatq's ``quantize`` codes exactly.
-  2. A whole conv (per-channel int8 weights, int32 bias, requantized output): TFLite's int8 output equals the
-     fake-quant model's output codes up to TFLite's fixed-point requantization rounding (<= 1 step).
+  2. A whole conv (per-channel int8 weights, int32 bias, requantized output). From the file's own integers, the
+     exact output ``r = (sum (x - zx) w + b) sx sw / sy + zy`` (float64). TFLite's reference kernels (equal to
+     :class:`fatq.integer.IntegerModel`) give ``round(r)`` except within ``2^(e-1)`` of a tie (their fixed-point
+     multiplier rounds twice), the fake-quant model gives ``round(r)`` except within float32 precision of a tie. So
+     the two disagree only at near-ties, by one step, and nowhere else.
   """
+  from fatq.integer import IntegerModel, quantize_multiplier
+
   rng = np.random.default_rng(1)
   x = rng.normal(size=(64, 9, 9, 4)).astype(np.float32) * 1.5
   model = OneConv(quant=PER_CHANNEL, depthwise=depthwise)
@@ -142,30 +132,53 @@ def test_training_quantizer_equals_tflite_integer_arithmetic(tmp_path, depthwise
   model, variables = quantized(lambda quant: OneConv(quant=quant, depthwise=depthwise), PER_CHANNEL, params, x)
   ranges = fatq.quant_ranges(model, variables, x[:1])
   ex = E.Exported(model, variables, x[:1])
-  lite = E.TFLiteModel(ex.convert("float32", "int8"))
+  blob = ex.convert("float32", "int8")
+  lite = E.TFLiteModel(blob, kernels="reference")
   inp = ranges["input"]
   p_in = fatq.nudge(inp["lo"], inp["hi"], 8, False)
   codes = np.asarray(fatq.quantizers.quantize(x, p_in)) - 128
   # quantize op alone: run the TFLite model's first tensor (QUANTIZE output) for each image
-  q_index = [t for t in E.match_tflite(ex.convert("float32", "int8"), ex.thresholds()).items()
-             if t[0] == "input"][0][1]["index"]
-  interp = E.TFLiteModel(ex.convert("float32", "int8"), num_threads=1)
-  interp.interp = __import__("ai_edge_litert.interpreter", fromlist=["Interpreter"]).Interpreter(
-      model_content=ex.convert("float32", "int8"), experimental_preserve_all_tensors=True)
-  interp.interp.allocate_tensors()
+  q_index = [t for t in E.match_tflite(blob, ex.thresholds()).items() if t[0] == "input"][0][1]["index"]
+  from ai_edge_litert.interpreter import Interpreter, OpResolverType
+  lite.interp = Interpreter(model_content=blob, experimental_preserve_all_tensors=True,
+                            experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+  lite.interp.allocate_tensors()
   out_name = "dw/output" if depthwise else "conv/output"
   out = ranges[out_name]
   p_out = fatq.nudge(out["lo"], out["hi"], 8, False)
-  jax_codes = np.asarray(fatq.quantizers.quantize(model.apply(variables, x), p_out)) - 128
+  fake_quant = np.asarray(fatq.quantizers.quantize(model.apply(ex.snap_biases(variables), x), p_out)) - 128
   lite_codes, in_codes = [], []
   for xi in x:
-    lite_codes.append(interp.raw(xi[None]))
-    in_codes.append(interp.interp.get_tensor(q_index))
-  np.testing.assert_array_equal(np.concatenate(in_codes), codes)
-  diff = np.abs(np.concatenate(lite_codes).astype(int) - jax_codes.astype(int))
-  assert diff.max() <= 1, diff.max()
-  assert np.mean(diff == 0) > 0.99, np.mean(diff == 0)
+    lite_codes.append(lite.raw(xi[None]))
+    in_codes.append(lite.interp.get_tensor(q_index))
+  lite_codes, in_codes = np.concatenate(lite_codes).astype(np.int64), np.concatenate(in_codes)
+  np.testing.assert_array_equal(in_codes, codes)
   assert lite.output_step == pytest.approx(float(p_out.scale), rel=1e-6)
+
+  im = IntegerModel(blob)
+  np.testing.assert_array_equal(im.raw(x), lite_codes)  # the reference kernels, reproduced
+  xnnpack = E.TFLiteModel(blob)  # and the default (XNNPACK) kernels, QUANTIZE from float included
+  np.testing.assert_array_equal(IntegerModel(blob, kernels="xnnpack").raw(x),
+                                np.concatenate([xnnpack.raw(xi[None]) for xi in x]))
+  conv = [o for o in im.ops if o.name in ("CONV_2D", "DEPTHWISE_CONV_2D")][0]
+  t_in, t_w, t_b, t_out = (im.tensors[i] for i in conv.inputs + conv.outputs)
+  assert t_w.scale.size == (4 if depthwise else 5)  # per channel
+  w = t_w.value.astype(np.float64)
+  w = w.transpose(1, 2, 0, 3) if depthwise else w.transpose(1, 2, 3, 0)
+  with jax.enable_x64(True):
+    acc = np.asarray(jax.lax.conv_general_dilated(
+        (in_codes - t_in.zero_point[0]).astype(np.float64), w, (1, 1) if depthwise else (2, 2), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4 if depthwise else 1))
+  real = np.float64(t_in.scale[0]) * t_w.scale.astype(np.float64) / np.float64(t_out.scale[0])
+  r = (acc + t_b.value) * real + t_out.zero_point[0]
+  exact = np.clip(np.floor(r + 0.5), -128, 127)
+  to_tie = np.abs(r - np.floor(r) - 0.5)
+  e = quantize_multiplier(real)[1]
+  fq_off, int_off = fake_quant != exact, lite_codes != exact
+  assert np.all(to_tie[fq_off] < 1e-4), to_tie[fq_off].max()
+  assert np.all(to_tie[int_off] < np.broadcast_to(2.0 ** (e - 1), r.shape)[int_off] + 1e-6)
+  assert np.abs(fake_quant - lite_codes).max() <= 1
+  assert np.mean(fake_quant == lite_codes) > 0.99
 
 
 def test_refuses_asymmetric_weights_in_int8(mnist, lenet_params):
@@ -359,6 +372,10 @@ def test_export_row_report(mnist, lenet_params, tmp_path):
   assert all(report["eval"]["pass"].values()), report["eval"]
   assert report["size_bytes"]["tflite"] < report["size_bytes"]["float_tflite"]
   assert set(report["latency_ms"]) == {"tflite_1t", "float_tflite_1t"}
+  i = report["integer"]  # the file evaluated with TFLite's integer arithmetic in JAX: equal to the interpreter
+  assert i["vs_interpreter"]["logits_equal"] == 1.0 and i["top1"] == report["eval"]["top1_tflite"]
+  ref = i["reference"]
+  assert ref["images"] == 200 and ref["vs_reference_kernels"]["logits_equal"] == 1.0
   for f in ("model.tflite", "float.tflite", "thresholds.json"):
     assert (out / f).exists(), f
 

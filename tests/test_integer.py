@@ -1,0 +1,156 @@
+"""fatq.integer: TFLite's integer kernels in JAX, bit for bit against the interpreter (reference and XNNPACK kernels)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import fatq
+from fatq import export as E
+from fatq.integer import IntegerModel, UnsupportedOpError, multiply_by_quantized_multiplier, quantize_multiplier
+from fatq.models import LeNet5
+
+PER_CHANNEL = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True), fatq.QuantSpec.fat(8, symmetric=False))
+# the input image stays at 8 bits, as in the configs (a 4-bit input quantizer is not exported as an int8 input)
+W4A4_TENSOR = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4), fatq.QuantSpec.fat(4, symmetric=False),
+                                       extra=[fatq.QuantRule("input", fatq.QuantSpec.fat(8, symmetric=False))])
+
+
+def mbqm(x, m, single_rounding=False):
+  with jax.enable_x64(True):
+    q, e = quantize_multiplier(np.broadcast_to(m, np.shape(x)))
+    return np.asarray(multiply_by_quantized_multiplier(np.asarray(x, np.int64), q, e, single_rounding))
+
+
+def test_quantize_multiplier():
+  """m = M 2^(e - 31) with M in [2^30, 2^31); a mantissa that rounds up to 2^31 carries into the exponent."""
+  assert [tuple(map(int, quantize_multiplier(m))) for m in (0.5, 0.75, 1.0, 0.0, 2.0 ** -40)] == [
+      (2 ** 30, 0), (3 * 2 ** 29, 0), (2 ** 30, 1), (0, 0), (0, 0)]
+  assert tuple(map(int, quantize_multiplier(1 - 2.0 ** -33))) == (2 ** 30, 1)
+  rng = np.random.default_rng(0)
+  m = np.exp(rng.uniform(-12, 0, 1000))
+  q, e = quantize_multiplier(m)
+  assert np.all((q >= 2 ** 30) & (q < 2 ** 31))
+  np.testing.assert_allclose(q * 2.0 ** (e - 31), m, rtol=2.0 ** -31)
+
+
+def test_multiply_by_quantized_multiplier_rounds_like_tflite():
+  """x m rounded to the nearest integer, away from ties; the two forms of TFLite break ties differently."""
+  rng = np.random.default_rng(1)
+  x = rng.integers(-2 ** 20, 2 ** 20, 20000)
+  m = np.exp(rng.uniform(-10, 0, 20000))
+  exact = x * m
+  want = np.sign(exact) * np.floor(np.abs(exact) + 0.5)
+  # the high multiply first rounds to a multiple of 2^e (e <= 0 here) of the result, so the two-rounding form can
+  # land on a tie from up to 2^(e - 1) away and then round it away from zero; the single rounding cannot
+  e = quantize_multiplier(m)[1]
+  for single, margin in ((False, 2.0 ** (e - 1) + 1e-3), (True, 1e-3)):
+    far = np.abs(exact - np.floor(exact) - 0.5) > margin
+    got = mbqm(x, m, single)
+    np.testing.assert_array_equal(got[far], want[far])
+    assert np.abs(got - want).max() <= 1
+    if not single:
+      assert np.any(got != want)  # near ties: TFLite's answer is not the exact rounding
+  # exact ties: the rounding divide goes away from zero, the single rounding up; 0.5 alone is the high multiply,
+  # which rounds ties up
+  assert mbqm([6, -6, 10, -10], 0.25).tolist() == [2, -2, 3, -3]
+  assert mbqm([6, -6, 10, -10], 0.25, True).tolist() == [2, -1, 3, -2]
+  assert mbqm([3, -3], 0.5).tolist() == [2, -1]
+  # where the two forms differ: 21859 * 0.0016240316 = 35.49970; the high multiply rounds 18175.85 up to 18176 =
+  # 35.5 * 2^9, which the shift then rounds away from zero (an accumulator of a LeNet FULLY_CONNECTED layer)
+  assert int(mbqm(21859, 0.0016240316135624616)) == 36
+  assert int(mbqm(21859, 0.0016240316135624616, True)) == 35
+
+
+def reference_interpreter(blob):
+  from ai_edge_litert.interpreter import Interpreter, OpResolverType
+  it = Interpreter(model_content=blob, experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
+                   experimental_preserve_all_tensors=True)
+  it.allocate_tensors()
+  return it
+
+
+def assert_bit_exact(blob, codes):
+  """IntegerModel's codes of every tensor equal the reference interpreter's, image by image."""
+  ours = IntegerModel(blob).raw(codes, keep=True)
+  it = reference_interpreter(blob)
+  inp = it.get_input_details()[0]["index"]
+  computed = [i for i in ours if i != inp]
+  for n, x in enumerate(codes):
+    it.set_tensor(inp, x[None])
+    it.invoke()
+    for i in computed:
+      want = it.get_tensor(i)
+      got = ours[i][n].reshape(want.shape[1:])
+      if not np.array_equal(got, want[0]):
+        d = np.abs(got.astype(np.int64) - want[0])
+        raise AssertionError(f"image {n}, tensor {i} ({it.get_tensor_details()[i]['name']}): {np.mean(d > 0):.2%} "
+                             f"of codes differ, by up to {d.max()}")
+  return ours
+
+
+def assert_equal_to_xnnpack(blob, codes):
+  """IntegerModel(kernels='xnnpack') outputs equal the default interpreter's (XNNPACK delegate), image by image."""
+  lite = E.TFLiteModel(blob)
+  want = np.concatenate([lite.raw(x[None]) for x in codes])
+  got = IntegerModel(blob, kernels="xnnpack").raw(codes)
+  d = np.abs(got.astype(np.int64) - want.reshape(got.shape))
+  assert d.max() == 0, f"{np.mean(d > 0):.2%} of output codes differ, by up to {d.max()}"
+
+
+def quantized(model, params, calib):
+  stats = fatq.calibrate(model, params, [calib])
+  return {"params": params, "quant_stats": stats, "quant": fatq.init_thresholds(model, params, stats, calib[:1])}
+
+
+@pytest.mark.parametrize("config", [PER_CHANNEL, W4A4_TENSOR], ids=["W8A8-channel", "W4A4-tensor"])
+def test_lenet_bit_exact_with_reference_kernels(mnist, lenet_params, config):
+  """LeNet-5 on 100 real MNIST test images: CONV_2D, MAX_POOL_2D, RESHAPE, FULLY_CONNECTED (per-tensor row) and the
+  4-bit rows' MINIMUM / MAXIMUM: every tensor equal to TFLite's reference kernels, codes and logits; the outputs
+  equal to the default (XNNPACK) kernels' with ``kernels='xnnpack'``."""
+  xtr, _, xte, _ = mnist
+  model = LeNet5(quant=config)
+  variables = quantized(model, lenet_params, xtr[:200])
+  blob = E.Exported(model, variables, xte[:1]).convert()
+  im = IntegerModel(blob)
+  ops = {o.name for o in im.ops}
+  assert ("FULLY_CONNECTED" in ops and "MINIMUM" in ops) if config is W4A4_TENSOR else "CONV_2D" in ops
+  assert_bit_exact(blob, im.quantize_input(xte[:100]))
+  assert_equal_to_xnnpack(blob, im.quantize_input(xte[:100]))
+  # float in, float out: the same logits as the interpreter's, in batches (the last one padded)
+  lite = E.TFLiteModel(blob, kernels="reference")
+  np.testing.assert_array_equal(IntegerModel(blob, batch_size=64)(xte[:100]), lite(xte[:100]))
+
+
+def test_mobilenet_v2_bit_exact_with_reference_kernels():
+  """The tiny MobileNet v2 (DEPTHWISE_CONV_2D, residual ADD, AVERAGE_POOL_2D) on real ImageNet images at 32 px."""
+  from fatq.data import imagenet
+  from fatq.models import mobilenet_v2
+  images = imagenet.val_set("fat", 32, 0, limit=24).images
+  float_model = mobilenet_v2.tiny()
+  params = float_model.init(jax.random.key(0), images[:1])["params"]
+  model = mobilenet_v2.tiny(quant=PER_CHANNEL)
+  variables = quantized(model, params, images)
+  blob = E.Exported(model, variables, images[:1]).convert()
+  im = IntegerModel(blob)
+  assert {"DEPTHWISE_CONV_2D", "ADD", "AVERAGE_POOL_2D"} <= {o.name for o in im.ops}
+  assert_bit_exact(blob, im.quantize_input(images))
+  assert_equal_to_xnnpack(blob, im.quantize_input(images))
+
+
+def test_refuses_what_it_cannot_compute(mnist, lenet_params, tmp_path):
+  xte = mnist[2]
+  float_blob = E.convert_float(E.float_function(LeNet5(), lenet_params, xte[:1]))
+  with pytest.raises(UnsupportedOpError, match="not a full-integer model"):
+    IntegerModel(float_blob)
+  bad = tmp_path / "model.tflite"
+  bad.write_bytes(b"not a flatbuffer at all")
+  with pytest.raises(ValueError, match="not a TFLite flatbuffer"):
+    IntegerModel(bad)
+  model = LeNet5(quant=PER_CHANNEL)
+  im = IntegerModel(E.Exported(model, quantized(model, lenet_params, mnist[0][:100]), xte[:1]).convert())
+  with pytest.raises(ValueError, match=r"the model takes \(batch,\) \+ \(28, 28, 1\)"):
+    im.raw(np.zeros((2, 32, 32, 1), np.int8))
+  with pytest.raises(ValueError, match="output='logits': no such tensor"):
+    IntegerModel(float_blob, output="logits")
