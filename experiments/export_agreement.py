@@ -79,12 +79,8 @@ def main():
         results.append(r)
       print(f"JAX {impl} pool={pool} bias={bias}: {time.time() - t0:.0f} s", flush=True)
   # Two correct implementations of the same model against each other: the floor of what agreement can mean here.
-  noise = {"TFLite XNNPACK vs TFLite builtin kernels": E.compare_logits(lite["XNNPACK"], lite["builtin"], labels, step,
-                                                                      data.label_offset)}
-  noise["TFLite XNNPACK vs TFLite reference kernels"] = E.compare_logits(lite["XNNPACK"], lite["reference"], labels,
-                                                                        step, data.label_offset)
-  noise["TFLite builtin vs TFLite reference kernels"] = E.compare_logits(lite["builtin"], lite["reference"], labels,
-                                                                        step, data.label_offset)
+  noise = {f"TFLite {a} vs TFLite {b} kernels": E.compare_logits(lite[a], lite[b], labels, step, data.label_offset)
+           for a, b in (("XNNPACK", "builtin"), ("XNNPACK", "reference"), ("builtin", "reference"))}
   from fatq.integer import IntegerModel
   for arithmetic, own in (("reference", "reference"), ("xnnpack", "XNNPACK")):
     t0 = time.time()

@@ -10,8 +10,9 @@ evaluation images as finetune.py does (fatq.tasks.prepare), and the orbax checkp
 writes to WORKDIR/rows/<row>/tflite (or --out). The report (printed, and saved as export_report.json) checks every
 tensor's scale / zero point read back from the file against thresholds.json, compares the interpreter with the JAX
 fake-quant model on the evaluation images (top-1, agreement, max logit difference in output steps), evaluates the file
-with TFLite's integer arithmetic in JAX (fatq.integer, checked against the interpreter's reference kernels on
---reference_images images) and gives file size and interpreter latency beside the float model's. See fatq/export.py and docs/export.md for the rules.
+with the interpreter's integer arithmetic in JAX (fatq.integer: XNNPACK's on all images, the reference kernels' on
+--reference_images) and gives file size and interpreter latency beside the float model's. See fatq/export.py and
+docs/export.md for the rules.
 """
 
 from __future__ import annotations

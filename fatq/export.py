@@ -1009,10 +1009,12 @@ class TFLiteModel:
     return self.interp.get_tensor(self.out["index"]).copy()
 
   def dequantize_output(self, y: np.ndarray) -> np.ndarray:
+    from fatq.integer import output_values
+
     if self.out["dtype"] == np.float32:
       return y.astype(np.float32)
     scale, zp = self.out["quantization"]
-    return ((y.astype(np.float64) - zp) * scale).astype(np.float32)
+    return output_values(y, scale, zp)
 
   @property
   def output_step(self) -> float:

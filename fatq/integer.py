@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["IntegerModel", "UnsupportedOpError", "input_codes", "quantize_multiplier",
+__all__ = ["IntegerModel", "UnsupportedOpError", "input_codes", "output_values", "quantize_multiplier",
            "multiply_by_quantized_multiplier"]
 
 
@@ -112,6 +112,11 @@ def input_codes(x: np.ndarray, scale, zero_point, dtype) -> np.ndarray:
   s, zp = np.float32(scale), int(zero_point)
   lo, hi = np.float32(info.min - zp) * s, np.float32(info.max - zp) * s
   return (np.floor((np.clip(x.astype(np.float32), lo, hi) - lo) / s + np.float32(0.5)) + info.min).astype(dtype)
+
+
+def output_values(y: np.ndarray, scale, zero_point) -> np.ndarray:
+  """Integer output codes -> float32 values ``(y - z) s``, computed in float64."""
+  return ((y.astype(np.float64) - int(zero_point)) * np.float64(scale)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -287,8 +292,6 @@ def _add(a, b, tensors, op):
 def _pool(x, tensors, op, kind: str):
   t_in, t_out = tensors[op.inputs[0]], tensors[op.outputs[0]]
   o = op.options
-  if kind == "avg" and (not np.allclose(t_in.scale, t_out.scale) or np.any(t_in.zero_point != t_out.zero_point)):
-    raise UnsupportedOpError(f"AVERAGE_POOL_2D {t_out.name!r} changes scale or zero point")
   window, strides = (1, o["filterHeight"], o["filterWidth"], 1), (1, o["strideH"], o["strideW"], 1)
   pad = _padding(o["padding"])
   if kind == "max":
@@ -361,7 +364,7 @@ def _check_integer_op(op: _Op, tensors: dict[int, _Tensor]) -> None:
       raise UnsupportedOpError(f"{op.name} tensor {t.name!r} is {t.dtype.__name__}"
                                + (" without quantization parameters" if t.dtype != np.float32 else "")
                                + ": not a full-integer model (export one with fatq.export)")
-  if op.name in ("MINIMUM", "MAXIMUM", "MAX_POOL_2D", "RESHAPE", "PAD"):
+  if op.name in ("MINIMUM", "MAXIMUM", "MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "PAD"):
     a, y = tensors[op.inputs[0]], tensors[op.outputs[0]]
     if not (np.array_equal(a.scale, y.scale) and np.array_equal(a.zero_point, y.zero_point)):
       raise UnsupportedOpError(f"{op.name} {y.name!r} changes scale or zero point, which IntegerModel does not do")
@@ -487,7 +490,7 @@ class IntegerModel:
     t = self.tensors[self.output]
     if t.dtype == np.float32:
       return y.astype(np.float32)
-    return ((y.astype(np.float64) - int(t.zero_point[0])) * np.float64(t.scale[0])).astype(np.float32)
+    return output_values(y, t.scale[0], t.zero_point[0])
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """Float images (N, H, W, C) -> float logits, in batches of ``batch_size`` (the last one padded)."""
