@@ -53,6 +53,7 @@ Schemes (``thresholds.json`` and the checks on the model's quantization modes):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,7 +66,7 @@ import jax
 import numpy as np
 
 from fatq.calibration import quant_ranges
-from fatq.layers import RELU6_BOUND, export_markers
+from fatq.layers import RELU6_BOUND, export_markers, integer_arithmetic
 
 Tree = Any
 SCHEMES = ("int8", "uint8")
@@ -96,6 +97,14 @@ class Point:
   qmin: int
   qmax: int
   channel_axis: int | None  # axis of the fatq tensor for per-channel points
+  # the grid of the fake-quant model (scale and zero point above may be changed for TFLite: dead channels, raised
+  # weight scales, symmetrized weights)
+  model_scale: np.ndarray | None = None
+  model_zero_point: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.model_scale is None:
+      self.model_scale, self.model_zero_point = np.array(self.scale), np.array(self.zero_point)
 
   @property
   def narrow(self) -> bool:
@@ -118,11 +127,47 @@ class Point:
   @property
   def carrier_min(self) -> np.ndarray:
     """The 8-bit range (same scale, zero point shifted by ``offset``) whose grid contains this point's grid."""
-    return ((self.qmin - self.zero_point - self.offset) * self.scale).astype(np.float32)
+    return self._carrier()[0]
 
   @property
   def carrier_max(self) -> np.ndarray:
-    return ((255 - self.zero_point - self.offset) * self.scale).astype(np.float32)
+    return self._carrier()[1]
+
+  def _carrier(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)``; ``hi`` (and ``lo = -hi`` of a symmetric range) moved by a few float32 ulps where needed so that
+    the converter, which computes the scale again from the limits, gets exactly ``scale`` (:func:`_limit_for_scale`)."""
+    lo = ((self.qmin - self.zero_point - self.offset) * self.scale).astype(np.float32)
+    hi = ((255 - self.zero_point - self.offset) * self.scale).astype(np.float32)
+    hi = _limit_for_scale(lo, hi, self.scale, 255 - self.qmin)
+    return (-hi if np.all(lo == -((255 - self.zero_point - self.offset) * self.scale).astype(np.float32)) else lo), hi
+
+
+def _limit_for_scale(lo: np.ndarray, hi: np.ndarray, scale: np.ndarray, levels: int, max_ulps: int = 16) -> np.ndarray:
+  """The float32 ``hi'`` nearest ``hi`` with ``(hi' - lo) / levels == scale`` in float32 and in float64 rounded to
+  float32 (the converter's fake-quant nudging; for a symmetric range ``lo = -hi`` this is ``hi' / (levels / 2)``).
+
+  ``(qmax - z) s`` rounded to float32 gives back ``s`` after that division only most of the time (measured: 2 of 120
+  channels of a LeNet-5 layer came out 1 ulp lower in model.tflite); the exported scale must be the trained one
+  exactly, for the file to compute what fatq's integer arithmetic does (``fatq.layers.integer_arithmetic``).
+  """
+  lo, hi, scale = (np.asarray(a, np.float32) for a in (lo, hi, scale))
+  symmetric = np.all(lo == -hi)
+
+  def exact(h):
+    low = -h if symmetric else lo
+    f32 = (h - low) / np.float32(levels)
+    f64 = ((h.astype(np.float64) - low.astype(np.float64)) / levels).astype(np.float32)
+    return (f32 == scale) & (f64 == scale)
+
+  best, found = hi.copy(), exact(hi)
+  for k in range(1, max_ulps + 1):
+    for direction in (np.inf, -np.inf):
+      h = hi
+      for _ in range(k):
+        h = np.nextafter(h, np.float32(direction))
+      ok = exact(h) & ~found
+      best, found = np.where(ok, h, best), found | ok
+  return best.astype(np.float32)
 
 
 def _points(ranges: dict[str, dict[str, np.ndarray]], weight_names: set[str]) -> dict[str, Point]:
@@ -310,11 +355,13 @@ class _Translator:
 
   def fq_weight(self, w, p):
     tf = self.tf
-    if p.bits < 8:
-      # n-bit weights: quantized here on their own grid, then stored as int8 codes of the same scale (the converter
-      # rejects sub-8-bit tensors): an exact subset of the int8 grid.
-      from fatq.quantizers import fake_quant
-      w = np.asarray(fake_quant(w, p.nudged_min, p.nudged_max, p.bits, p.narrow), np.float32)
+    # The fake-quant model's weights (on its own n-bit grid, correctly rounded division) go to TF, not the float
+    # ones: TF's fake quant multiplies by 1 / scale and rounded a near-tie weight the other way (measured: 1 weight
+    # of a MobileNet v1 layer). On the exported grid below they are then exact (n < 8 bits: stored as int8 codes of
+    # the same scale, the converter rejects sub-8-bit tensors: an exact subset of the int8 grid).
+    from fatq.quantizers import QuantParams, quantize
+    grid = QuantParams(p.model_scale, p.model_zero_point, p.qmin, p.qmax)
+    w = np.asarray((quantize(w, grid) - p.model_zero_point) * p.model_scale, np.float32)
     if p.scale.ndim:
       return tf.quantization.fake_quant_with_min_max_vars_per_channel(
           tf.constant(w), p.carrier_min, p.carrier_max, num_bits=8, narrow_range=p.narrow)
@@ -393,6 +440,12 @@ class _Translator:
         if c.size in (1, cout) and all(n == 1 for n in c.shape[:-1]):
           vec = np.broadcast_to(c.reshape(-1), (cout,)).astype(np.float32)
           info["bias"] = vec
+          if info["kernel"] in self.points and info["input"] in self.points:
+            # The converter gets the bias snapped to its int32 grid (codes x s_in s_w), so that it stores exactly the
+            # codes of thresholds.json: it recomputes s_in s_w in its own precision, and a float bias within ~1e-5
+            # codes of a tie then rounded the other way (measured: 1 channel of a MobileNet v1 depthwise layer).
+            s = np.float64(self.points[info["input"]].scale) * self.points[info["kernel"]].scale.astype(np.float64)
+            vec = (np.clip(np.round(vec / s), -(2**31 - 1), 2**31 - 1) * s).astype(np.float32)
           if cout > 1 and vec[0] != 0 and np.all(vec == vec[0]):
             # The converter stores an all-equal vector as a splat constant and then quantizes it with channel 0's
             # scale for every channel (SPEC §3 pitfall). One ulp on the last element keeps it a real vector; the
@@ -775,6 +828,12 @@ class Exported:
         w.scale = new
     return changed
 
+  def raised_weight_scales(self) -> dict[str, np.ndarray]:
+    """``{kernel point: all its scales}`` of the weight points exported with other scales than the model's: all-zero
+    channels (a usable scale instead of a degenerate one) and those of :meth:`_fit_weight_scales`."""
+    return {n: p.scale for n, p in self.points.items()
+            if p.kind == "weight" and not np.array_equal(p.scale, p.model_scale)}
+
   def biases(self):
     """``(layer, name, scale, int32 codes)`` of every layer bias: scale ``s_in * s_w`` per output channel (float64),
     codes ``round(b / scale)`` (what the converter stores)."""
@@ -1068,16 +1127,27 @@ def check_readback(model: str | os.PathLike | bytes, thresholds: dict) -> dict:
               max_scale_rel_diff=worst, mismatches=bad)
 
 
-def predict(model, variables: Tree, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
-  """JAX logits in batches (the last batch padded: one compiled shape)."""
-  fwd = jax.jit(lambda v, x: model.apply(v, x))
-  out = []
-  for i in range(0, len(images), batch_size):
-    x = images[i:i + batch_size]
-    n = len(x)
-    if n < batch_size and i:
-      x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
-    out.append(np.asarray(fwd(variables, x))[:n])
+def predict(model, variables: Tree, images: np.ndarray, batch_size: int = 50, arithmetic: str = "float",
+            float_layers: list | None = None, weight_scales: dict | None = None) -> np.ndarray:
+  """JAX logits in batches (the last batch padded: one compiled shape).
+
+  ``arithmetic='integer'`` evaluates the quantized model in the integer arithmetic of its TFLite export
+  (:func:`fatq.layers.integer_arithmetic`); the names of layers that could not be computed so are appended to
+  ``float_layers``; ``weight_scales``: the export's raised weight scales (:meth:`Exported.raised_weight_scales`).
+  ``'float'``: the float arithmetic of training."""
+  if arithmetic not in ("float", "integer"):
+    raise ValueError(f"arithmetic must be 'float' or 'integer', got {arithmetic!r}")
+  with (integer_arithmetic(weight_scales) if arithmetic == "integer" else contextlib.nullcontext()) as layers:
+    fwd = jax.jit(lambda v, x: model.apply(v, x))
+    out = []
+    for i in range(0, len(images), batch_size):
+      x = images[i:i + batch_size]
+      n = len(x)
+      if n < batch_size and i:
+        x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
+      out.append(np.asarray(fwd(variables, x))[:n])
+  if layers is not None and float_layers is not None:
+    float_layers.extend(sorted(set(layers.float) - set(float_layers)))
   return np.concatenate(out)
 
 
@@ -1167,11 +1237,17 @@ def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, i
   if hasattr(qmodel, "quantize_pool"):
     em = em.clone(quantize_pool=qmodel.quantize_pool)
   t0 = time.time()
-  jax_logits = predict(em, variables, images)
+  float_layers = []
+  jax_logits = predict(em, variables, images, arithmetic="integer", float_layers=float_layers,
+                       weight_scales=ex.raised_weight_scales())
   t_jax = time.time() - t0
-  np.savez_compressed(out / "logits.npz", jax=jax_logits, tflite=lite_logits, labels=labels)
+  jax_float_logits = predict(em, variables, images)
+  np.savez_compressed(out / "logits.npz", jax=jax_logits, jax_float_arithmetic=jax_float_logits, tflite=lite_logits,
+                      labels=labels)
   report["eval"] = compare_logits(jax_logits, lite_logits, labels, step, label_offset)
-  report["eval"].update(output_step=step, seconds_tflite=round(t_lite, 1), seconds_jax=round(t_jax, 1))
+  report["eval"].update(arithmetic="integer", layers_in_float=float_layers, output_step=step,
+                        seconds_tflite=round(t_lite, 1), seconds_jax=round(t_jax, 1))
+  report["eval_float_arithmetic"] = compare_logits(jax_float_logits, lite_logits, labels, step, label_offset)
   if integer_check:
     from fatq.integer import UnsupportedOpError
     try:
@@ -1238,15 +1314,24 @@ def format_report(r: dict) -> str:
   lines = [f"export report ({r['scheme']} scheme, {r['input_type']} in / {r['output_type']} out, bits {r['bits']}"
            + (f", pool on the grid of {r['pool_quantized_on']!r}" if r.get("pool_quantized_on") else "") + ")",
            f"  thresholds.json vs model.tflite: {r['readback']['matched']}/{r['readback']['tensors']} tensors equal",
-           f"  top-1 on {e['images']} images: JAX fake-quant {100 * e['top1_jax']:.2f}%, interpreter "
+           f"  top-1 on {e['images']} images: JAX fake-quant ({e.get('arithmetic', 'float')} arithmetic) "
+           f"{100 * e['top1_jax']:.2f}%, interpreter "
            f"{100 * e['top1_tflite']:.2f}% (diff {e['top1_diff_points']:+.2f} points, target |diff| <= 0.2: "
            f"{ok('top1_diff_points')})",
            f"  agreement {100 * e['agreement']:.2f}% (target >= 99.5%: {ok('agreement')}), max logit diff "
            f"{e['max_logit_diff_steps']:.2f} output steps (target <= 2: {ok('max_logit_diff_steps')}), logits equal "
            f"on {100 * e['logits_equal']:.1f}% of images"]
+  if e.get("layers_in_float"):
+    lines.append(f"  layers computed in float arithmetic (input or kernel not straight from a quantizer): "
+                 f"{', '.join(e['layers_in_float'])}")
   if e["jax_top2_tied"]:
     lines.append(f"  JAX top-2 logits tied on {100 * e['jax_top2_tied']:.2f}% of images; agreement on the others "
                  f"{100 * e['agreement_untied']:.2f}%, tie-aware agreement {100 * e['agreement_tie_aware']:.2f}%")
+  if "eval_float_arithmetic" in r:
+    f = r["eval_float_arithmetic"]
+    lines.append(f"  the same JAX model in the float arithmetic of training: top-1 {100 * f['top1_jax']:.2f}%, agreement "
+                 f"{100 * f['agreement']:.2f}% (tie-aware {100 * f['agreement_tie_aware']:.2f}%), max logit diff "
+                 f"{f['max_logit_diff_steps']:.2f} steps (near-tie rounding flips, amplified: docs/export.md)")
   if "integer" in r and "error" in r["integer"]:
     lines.append(f"  fatq integer model: not evaluated ({r['integer']['error']})")
   elif "integer" in r:

@@ -12,6 +12,13 @@ One model definition serves three roles, chosen by the variable collections it i
 Applying with ``mutable=['quant']`` creates the FAT factors at their initial values; ``mutable=['quant_ranges']``
 additionally records each point's final range (used by export).
 
+Within ``integer_arithmetic()`` the quantized model computes what the exported TFLite model computes, in its integer
+arithmetic: each convolution / dense layer whose input and kernel come straight from quantizers multiplies the integer
+codes into an int32 accumulator (plus the int32 bias) and requantizes it onto its output grid as the interpreter's
+default XNNPACK kernels do (``rint(float32(acc) * (sx sw / sy))``, ties to even). The same thresholds and variables,
+evaluated with the float arithmetic of training instead, differ from the interpreter by near-tie rounding flips that
+the network amplifies (docs/export.md). Training always uses the float arithmetic (its straight-through gradients).
+
 Convolutions have two implementations that compute the same numbers: ``impl='lax'`` (one
 ``lax.conv_general_dilated``, the form exported to TFLite) and ``impl='fast'`` (depthwise convolutions as a sum of
 shifted slices and 1x1 convolutions as ``einsum``), which XLA:CPU runs several times faster (SPEC §4).
@@ -27,6 +34,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fatq import quantizers
@@ -64,6 +72,93 @@ def export_markers():
     yield
   finally:
     _EXPORT_MARKERS.reset(token)
+
+
+# Integer arithmetic (evaluation only): while ``integer_arithmetic()`` is active, every uniform per-tensor activation
+# quantizer and every weight quantizer records the grid (scale) of the value it returns, keyed by the value itself, so
+# that the layer consuming it can recover the integer codes ``round(value / scale)`` exactly.
+_GRIDS = contextvars.ContextVar("fatq_integer_grids", default=None)
+
+
+class IntegerLayers:
+  """Which layers :func:`integer_arithmetic` computed in integer arithmetic, and which fell back to float (their input
+  or kernel did not come straight from a quantizer, or the layer has no uniform output quantizer)."""
+
+  def __init__(self, weight_scales=None, scheme: str = "int8"):
+    if scheme not in ("int8", "uint8"):
+      raise ValueError(f"scheme must be 'int8' or 'uint8', got {scheme!r}")
+    self.weight_scales = dict(weight_scales or {})
+    self.scheme = scheme
+    self.grids: dict[int, tuple[jax.Array, jax.Array, jax.Array]] = {}
+    self.integer: list[str] = []
+    self.float: list[str] = []
+
+
+@contextlib.contextmanager
+def integer_arithmetic(weight_scales: dict | None = None, scheme: str = "int8"):
+  """Evaluate quantized models in the integer arithmetic of their TFLite export (see the module docstring).
+
+  ``weight_scales``: ``{kernel point name: per-channel scales}`` that the export raised so that TFLite can use them
+  (``fatq.export.Exported.adjusted``: near-dead channels whose int32 bias codes would overflow); those layers'
+  kernels are taken on the raised grid, as the file stores them. ``scheme``: the stored codes, int8 or uint8 (it
+  decides which way the average pool's exact ties round).
+
+  Trace inside the context (``jax.jit`` caches traces: jit a new function here). Yields an :class:`IntegerLayers`
+  filled while tracing::
+
+      with integer_arithmetic() as layers:
+        logits = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
+      assert not layers.float
+  """
+  layers = IntegerLayers(weight_scales, scheme)
+  token = _GRIDS.set(layers)
+  try:
+    yield layers
+  finally:
+    _GRIDS.reset(token)
+
+
+def _set_grid(value: jax.Array, scale: jax.Array, zero_point: jax.Array) -> None:
+  """``value`` is ``(q - zero_point) scale`` with ``q`` the stored codes (int8 or uint8) of the export."""
+  layers = _GRIDS.get()
+  if layers is not None:  # the value is kept: its id cannot be reused while the context lives
+    layers.grids[id(value)] = (value, scale, zero_point)
+
+
+def _grid(value: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+  layers = _GRIDS.get()
+  entry = layers.grids.get(id(value)) if layers is not None else None
+  return entry[1:] if entry is not None and entry[0] is value else None
+
+
+def grid_of(value: jax.Array) -> jax.Array | None:
+  """The scale of the quantization grid ``value`` lies on, inside :func:`integer_arithmetic` (else None)."""
+  grid = _grid(value)
+  return None if grid is None else grid[0]
+
+
+def on_grid_of(source: jax.Array, value: jax.Array) -> jax.Array:
+  """``value``, computed from ``source`` by an op that keeps its values (max pool, reshape), stays on its grid."""
+  grid = _grid(source)
+  if grid is not None:
+    _set_grid(value, *grid)
+  return value
+
+
+def global_average_pool(x: jax.Array) -> jax.Array:
+  """The mean over the spatial axes of NHWC ``x``. In integer arithmetic, on a per-tensor grid, as TFLite's
+  AVERAGE_POOL_2D computes it: the stored codes' sum over ``n`` pixels, divided by ``n`` rounding half away from zero
+  (which the float mean, rounded by a quantizer afterwards, does not do at exact ties), on the same grid."""
+  grid = _grid(x)
+  if grid is None or grid[0].size != 1:
+    return jnp.mean(x, axis=(1, 2))
+  scale, zero_point = grid
+  n = x.shape[1] * x.shape[2]
+  total = jnp.sum(jnp.round(x / scale).astype(jnp.int32) + zero_point.astype(jnp.int32), axis=(1, 2))
+  codes = jnp.sign(total) * ((jnp.abs(total) + n // 2) // n)
+  y = (codes - zero_point).astype(jnp.float32) * scale
+  _set_grid(y, scale, zero_point)
+  return y
 
 
 ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "relu6": nn.relu6, "tanh": jnp.tanh}
@@ -104,7 +199,10 @@ class FakeQuant(nn.Module):
     return lo, hi, jnp.asarray(False)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, accumulator_scale: jax.Array | None = None, activation=None) -> jax.Array:
+    """Fake-quantize ``x``. With ``accumulator_scale`` (integer arithmetic, :func:`integer_arithmetic`): ``x`` is an
+    int32 accumulator in units of ``accumulator_scale``, requantized as XNNPACK does, ``rint(float32(x) *
+    (accumulator_scale / scale))``, then ``activation`` (a clamp on the grid) and the quantizer's clip."""
     axes = self._reduce_axes(x)
     if self.is_mutable_collection(STATS):
       keep = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
@@ -115,6 +213,9 @@ class FakeQuant(nn.Module):
       return x
     if not self.has_variable(STATS, "min"):
       return x  # float: not calibrated
+    if accumulator_scale is not None and (_EXPORT_MARKERS.get() or self.spec.kind != "uniform"):
+      raise ValueError(f"{'/'.join(self.path)}: an int32 accumulator can only be requantized by a calibrated uniform "
+                       "quantizer outside export")
     if _EXPORT_MARKERS.get():
       name = "/".join((*self.path[:-1], self.path[-1].removesuffix("_quant")))
       axis = self.spec.channel_axis % x.ndim if self.spec.per_channel else None
@@ -127,12 +228,29 @@ class FakeQuant(nn.Module):
       shape = [1] * x.ndim
       shape[self.spec.channel_axis % x.ndim] = -1
       lo, hi = lo.reshape(shape), hi.reshape(shape)
+    p = quantizers.nudge(lo, hi, self.spec.bits, narrow)
+    if accumulator_scale is not None:
+      if self.is_mutable_collection(RANGES):
+        raise ValueError(f"{'/'.join(self.path)}: integer arithmetic is for evaluation; record ranges outside "
+                         "integer_arithmetic()")
+      # XNNPACK's float32 multiplier, correctly rounded; the barrier keeps XLA from folding it into the product.
+      multiplier = lax.optimization_barrier(quantizers.exact_divide(accumulator_scale, p.scale))
+      codes = jnp.round(x.astype(jnp.float32) * multiplier)  # ties to even, as XNNPACK
+      x = (activation or ACTIVATIONS["none"])(codes * p.scale)  # on the grid: the fake quant below is exact
     if self.is_mutable_collection(RANGES):
-      p = quantizers.nudge(lo, hi, self.spec.bits, narrow)
       for name, value in dict(lo=lo, hi=hi, scale=p.scale, zero_point=p.zero_point, qmin=p.qmin,
                               qmax=p.qmax, bits=self.spec.bits).items():
         self.put_variable(RANGES, name, jnp.squeeze(jnp.asarray(value, jnp.float32)))
-    return quantizers.fake_quant(x, lo, hi, self.spec.bits, narrow)
+    layers = _GRIDS.get()
+    if layers is None:
+      out = quantizers.fake_quant(x, lo, hi, self.spec.bits, narrow)
+    else:  # evaluation: the same values, with the division correctly rounded (the interpreter's input codes)
+      out = (quantizers.quantize(x, p) - p.zero_point) * p.scale
+    if not self.spec.per_channel or self.spec.channel_axis % x.ndim == x.ndim - 1:  # a grid a layer can consume
+      if layers is not None:  # the stored codes: the n-bit grid's codes in an 8-bit carrier, signed for int8
+        carrier = 2 ** (self.spec.bits - 1) if layers.scheme == "int8" else 2 ** (self.spec.bits - 1) - 128
+        _set_grid(out, lax.optimization_barrier(p.scale), p.zero_point - carrier)
+    return out
 
 
 def quant_point(module: nn.Module, quant: QuantConfig | None, role: str, x: jax.Array) -> jax.Array:
@@ -140,16 +258,52 @@ def quant_point(module: nn.Module, quant: QuantConfig | None, role: str, x: jax.
 
   Call from inside a module's compact method: the quantizer becomes a submodule ``<role>_quant``.
   """
-  if quant is None:
-    return x
-  spec = quant.spec_for(point_name(module, role))
-  if spec is None:
-    return x
-  return FakeQuant(spec, name=f"{role}_quant")(x)
+  quantizer = quantizer_for(module, quant, role)
+  return x if quantizer is None else quantizer(x)
+
+
+def quantizer_for(module: nn.Module, quant: QuantConfig | None, role: str) -> FakeQuant | None:
+  """The quantizer of point ``<module path>/<role>`` (a submodule ``<role>_quant``), None if no rule quantizes it."""
+  spec = None if quant is None else quant.spec_for(point_name(module, role))
+  return None if spec is None else FakeQuant(spec, name=f"{role}_quant")
 
 
 def point_name(module: nn.Module, role: str) -> str:
   return "/".join((*module.path, role))
+
+
+def _integer_layer(module: nn.Module, x: jax.Array, kernel: jax.Array, contract, activation: str) -> jax.Array | None:
+  """A conv / dense layer's output in integer arithmetic (:func:`integer_arithmetic`), None outside it or where the
+  layer cannot be computed so (then it is listed in ``IntegerLayers.float``).
+
+  ``contract(x_codes, w_codes)`` is the layer's int32 convolution or matrix product. The accumulator gets the int32
+  bias ``round(b / (sx sw))`` (the exported bias: exact for snapped biases, :meth:`fatq.export.Exported.snap_biases`)
+  and goes to the output quantizer, which requantizes it with ``sx sw / sy`` as XNNPACK does.
+  """
+  layers = _GRIDS.get()
+  if layers is None:
+    return None
+  sx, sw = grid_of(x), grid_of(kernel)
+  out_spec = None if module.quant is None else module.quant.spec_for(point_name(module, "output"))
+  name = "/".join(module.path)
+  if (sx is None or sw is None or sx.size != 1 or out_spec is None or out_spec.kind != "uniform"
+      or activation not in ("none", "relu", "relu6") or module.has_variable("params", RELU6_BOUND)):
+    layers.float.append(name)
+    return None
+  raised = layers.weight_scales.get(point_name(module, "kernel"))
+  if raised is not None:
+    sw = jnp.asarray(raised, jnp.float32).reshape(sw.shape)
+  # codes relative to the zero point (x = (q - z) sx exactly up to float32 rounding, far below half a step)
+  acc = contract(jnp.round(x / sx).astype(jnp.int32), jnp.round(kernel / sw).astype(jnp.int32))
+  acc_scale = lax.optimization_barrier(sx.reshape(()) * sw.reshape(-1))  # float32 per output channel, XNNPACK's sx sw
+  if module.use_bias:
+    bias = module.param("bias", nn.initializers.zeros, (module.features,))
+    # clipped to int32 as the converter clips it (to the largest float32 below 2^31: the cast must not wrap)
+    limit = float(np.nextafter(np.float32(2**31), np.float32(0)))
+    acc = acc + jnp.clip(jnp.round(bias / acc_scale), -limit, limit).astype(jnp.int32)
+  layers.integer.append(name)
+  return FakeQuant(out_spec, name="output_quant")(acc, accumulator_scale=acc_scale,
+                                                  activation=ACTIVATIONS[activation])
 
 
 def _intrinsic_spec(module: nn.Module) -> QuantSpec | None:
@@ -308,6 +462,10 @@ class QConv(nn.Module):
       pads = _pads(x.shape[1:3], self.kernel_size, self.strides, self.padding)
       y = extra.intrinsic_conv(x, kernel, bias, self.strides, pads, intrinsic, extra.intrinsic_key(self, x, intrinsic))
     else:
+      y = _integer_layer(self, x, kernel, lambda a, b: conv2d(a, b, self.strides, self.padding, self.groups,
+                                                              self.impl), self.activation)
+      if y is not None:
+        return y
       y = conv2d(x, kernel, self.strides, self.padding, self.groups, self.impl)
       if self.use_bias:
         y = y + self.param("bias", nn.initializers.zeros, (self.features,))
@@ -340,6 +498,9 @@ class QDense(nn.Module):
       y = extra.intrinsic_matmul(flat, kernel, bias, intrinsic.bits, intrinsic.frac_bits, intrinsic.rounding,
                                  extra.intrinsic_key(self, x, intrinsic)).reshape(*x.shape[:-1], self.features)
     else:
+      y = _integer_layer(self, x, kernel, lambda a, b: a @ b, self.activation)
+      if y is not None:
+        return y
       y = x @ kernel
       if self.use_bias:
         y = y + self.param("bias", nn.initializers.zeros, (self.features,))

@@ -154,3 +154,54 @@ def test_refuses_what_it_cannot_compute(mnist, lenet_params, tmp_path):
     im.raw(np.zeros((2, 32, 32, 1), np.int8))
   with pytest.raises(ValueError, match="output='logits': no such tensor"):
     IntegerModel(float_blob, output="logits")
+
+
+def assert_integer_arithmetic_equals_interpreter(model, variables, images, eval_model=None):
+  """The fake-quant model itself, evaluated in integer arithmetic (``fatq.layers.integer_arithmetic``), gives the
+  default interpreter's logits exactly, with every layer in integer arithmetic."""
+  model, variables, _ = E.tie_pool(model, variables, images[:1], log=lambda *_: None)
+  ex = E.Exported(model, variables, images[:1])
+  blob = ex.convert()
+  variables = ex.snap_biases(variables)
+  float_layers = []
+  got = E.predict((eval_model or model).clone(quant=model.quant, **({"quantize_pool": model.quantize_pool}
+                                                                      if hasattr(model, "quantize_pool") else {})),
+                  variables, images, arithmetic="integer", float_layers=float_layers)
+  assert float_layers == []
+  want = E.TFLiteModel(blob)(images)
+  d = np.abs(got - want) / IntegerModel(blob).output_step
+  assert d.max() == 0, f"logits differ on {np.mean(np.any(d > 0, axis=1)):.1%} of images, by up to {d.max():.0f} steps"
+
+
+@pytest.mark.parametrize("config", [PER_CHANNEL, W4A4_TENSOR], ids=["W8A8-channel", "W4A4-tensor"])
+def test_lenet_integer_arithmetic_equals_interpreter(mnist, lenet_params, config):
+  xtr, _, xte, _ = mnist
+  model = LeNet5(quant=config)
+  assert_integer_arithmetic_equals_interpreter(model, quantized(model, lenet_params, xtr[:200]), xte[:500])
+
+
+def test_mobilenet_v2_integer_arithmetic_equals_interpreter():
+  """Depthwise and 1x1 convolutions in both forms ('lax' exported, 'fast' evaluated), residual adds, the pool."""
+  from fatq.data import imagenet
+  from fatq.models import mobilenet_v2
+  images = imagenet.val_set("fat", 32, 0, limit=24).images
+  params = mobilenet_v2.tiny().init(jax.random.key(0), images[:1])["params"]
+  model = mobilenet_v2.tiny(quant=PER_CHANNEL)
+  assert_integer_arithmetic_equals_interpreter(model, quantized(model, params, images), images,
+                                               eval_model=mobilenet_v2.tiny(impl="fast"))
+
+
+def test_integer_arithmetic_lists_layers_it_cannot_compute(mnist, lenet_params):
+  """A layer whose input is not on a quantizer's grid (here: no input quantizer) stays in float arithmetic, and is
+  named; outside the context nothing changes."""
+  xtr, _, xte, _ = mnist
+  config = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True), fatq.QuantSpec.fat(8, symmetric=False),
+                                    extra=[fatq.QuantRule("input", None)])
+  model = LeNet5(quant=config)
+  variables = quantized(model, lenet_params, xtr[:200])
+  float_layers = []
+  got = E.predict(model, variables, xte[:50], arithmetic="integer", float_layers=float_layers)
+  assert float_layers == ["conv1"]
+  assert np.mean(got.argmax(1) == E.predict(model, variables, xte[:50]).argmax(1)) >= 0.98
+  with pytest.raises(ValueError, match="arithmetic must be 'float' or 'integer'"):
+    E.predict(model, variables, xte[:2], arithmetic="int8")

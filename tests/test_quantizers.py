@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fatq import quantizers as Q
+from fatq import quantizers
 
 jax.config.update("jax_enable_x64", False)
 
@@ -164,3 +165,15 @@ def test_quantize_bias_int32():
 def test_bad_bits_rejected():
   with pytest.raises(ValueError, match="num_bits"):
     Q.fake_quant(jnp.zeros(3), -1.0, 1.0, 1)
+
+
+def test_exact_divide_is_correctly_rounded_under_jit():
+  """XLA:CPU divides by a broadcast scalar through its reciprocal (off by an ulp on ~5% of values); scales must be
+  the correctly rounded quotient, as numpy and the TFLite converter compute it."""
+  import jax
+  a = np.random.default_rng(0).uniform(0.1, 5, 100000).astype(np.float32)
+  want = a / np.float32(254)
+  assert np.any(np.asarray(jax.jit(lambda a: a / 254.0)(a)) != want)  # the rewrite this guards against
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: quantizers.exact_divide(a, 254))(a)), want)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: quantizers.nudge(-a, a, 8, True).scale)(a)),
+                                (a + a) / np.float32(254))

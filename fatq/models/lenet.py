@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 
 from fatq.config import QuantConfig
-from fatq.layers import QConv, QDense, quant_point
+from fatq.layers import QConv, QDense, on_grid_of, quant_point
 
 
 class LeNet5(nn.Module):
@@ -23,10 +23,10 @@ class LeNet5(nn.Module):
     q = self.quant
     x = quant_point(self, q, "input", x)
     x = QConv(6, (5, 5), padding="SAME", activation="relu", quant=q, name="conv1")(x)
-    x = nn.max_pool(x, (2, 2), (2, 2))  # max of grid values stays on the grid: no quantizer needed
+    x = on_grid_of(x, nn.max_pool(x, (2, 2), (2, 2)))  # max of grid values stays on the grid: no quantizer needed
     x = QConv(16, (5, 5), padding="VALID", activation="relu", quant=q, name="conv2")(x)
-    x = nn.max_pool(x, (2, 2), (2, 2))
-    x = x.reshape(x.shape[0], -1)
+    x = on_grid_of(x, nn.max_pool(x, (2, 2), (2, 2)))
+    x = on_grid_of(x, x.reshape(x.shape[0], -1))
     x = QDense(120, activation="relu", quant=q, name="fc1")(x)
     x = QDense(84, activation="relu", quant=q, name="fc2")(x)
     return QDense(self.num_classes, quant=q, name="fc3")(x)
