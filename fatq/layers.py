@@ -98,9 +98,9 @@ class IntegerLayers:
 def integer_arithmetic(weight_scales: dict | None = None, scheme: str = "int8"):
   """Evaluate quantized models in the integer arithmetic of their TFLite export (see the module docstring).
 
-  ``weight_scales``: ``{kernel point name: per-channel scales}`` that the export raised so that TFLite can use them
-  (``fatq.export.Exported.adjusted``: near-dead channels whose int32 bias codes would overflow); those layers'
-  kernels are taken on the raised grid, as the file stores them. ``scheme``: the stored codes, int8 or uint8 (it
+  ``weight_scales``: ``{kernel point name: per-channel scales}`` that the export changed so that TFLite can use them
+  (``fatq.export.Exported.raised_weight_scales()``: all-zero channels, near-dead channels whose int32 bias codes
+  would overflow); those layers' kernels are taken on the file's grid, as the file stores them. ``scheme``: the stored codes, int8 or uint8 (it
   decides which way the average pool's exact ties round).
 
   Trace inside the context (``jax.jit`` caches traces: jit a new function here). Yields an :class:`IntegerLayers`
@@ -233,7 +233,7 @@ class FakeQuant(nn.Module):
       if self.is_mutable_collection(RANGES):
         raise ValueError(f"{'/'.join(self.path)}: integer arithmetic is for evaluation; record ranges outside "
                          "integer_arithmetic()")
-      # XNNPACK's float32 multiplier, correctly rounded; the barrier keeps XLA from folding it into the product.
+      # XNNPACK's float32 multiplier sx sw / sy, correctly rounded (exact_divide: XLA rewrites float divisions)
       multiplier = lax.optimization_barrier(quantizers.exact_divide(accumulator_scale, p.scale))
       codes = jnp.round(x.astype(jnp.float32) * multiplier)  # ties to even, as XNNPACK
       x = (activation or ACTIVATIONS["none"])(codes * p.scale)  # on the grid: the fake quant below is exact

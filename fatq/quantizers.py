@@ -81,6 +81,8 @@ def exact_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
   arithmetic, which XLA does not rewrite: a long division of the 24-bit mantissas, rounded to nearest even. The
   gradient is that of ``a / b``.
   """
+  if jnp.result_type(a, b) != jnp.float32:  # float64 (x64 mode): no float32 scale to reproduce
+    return jnp.divide(a, b)
   a = jnp.asarray(a, jnp.float32)
   b = jnp.asarray(b, jnp.float32)
   return _exact_divide(*jnp.broadcast_arrays(a, b))
