@@ -67,6 +67,7 @@ import numpy as np
 
 from fatq.calibration import quant_ranges
 from fatq.layers import RELU6_BOUND, export_markers, integer_arithmetic
+from fatq.quantizers import QuantParams, quantize
 
 Tree = Any
 SCHEMES = ("int8", "uint8")
@@ -359,7 +360,6 @@ class _Translator:
     # ones: TF's fake quant multiplies by 1 / scale and rounded a near-tie weight the other way (measured: 1 weight
     # of a MobileNet v1 layer). On the exported grid below they are then exact (n < 8 bits: stored as int8 codes of
     # the same scale, the converter rejects sub-8-bit tensors: an exact subset of the int8 grid).
-    from fatq.quantizers import QuantParams, quantize
     grid = QuantParams(p.model_scale, p.model_zero_point, p.qmin, p.qmax)
     w = np.asarray((quantize(w, grid) - p.model_zero_point) * p.model_scale, np.float32)
     if p.scale.ndim:
@@ -828,11 +828,10 @@ class Exported:
         w.scale = new
     return changed
 
-  def raised_weight_scales(self) -> dict[str, np.ndarray]:
-    """``{kernel point: all its scales}`` of the weight points exported with other scales than the model's: all-zero
-    channels (a usable scale instead of a degenerate one) and those of :meth:`_fit_weight_scales`."""
-    return {n: p.scale for n, p in self.points.items()
-            if p.kind == "weight" and not np.array_equal(p.scale, p.model_scale)}
+  def grids(self) -> dict[str, QuantParams]:
+    """``{point name: QuantParams}``: every quantization point's grid as model.tflite stores it (scale, zero point on
+    the unsigned grid ``[qmin, qmax]``), for :func:`fatq.layers.integer_arithmetic`."""
+    return {n: QuantParams(p.scale, p.zero_point, p.qmin, p.qmax) for n, p in self.points.items()}
 
   def biases(self):
     """``(layer, name, scale, int32 codes)`` of every layer bias: scale ``s_in * s_w`` per output channel (float64),
@@ -1128,16 +1127,16 @@ def check_readback(model: str | os.PathLike | bytes, thresholds: dict) -> dict:
 
 
 def predict(model, variables: Tree, images: np.ndarray, batch_size: int = 50, arithmetic: str = "float",
-            float_layers: list | None = None, weight_scales: dict | None = None) -> np.ndarray:
+            float_layers: list | None = None, grids: dict | None = None, scheme: str = "int8") -> np.ndarray:
   """JAX logits in batches (the last batch padded: one compiled shape).
 
   ``arithmetic='integer'`` evaluates the quantized model in the integer arithmetic of its TFLite export
   (:func:`fatq.layers.integer_arithmetic`); the names of layers that could not be computed so are appended to
-  ``float_layers``; ``weight_scales``: the export's raised weight scales (:meth:`Exported.raised_weight_scales`).
+  ``float_layers``; ``grids``: the export's grids (:meth:`Exported.grids`), ``scheme`` its stored codes.
   ``'float'``: the float arithmetic of training."""
   if arithmetic not in ("float", "integer"):
     raise ValueError(f"arithmetic must be 'float' or 'integer', got {arithmetic!r}")
-  with (integer_arithmetic(weight_scales) if arithmetic == "integer" else contextlib.nullcontext()) as layers:
+  with (integer_arithmetic(grids, scheme) if arithmetic == "integer" else contextlib.nullcontext()) as layers:
     fwd = jax.jit(lambda v, x: model.apply(v, x))
     out = []
     for i in range(0, len(images), batch_size):
@@ -1238,8 +1237,8 @@ def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, i
     em = em.clone(quantize_pool=qmodel.quantize_pool)
   t0 = time.time()
   float_layers = []
-  jax_logits = predict(em, variables, images, arithmetic="integer", float_layers=float_layers,
-                       weight_scales=ex.raised_weight_scales())
+  jax_logits = predict(em, variables, images, arithmetic="integer", float_layers=float_layers, grids=ex.grids(),
+                       scheme=scheme)
   t_jax = time.time() - t0
   jax_float_logits = predict(em, variables, images)
   np.savez_compressed(out / "logits.npz", jax=jax_logits, jax_float_arithmetic=jax_float_logits, tflite=lite_logits,

@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["IntegerModel", "UnsupportedOpError", "input_codes", "output_values", "quantize_multiplier",
-           "multiply_by_quantized_multiplier"]
+__all__ = ["IntegerModel", "UnsupportedOpError", "add_codes", "input_codes", "output_values",
+           "quantize_multiplier", "multiply_by_quantized_multiplier"]
 
 
 class UnsupportedOpError(ValueError):
@@ -274,19 +274,27 @@ def _fully_connected(x, tensors, op, kernels: str = "reference"):
   return y.reshape((x.shape[0],) + t_out.shape[1:]) if op.options.get("keepNumDims") else y
 
 
-def _add(a, b, tensors, op):
-  t1, t2, t_out = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
+def add_codes(a, b, scale_a, scale_b, scale_out):
+  """TFLite's ADD on codes relative to their zero points (int64 arrays), float32 scales given as numbers: the sum's
+  codes relative to the output zero point, before the clamp. Each input ``a 2^20`` is scaled by
+  ``MBQM(., QM(s_a / (2 max(s_a, s_b))))``, the sum by ``MBQM(., QM(2 max(s_a, s_b) / (2^20 s_out)))``; the
+  multipliers are computed on the host, in float64 as the converter's kernel preparation does."""
   left_shift = 20
-  s1, s2, so = (np.float32(t.scale[0]) for t in (t1, t2, t_out))
+  s1, s2, so = (np.float32(s) for s in (scale_a, scale_b, scale_out))
   twice_max = np.float64(np.float32(2) * max(s1, s2))
   m1, e1 = quantize_multiplier(np.float64(s1) / twice_max)
   m2, e2 = quantize_multiplier(np.float64(s2) / twice_max)
   mo, eo = quantize_multiplier(twice_max / np.float64(np.float32(1 << left_shift) * so))
-  a = multiply_by_quantized_multiplier((a - int(t1.zero_point[0])) << left_shift, m1, e1)
-  b = multiply_by_quantized_multiplier((b - int(t2.zero_point[0])) << left_shift, m2, e2)
-  y = multiply_by_quantized_multiplier(a + b, mo, eo) + int(t_out.zero_point[0])
+  a = multiply_by_quantized_multiplier(jnp.asarray(a, jnp.int64) << left_shift, m1, e1)
+  b = multiply_by_quantized_multiplier(jnp.asarray(b, jnp.int64) << left_shift, m2, e2)
+  return multiply_by_quantized_multiplier(a + b, mo, eo)
+
+
+def _add(a, b, tensors, op):
+  t1, t2, t_out = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
+  y = add_codes(a - int(t1.zero_point[0]), b - int(t2.zero_point[0]), t1.scale[0], t2.scale[0], t_out.scale[0])
   lo, hi = _activation_range(t_out, op.options.get("fusedActivationFunction", 0))
-  return jnp.clip(y, lo, hi)
+  return jnp.clip(y + int(t_out.zero_point[0]), lo, hi)
 
 
 def _pool(x, tensors, op, kind: str):

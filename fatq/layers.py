@@ -82,12 +82,14 @@ _GRIDS = contextvars.ContextVar("fatq_integer_grids", default=None)
 
 class IntegerLayers:
   """Which layers :func:`integer_arithmetic` computed in integer arithmetic, and which fell back to float (their input
-  or kernel did not come straight from a quantizer, or the layer has no uniform output quantizer)."""
+  or kernel did not come straight from a quantizer, the layer has no uniform output quantizer, or a residual add
+  lacks the export's grids)."""
 
-  def __init__(self, weight_scales=None, scheme: str = "int8"):
+  def __init__(self, grids=None, scheme: str = "int8"):
     if scheme not in ("int8", "uint8"):
       raise ValueError(f"scheme must be 'int8' or 'uint8', got {scheme!r}")
-    self.weight_scales = dict(weight_scales or {})
+    self.exported = {name: quantizers.QuantParams(*(np.asarray(v, np.float32) for v in g[:2]), *g[2:])
+                     for name, g in (grids or {}).items()}
     self.scheme = scheme
     self.grids: dict[int, tuple[jax.Array, jax.Array, jax.Array]] = {}
     self.integer: list[str] = []
@@ -95,22 +97,26 @@ class IntegerLayers:
 
 
 @contextlib.contextmanager
-def integer_arithmetic(weight_scales: dict | None = None, scheme: str = "int8"):
+def integer_arithmetic(grids: dict | None = None, scheme: str = "int8"):
   """Evaluate quantized models in the integer arithmetic of their TFLite export (see the module docstring).
 
-  ``weight_scales``: ``{kernel point name: per-channel scales}`` that the export changed so that TFLite can use them
-  (``fatq.export.Exported.raised_weight_scales()``: all-zero channels, near-dead channels whose int32 bias codes
-  would overflow); those layers' kernels are taken on the file's grid, as the file stores them. ``scheme``: the stored codes, int8 or uint8 (it
-  decides which way the average pool's exact ties round).
+  ``grids``: ``{point name: QuantParams}``, the grid each quantization point has in the exported file
+  (:meth:`fatq.export.Exported.grids`). With them the evaluation uses the file's scales and zero points, bit for
+  bit: activations are computed on them, and weights (given to the converter on the model's grid) are re-quantized
+  onto them, as the converter does where it changed a scale (all-zero channels, near-dead channels whose int32 bias
+  codes would overflow, symmetrized weights). The model's own grids equal the file's up to a float32 ulp where XLA
+  compiles the threshold arithmetic differently; residual adds need the file's grids (their fixed-point multipliers
+  are computed on the host). Points without a grid here use the model's. ``scheme``: the stored codes, int8 or
+  uint8 (it decides which way the average pool's exact ties round).
 
   Trace inside the context (``jax.jit`` caches traces: jit a new function here). Yields an :class:`IntegerLayers`
   filled while tracing::
 
-      with integer_arithmetic() as layers:
+      with integer_arithmetic(exported.grids()) as layers:
         logits = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
       assert not layers.float
   """
-  layers = IntegerLayers(weight_scales, scheme)
+  layers = IntegerLayers(grids, scheme)
   token = _GRIDS.set(layers)
   try:
     yield layers
@@ -170,6 +176,7 @@ class FakeQuant(nn.Module):
   """Calibrates, then fake-quantizes one tensor according to ``spec`` (see the module docstring for the modes)."""
 
   spec: QuantSpec
+  weights: bool = False  # quantizes a layer's weights (see integer_arithmetic's grids)
 
   def _reduce_axes(self, x: jax.Array) -> tuple[int, ...]:
     if not self.spec.per_channel:
@@ -199,10 +206,11 @@ class FakeQuant(nn.Module):
     return lo, hi, jnp.asarray(False)
 
   @nn.compact
-  def __call__(self, x: jax.Array, accumulator_scale: jax.Array | None = None, activation=None) -> jax.Array:
-    """Fake-quantize ``x``. With ``accumulator_scale`` (integer arithmetic, :func:`integer_arithmetic`): ``x`` is an
-    int32 accumulator in units of ``accumulator_scale``, requantized as XNNPACK does, ``rint(float32(x) *
-    (accumulator_scale / scale))``, then ``activation`` (a clamp on the grid) and the quantizer's clip."""
+  def __call__(self, x: jax.Array, requantize=None, activation=None) -> jax.Array:
+    """Fake-quantize ``x``. With ``requantize`` (integer arithmetic, :func:`integer_arithmetic`): an integer op's
+    output, ``requantize(scale)`` giving its codes (relative to the zero point) on this quantizer's grid of
+    ``scale``; then ``activation`` (a monotone clamp: its bounds' codes, as TFLite's fused activations) and the
+    grid's clip."""
     axes = self._reduce_axes(x)
     if self.is_mutable_collection(STATS):
       keep = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
@@ -213,43 +221,48 @@ class FakeQuant(nn.Module):
       return x
     if not self.has_variable(STATS, "min"):
       return x  # float: not calibrated
-    if accumulator_scale is not None and (_EXPORT_MARKERS.get() or self.spec.kind != "uniform"):
-      raise ValueError(f"{'/'.join(self.path)}: an int32 accumulator can only be requantized by a calibrated uniform "
-                       "quantizer outside export")
+    if requantize is not None and (_EXPORT_MARKERS.get() or self.spec.kind != "uniform"):
+      raise ValueError(f"{'/'.join(self.path)}: an integer op's output can only be requantized by a calibrated "
+                       "uniform quantizer outside export")
+    name = "/".join((*self.path[:-1], self.path[-1].removesuffix("_quant"))) if self.path else ""  # its point
     if _EXPORT_MARKERS.get():
-      name = "/".join((*self.path[:-1], self.path[-1].removesuffix("_quant")))
       axis = self.spec.channel_axis % x.ndim if self.spec.per_channel else None
       return quant_marker_p.bind(x, name=name, channel_axis=axis)
     if self.spec.kind != "uniform":  # power of two, fixed point, LSQ: fatq.workbench.quantizers
       from fatq.workbench import quantizers as extra
       return extra.apply_spec(self, x)
     lo, hi, narrow = self.range()
+    shape = [1] * x.ndim if self.spec.per_channel else []
     if self.spec.per_channel:
-      shape = [1] * x.ndim
       shape[self.spec.channel_axis % x.ndim] = -1
       lo, hi = lo.reshape(shape), hi.reshape(shape)
     p = quantizers.nudge(lo, hi, self.spec.bits, narrow)
-    if accumulator_scale is not None:
-      if self.is_mutable_collection(RANGES):
+    if self.is_mutable_collection(RANGES):
+      if requantize is not None:
         raise ValueError(f"{'/'.join(self.path)}: integer arithmetic is for evaluation; record ranges outside "
                          "integer_arithmetic()")
-      # XNNPACK's float32 multiplier sx sw / sy, correctly rounded (exact_divide: XLA rewrites float divisions)
-      multiplier = lax.optimization_barrier(quantizers.exact_divide(accumulator_scale, p.scale))
-      codes = jnp.round(x.astype(jnp.float32) * multiplier)  # ties to even, as XNNPACK
-      x = (activation or ACTIVATIONS["none"])(codes * p.scale)  # on the grid: the fake quant below is exact
-    if self.is_mutable_collection(RANGES):
-      for name, value in dict(lo=lo, hi=hi, scale=p.scale, zero_point=p.zero_point, qmin=p.qmin,
-                              qmax=p.qmax, bits=self.spec.bits).items():
-        self.put_variable(RANGES, name, jnp.squeeze(jnp.asarray(value, jnp.float32)))
+      for key, value in dict(lo=lo, hi=hi, scale=p.scale, zero_point=p.zero_point, qmin=p.qmin,
+                             qmax=p.qmax, bits=self.spec.bits).items():
+        self.put_variable(RANGES, key, jnp.squeeze(jnp.asarray(value, jnp.float32)))
     layers = _GRIDS.get()
     if layers is None:
-      out = quantizers.fake_quant(x, lo, hi, self.spec.bits, narrow)
-    else:  # evaluation: the same values, with the division correctly rounded (the interpreter's input codes)
+      return quantizers.fake_quant(x, lo, hi, self.spec.bits, narrow)
+    # evaluation in integer arithmetic: the values on the grid, divisions correctly rounded (the file's codes)
+    exported = layers.exported.get(name)
+    if exported is not None:
+      if self.weights:  # the converter is given the model's weights (on its grid) and quantizes them on the file's
+        x = (quantizers.quantize(x, p) - p.zero_point) * p.scale
+      p = quantizers.QuantParams(exported.scale.reshape(shape), exported.zero_point.reshape(shape), *exported[2:])
+    if requantize is None:
       out = (quantizers.quantize(x, p) - p.zero_point) * p.scale
+    else:  # the activation (a monotone clamp) and the grid's clip on the codes: no per-element division
+      act = activation or ACTIVATIONS["none"]
+      lo_code, hi_code = (quantizers.quantize(act(v), p) - p.zero_point for v in (p.nudged_min, p.nudged_max))
+      out = jnp.clip(requantize(p.scale), lo_code, hi_code) * p.scale
     if not self.spec.per_channel or self.spec.channel_axis % x.ndim == x.ndim - 1:  # a grid a layer can consume
-      if layers is not None:  # the stored codes: the n-bit grid's codes in an 8-bit carrier, signed for int8
-        carrier = 2 ** (self.spec.bits - 1) if layers.scheme == "int8" else 2 ** (self.spec.bits - 1) - 128
-        _set_grid(out, lax.optimization_barrier(p.scale), p.zero_point - carrier)
+      # the stored codes: the n-bit grid's codes in an 8-bit carrier, signed for int8
+      carrier = 2 ** (self.spec.bits - 1) if layers.scheme == "int8" else 2 ** (self.spec.bits - 1) - 128
+      _set_grid(out, p.scale, p.zero_point - carrier)
     return out
 
 
@@ -265,7 +278,7 @@ def quant_point(module: nn.Module, quant: QuantConfig | None, role: str, x: jax.
 def quantizer_for(module: nn.Module, quant: QuantConfig | None, role: str) -> FakeQuant | None:
   """The quantizer of point ``<module path>/<role>`` (a submodule ``<role>_quant``), None if no rule quantizes it."""
   spec = None if quant is None else quant.spec_for(point_name(module, role))
-  return None if spec is None else FakeQuant(spec, name=f"{role}_quant")
+  return None if spec is None else FakeQuant(spec, weights=role == "kernel", name=f"{role}_quant")
 
 
 def point_name(module: nn.Module, role: str) -> str:
@@ -276,9 +289,10 @@ def _integer_layer(module: nn.Module, x: jax.Array, kernel: jax.Array, contract,
   """A conv / dense layer's output in integer arithmetic (:func:`integer_arithmetic`), None outside it or where the
   layer cannot be computed so (then it is listed in ``IntegerLayers.float``).
 
-  ``contract(x_codes, w_codes)`` is the layer's int32 convolution or matrix product. The accumulator gets the int32
-  bias ``round(b / (sx sw))`` (the exported bias: exact for snapped biases, :meth:`fatq.export.Exported.snap_biases`)
-  and goes to the output quantizer, which requantizes it with ``sx sw / sy`` as XNNPACK does.
+  ``contract(x_codes, w_codes)`` is the layer's convolution or matrix product (of integer codes, exact). The
+  accumulator gets the int32 bias ``round(b / (sx sw))`` (the exported bias: exact for snapped biases,
+  :meth:`fatq.export.Exported.snap_biases`) and goes to the output quantizer, which requantizes it with
+  ``sx sw / sy`` as XNNPACK does.
   """
   layers = _GRIDS.get()
   if layers is None:
@@ -290,20 +304,57 @@ def _integer_layer(module: nn.Module, x: jax.Array, kernel: jax.Array, contract,
       or activation not in ("none", "relu", "relu6") or module.has_variable("params", RELU6_BOUND)):
     layers.float.append(name)
     return None
-  raised = layers.weight_scales.get(point_name(module, "kernel"))
-  if raised is not None:
-    sw = jnp.asarray(raised, jnp.float32).reshape(sw.shape)
-  # codes relative to the zero point (x = (q - z) sx exactly up to float32 rounding, far below half a step)
-  acc = contract(jnp.round(x / sx).astype(jnp.int32), jnp.round(kernel / sw).astype(jnp.int32))
-  acc_scale = lax.optimization_barrier(sx.reshape(()) * sw.reshape(-1))  # float32 per output channel, XNNPACK's sx sw
+  # codes relative to the zero point (x = (q - z) sx exactly up to float32 rounding, far below half a step),
+  # contracted in float64: exact (|acc| < 2^53), and XLA:CPU's float convolutions are many times faster than its int32
+  with jax.enable_x64(True):
+    acc = contract(jnp.round(x / sx).astype(jnp.float64), jnp.round(kernel / sw).astype(jnp.float64))
+    acc = acc.astype(jnp.int32)
+  sx, sw = sx.reshape(()), sw.reshape(-1)
+  acc_scale = sx * sw  # float32 per output channel, XNNPACK's sx sw
   if module.use_bias:
-    bias = module.param("bias", nn.initializers.zeros, (module.features,))
-    # clipped to int32 as the converter clips it (to the largest float32 below 2^31: the cast must not wrap)
-    limit = float(np.nextafter(np.float32(2**31), np.float32(0)))
-    acc = acc + jnp.clip(jnp.round(bias / acc_scale), -limit, limit).astype(jnp.int32)
+    acc = acc + quantizers.quantize_bias(module.param("bias", nn.initializers.zeros, (module.features,)), sx, sw)
   layers.integer.append(name)
-  return FakeQuant(out_spec, name="output_quant")(acc, accumulator_scale=acc_scale,
-                                                  activation=ACTIVATIONS[activation])
+
+  def requantize(scale):  # XNNPACK: rint(float32(acc) * float32(sx sw / sy)), ties to even; exact_divide: XLA
+    return jnp.round(acc.astype(jnp.float32) * quantizers.exact_divide(acc_scale, scale))  # rewrites divisions
+
+  return FakeQuant(out_spec, name="output_quant")(acc, requantize=requantize, activation=ACTIVATIONS[activation])
+
+
+def residual_add(module: nn.Module, quant: QuantConfig | None, x: jax.Array, y: jax.Array) -> jax.Array:
+  """``x + y`` quantized at point ``<module path>/add`` (if a rule of ``quant`` quantizes it).
+
+  In :func:`integer_arithmetic` with the export's grids of both inputs and of the sum, TFLite's ADD: the fixed-point
+  sum of the codes (:func:`fatq.integer.add_codes`), which rounds unlike the float sum at near-ties. Without them
+  (or with per-channel inputs) the float sum, listed in ``IntegerLayers.float``."""
+  quantizer = quantizer_for(module, quant, "add")
+  if quantizer is None:
+    return x + y
+  layers, name = _GRIDS.get(), point_name(module, "add")
+  if layers is None:
+    return quantizer(x + y)
+  gx, gy, out = _grid(x), _grid(y), layers.exported.get(name)
+  scales = [_concrete(g[0]) for g in (gx, gy) if g is not None]
+  if len(scales) < 2 or any(s is None or s.size != 1 for s in scales) or out is None or out.scale.size != 1:
+    layers.float.append(name)
+    return quantizer(x + y)
+  from fatq import integer
+
+  def requantize(scale):
+    with jax.enable_x64(True):  # TFLite's fixed point needs 64-bit products
+      codes = [jnp.round(v / s).astype(jnp.int64) for v, s in zip((x, y), scales)]
+      return integer.add_codes(*codes, *scales, np.asarray(scale)).astype(jnp.float32)
+
+  layers.integer.append(name)
+  return quantizer(x + y, requantize=requantize)
+
+
+def _concrete(value) -> np.ndarray | None:
+  """``value`` as a numpy array if it is known while tracing (an exported grid), else None."""
+  try:
+    return np.asarray(value)
+  except jax.errors.TracerArrayConversionError:
+    return None
 
 
 def _intrinsic_spec(module: nn.Module) -> QuantSpec | None:

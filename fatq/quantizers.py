@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 INT32_MAX = 2**31 - 1
 
@@ -89,6 +90,7 @@ def exact_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
 
 
 @jax.custom_jvp
+@jax.jit  # one compiled loop per shape, also when called eagerly (calibration, export)
 def _exact_divide(a, b):
   negative, zero = (a < 0) ^ (b < 0), a == 0
   ia, ib = (jax.lax.bitcast_convert_type(jnp.abs(v), jnp.int32) for v in (a, b))
@@ -96,12 +98,15 @@ def _exact_divide(a, b):
   big = ma >= mb
   d = jnp.where(big, 2 * mb, mb)  # ma / d in [1/2, 1)
   exponent = ((ia >> 23) & 0xFF) - ((ib >> 23) & 0xFF) + 126 + big.astype(jnp.int32)
-  q, r = jnp.zeros_like(ma), ma
-  for _ in range(24):  # q = floor(ma 2^24 / d), 24 bits; r < d < 2^25
+
+  def step(_, qr):  # one bit of q = floor(ma 2^24 / d); r < d < 2^25
+    q, r = qr
     r = r * 2
     bit = r >= d
-    r = jnp.where(bit, r - d, r)
-    q = q * 2 + bit.astype(jnp.int32)
+    return q * 2 + bit.astype(jnp.int32), jnp.where(bit, r - d, r)
+
+  # a loop, not 24 unrolled steps: one per scale of every quantizer would make programs slow to compile
+  q, r = jax.lax.fori_loop(0, 24, step, (jnp.zeros_like(ma), ma))
   up = (2 * r > d) | ((2 * r == d) & (q % 2 == 1))  # to nearest, ties to even
   q = q + up.astype(jnp.int32)
   carry = q == 2**24
@@ -236,11 +241,10 @@ def asymmetric_range(shift: jax.Array, width: jax.Array, t_left: jax.Array, t_ri
   moved it out, so training and the exported model agree.
   """
   r = t_right - t_left
-  # The barriers are meant to keep XLA from contracting a * b + c into one fused multiply-add; they do not suffice
-  # (XLA:CPU drops them early): measured, one MobileNet v1 output scale came out 1 ulp apart in two compiled programs.
-  # Exact agreement with an exported file therefore goes through its own scales (docs/export.md).
-  lo = t_left + jax.lax.optimization_barrier(bounded(shift, *shift_bounds) * r)
-  return lo, lo + jax.lax.optimization_barrier(bounded(width, *width_bounds) * r)
+  # XLA may fuse a * b + c into one multiply-add in one compiled program and not in another (measured: a MobileNet v1
+  # output scale 1 ulp apart); exact agreement with an exported file goes through the file's grids (docs/export.md).
+  lo = t_left + bounded(shift, *shift_bounds) * r
+  return lo, lo + bounded(width, *width_bounds) * r
 
 
 def quantize_bias(bias: jax.Array, input_scale: jax.Array, weight_scale: jax.Array) -> jax.Array:
@@ -249,4 +253,7 @@ def quantize_bias(bias: jax.Array, input_scale: jax.Array, weight_scale: jax.Arr
   Returns the integer codes (as int32); multiply by ``input_scale * weight_scale`` for the dequantized bias.
   """
   codes = jnp.round(bias / (input_scale * weight_scale))
-  return jnp.clip(codes, -INT32_MAX, INT32_MAX).astype(jnp.int32)
+  # 2^31 - 1 is no float32 (a float32 clip to it gives 2^31, which int32 cannot hold): saturate after the cast
+  largest = float(np.nextafter(np.float32(2**31), np.float32(0)))
+  inside = jnp.clip(codes, -largest, largest).astype(jnp.int32)
+  return jnp.where(codes >= 2.0**31, INT32_MAX, jnp.where(codes <= -(2.0**31), -INT32_MAX, inside))

@@ -157,20 +157,22 @@ def test_refuses_what_it_cannot_compute(mnist, lenet_params, tmp_path):
 
 
 def assert_integer_arithmetic_equals_interpreter(model, variables, images, eval_model=None):
-  """The fake-quant model itself, evaluated in integer arithmetic (``fatq.layers.integer_arithmetic``), gives the
-  default interpreter's logits exactly, with every layer in integer arithmetic."""
+  """The fake-quant model itself, evaluated in integer arithmetic (``fatq.layers.integer_arithmetic``) with the
+  export's grids, gives the default interpreter's logits exactly, with every layer in integer arithmetic. Returns the
+  evaluated model and variables."""
   model, variables, _ = E.tie_pool(model, variables, images[:1], log=lambda *_: None)
   ex = E.Exported(model, variables, images[:1])
   blob = ex.convert()
   variables = ex.snap_biases(variables)
   float_layers = []
-  got = E.predict((eval_model or model).clone(quant=model.quant, **({"quantize_pool": model.quantize_pool}
-                                                                      if hasattr(model, "quantize_pool") else {})),
-                  variables, images, arithmetic="integer", float_layers=float_layers)
+  em = (eval_model or model).clone(quant=model.quant, **({"quantize_pool": model.quantize_pool}
+                                                         if hasattr(model, "quantize_pool") else {}))
+  got = E.predict(em, variables, images, arithmetic="integer", float_layers=float_layers, grids=ex.grids())
   assert float_layers == []
   want = E.TFLiteModel(blob)(images)
   d = np.abs(got - want) / IntegerModel(blob).output_step
   assert d.max() == 0, f"logits differ on {np.mean(np.any(d > 0, axis=1)):.1%} of images, by up to {d.max():.0f} steps"
+  return em, variables
 
 
 @pytest.mark.parametrize("config", [PER_CHANNEL, W4A4_TENSOR], ids=["W8A8-channel", "W4A4-tensor"])
@@ -187,8 +189,12 @@ def test_mobilenet_v2_integer_arithmetic_equals_interpreter():
   images = imagenet.val_set("fat", 32, 0, limit=24).images
   params = mobilenet_v2.tiny().init(jax.random.key(0), images[:1])["params"]
   model = mobilenet_v2.tiny(quant=PER_CHANNEL)
-  assert_integer_arithmetic_equals_interpreter(model, quantized(model, params, images), images,
-                                               eval_model=mobilenet_v2.tiny(impl="fast"))
+  em, variables = assert_integer_arithmetic_equals_interpreter(model, quantized(model, params, images), images,
+                                                               eval_model=mobilenet_v2.tiny(impl="fast"))
+  # without the export's grids the residual adds (whose fixed-point multipliers need them) stay float, and are named
+  float_layers = []
+  E.predict(em, variables, images[:4], arithmetic="integer", float_layers=float_layers)
+  assert float_layers == ["block2/add", "block4/add"]
 
 
 def test_integer_arithmetic_lists_layers_it_cannot_compute(mnist, lenet_params):

@@ -155,11 +155,13 @@ def test_range_off_zero_is_shifted_to_include_zero_keeping_its_width():
 
 
 def test_quantize_bias_int32():
-  b = jnp.array([0.5, -0.25, 1e9])
-  codes = Q.quantize_bias(b, jnp.float32(0.01), jnp.array([0.02, 0.05, 1e-9]))
+  b = jnp.array([0.5, -0.25, 1e9, -1e9])
+  codes = jax.jit(Q.quantize_bias)(b, jnp.float32(0.01), jnp.array([0.02, 0.05, 1e-9, 1e-9]))
   assert codes.dtype == jnp.int32
-  np.testing.assert_array_equal(np.asarray(codes[:2]), [2500, -500])
-  assert int(codes[2]) == 2**31 - 1  # saturates
+  # saturates at +-(2^31 - 1) as the converter does (not at float32's 2^31, which int32 cannot hold)
+  np.testing.assert_array_equal(np.asarray(codes), [2500, -500, 2**31 - 1, -(2**31 - 1)])
+  edge = jnp.array([2147483520.0, -2147483520.0])  # the largest float32 below 2^31 is a code as it is
+  np.testing.assert_array_equal(np.asarray(Q.quantize_bias(edge, jnp.float32(1), jnp.float32(1))), edge.astype(int))
 
 
 def test_bad_bits_rejected():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fatq.config import QuantConfig
-from fatq.layers import QConv, QDense, global_average_pool, quant_point
+from fatq.layers import QConv, QDense, global_average_pool, quant_point, residual_add
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -53,7 +53,7 @@ class InvertedResidual(nn.Module):
               activation=self.activation, quant=q, impl=self.impl, name="depthwise")(y)
     y = QConv(self.features, (1, 1), activation="none", quant=q, impl=self.impl, name="project")(y)
     if self.residual and self.stride == 1 and cin == self.features:
-      y = quant_point(self, q, "add", x + y)
+      y = residual_add(self, q, x, y)
     return y
 
 
