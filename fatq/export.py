@@ -1237,8 +1237,8 @@ def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, i
     em = em.clone(quantize_pool=qmodel.quantize_pool)
   t0 = time.time()
   float_layers = []
-  jax_logits = predict(em, variables, images, arithmetic="integer", float_layers=float_layers, grids=ex.grids(),
-                       scheme=scheme)
+  # the converter stores int8 codes inside the model in both schemes (uint8 only at its input / output): int8 rounding
+  jax_logits = predict(em, variables, images, arithmetic="integer", float_layers=float_layers, grids=ex.grids())
   t_jax = time.time() - t0
   jax_float_logits = predict(em, variables, images)
   np.savez_compressed(out / "logits.npz", jax=jax_logits, jax_float_arithmetic=jax_float_logits, tflite=lite_logits,
