@@ -1032,15 +1032,20 @@ class TFLiteModel:
 
   ``kernels``: 'xnnpack' (the interpreter's default: the XNNPACK delegate), 'builtin' (TFLite's optimized builtin
   kernels) or 'reference' (its reference kernels, which :class:`fatq.integer.IntegerModel` reproduces exactly).
-  The three do not compute the same integers (docs/export.md)."""
+  The three do not compute the same integers (docs/export.md). ``output``: a tensor (index or name) to stop at
+  instead of the model's output (:func:`fatq.integer.cut_model`), e.g. the logits before a SOFTMAX."""
 
   KERNELS = ("xnnpack", "builtin", "reference")
 
-  def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None, kernels: str = "xnnpack"):
+  def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None, kernels: str = "xnnpack",
+               output: int | str | None = None):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     if kernels not in self.KERNELS:
       raise ValueError(f"kernels={kernels!r}: choose one of {self.KERNELS}")
+    if output is not None:
+      from fatq.integer import cut_model
+      model = cut_model(model if isinstance(model, bytes) else Path(model).read_bytes(), output)
     kw = dict(model_content=model) if isinstance(model, bytes) else dict(model_path=str(model))
     if kernels != "xnnpack":
       kw["experimental_op_resolver_type"] = (OpResolverType.BUILTIN_REF if kernels == "reference"

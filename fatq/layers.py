@@ -324,9 +324,9 @@ def _integer_layer(module: nn.Module, x: jax.Array, kernel: jax.Array, contract,
 def residual_add(module: nn.Module, quant: QuantConfig | None, x: jax.Array, y: jax.Array) -> jax.Array:
   """``x + y`` quantized at point ``<module path>/add`` (if a rule of ``quant`` quantizes it).
 
-  In :func:`integer_arithmetic` with the export's grids of both inputs and of the sum, TFLite's ADD: the fixed-point
-  sum of the codes (:func:`fatq.integer.add_codes`), which rounds unlike the float sum at near-ties. Without them
-  (or with per-channel inputs) the float sum, listed in ``IntegerLayers.float``."""
+  In :func:`integer_arithmetic` with the export's grids of both inputs and of the sum, the XNNPACK delegate's ADD:
+  the fixed-point sum of the codes (:func:`fatq.integer.add_codes`), which rounds unlike the float sum at near-ties.
+  Without them (or with per-channel inputs) the float sum, listed in ``IntegerLayers.float``."""
   quantizer = quantizer_for(module, quant, "add")
   if quantizer is None:
     return x + y
@@ -343,10 +343,39 @@ def residual_add(module: nn.Module, quant: QuantConfig | None, x: jax.Array, y: 
   def requantize(scale):
     with jax.enable_x64(True):  # TFLite's fixed point needs 64-bit products
       codes = [jnp.round(v / s).astype(jnp.int64) for v, s in zip((x, y), scales)]
-      return integer.add_codes(*codes, *scales, np.asarray(scale)).astype(jnp.float32)
+      return integer.add_codes(*codes, *scales, np.asarray(scale), kernels="xnnpack").astype(jnp.float32)
 
   layers.integer.append(name)
   return quantizer(x + y, requantize=requantize)
+
+
+def requantized_mean(module: nn.Module, quant: QuantConfig | None, x: jax.Array) -> jax.Array:
+  """The mean over the spatial axes of NHWC ``x``, quantized at point ``<module path>/pool`` (if a rule of ``quant``
+  quantizes it): TFLite's MEAN with an output grid of its own (TF2 post-training quantization), or the pool on its
+  input's grid (:func:`fatq.export.tie_pool`: AVERAGE_POOL_2D).
+
+  In :func:`integer_arithmetic`, with ``x`` on a per-tensor grid ``sx``: on a grid of its own ``sy``, as the XNNPACK
+  delegate computes MEAN (measured equal on every pooled code of the MobileNet v2 PTQ int8 file), the sum of the
+  ``n`` codes requantized once, ``rint(float32(sum) * float32(sx / (n sy)))`` (rounding the mean onto ``x``'s grid
+  first would round twice); on ``x``'s grid, as AVERAGE_POOL_2D (:func:`global_average_pool`)."""
+  quantizer = quantizer_for(module, quant, "pool")
+  if quantizer is None:
+    return global_average_pool(x)
+  grid, layers = _grid(x), _GRIDS.get()
+  if layers is None or grid is None or grid[0].size != 1:
+    if layers is not None:
+      layers.float.append(point_name(module, "pool"))
+    return quantizer(jnp.mean(x, axis=(1, 2)))
+  n = x.shape[1] * x.shape[2]
+  sx = grid[0].reshape(())
+  total = jnp.sum(jnp.round(x / sx), axis=(1, 2))  # codes relative to the zero point: exact (|total| < 2^24)
+  pooled = global_average_pool(x)
+  layers.integer.append(point_name(module, "pool"))
+
+  def requantize(scale):  # the same scale: the same grid (tie_pool), where AVERAGE_POOL_2D rounds ties differently
+    return jnp.where(scale == sx, jnp.round(pooled / sx), jnp.round(total * quantizers.exact_divide(sx, n * scale)))
+
+  return quantizer(pooled, requantize=requantize)
 
 
 def _concrete(value) -> np.ndarray | None:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fatq.config import QuantConfig
-from fatq.layers import QConv, QDense, global_average_pool, quant_point, residual_add
+from fatq.layers import QConv, QDense, global_average_pool, requantized_mean, residual_add
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -64,9 +64,7 @@ def classify(module: nn.Module, x: jax.Array, num_classes: int, quant: QuantConf
   ``quantize_pool`` (opt-in, off by default) adds a quantization point ``pool`` for TFLite files whose MEAN operator
   requantizes to its own scale (TF2 post-training quantization), used to reproduce such files exactly.
   Call from a compact method: the dense layer becomes that module's child ``logits``."""
-  x = global_average_pool(x)
-  if quantize_pool:
-    x = quant_point(module, quant, "pool", x)
+  x = requantized_mean(module, quant, x) if quantize_pool else global_average_pool(x)
   return QDense(num_classes, quant=quant, name="logits")(x)
 
 

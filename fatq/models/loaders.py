@@ -450,6 +450,8 @@ class TFLiteQuantState(NamedTuple):
   model: Any  # the module with ``quant`` set (and ``quantize_pool`` when the file requantizes its pool)
   config: Any  # QuantConfig
   stats: dict  # quant_stats
+  grids: dict  # {point name: QuantParams}: the file's scales and zero points, for fatq.layers.integer_arithmetic
+  scheme: str  # the file's stored codes: 'int8' or 'uint8'
 
 
 def tflite_quant_state(model, path, image_size: int = 224, params=None) -> TFLiteQuantState:
@@ -457,8 +459,10 @@ def tflite_quant_state(model, path, image_size: int = 224, params=None) -> TFLit
 
   Activations (input, every conv/dense output, every residual add) get asymmetric 8-bit specs with the file's
   ``[(qmin - zp) s, (qmax - zp) s]`` as fixed (non-trainable) ranges; weights get per-channel symmetric specs
-  (int8 files) or per-tensor asymmetric ones (uint8 files) with the file's scales. ``nudge`` then recovers exactly
-  the file's scales and zero points.
+  (int8 files) or per-tensor asymmetric ones (uint8 files) with the file's scales. ``nudge`` then recovers the file's
+  scales and zero points (up to a float32 ulp of XLA's arithmetic); ``grids`` holds them as stored, so that
+  ``fatq.layers.integer_arithmetic(state.grids, state.scheme)`` evaluates the model in the file's own integer
+  arithmetic.
   """
   from fatq.config import QuantConfig, QuantRule, QuantSpec
 
@@ -489,6 +493,7 @@ def tflite_quant_state(model, path, image_size: int = 224, params=None) -> TFLit
       node = node[k]
     points.append((p.removesuffix("_quant"), node))
   stats: dict = {}
+  grids: dict = {}
   ci = ai = 0
   op = None
   for name, shapes in points:
@@ -501,7 +506,7 @@ def tflite_quant_state(model, path, image_size: int = 224, params=None) -> TFLit
         raise CheckpointError(f"{path}: no convolution operator left for {name}")
       op = convs[ci]
       ci += 1
-      wi = op["inputs"][1]
+      t = wi = op["inputs"][1]
       scales, zps, _ = g.qparams(wi)
       info = np.iinfo(g.tensors[wi]["dtype"])
       if per_channel:
@@ -509,16 +514,20 @@ def tflite_quant_state(model, path, image_size: int = 224, params=None) -> TFLit
       else:
         lo, hi = float((info.min - zps[0]) * scales[0]), float((info.max - zps[0]) * scales[0])
     elif role == "output":
-      lo, hi = g.range(op["outputs"][0])
+      t = op["outputs"][0]
+      lo, hi = g.range(t)
     elif role == "pool":
-      lo, hi = g.range(pools[-1]["outputs"][0])
+      t = pools[-1]["outputs"][0]
+      lo, hi = g.range(t)
     elif role == "add":
       if ai >= len(adds):
         raise CheckpointError(f"{path}: the model has a residual add {name} the file lacks")
-      lo, hi = g.range(adds[ai]["outputs"][0])
+      t = adds[ai]["outputs"][0]
+      lo, hi = g.range(t)
       ai += 1
     else:
       raise CheckpointError(f"no TFLite range for quantization point {name}")
+    grids[name] = _grid(g, t, narrow=role == "kernel" and per_channel)
     node = stats
     for k in name.split("/")[:-1]:
       node = node.setdefault(k, {})
@@ -526,7 +535,18 @@ def tflite_quant_state(model, path, image_size: int = 224, params=None) -> TFLit
                              "max": jnp.asarray(hi, jnp.float32).reshape(shapes["max"].shape)}
   if ci != len(convs) or ai != len(adds):
     raise CheckpointError(f"{path}: {len(convs)} conv and {len(adds)} add operators, the model matched {ci} and {ai}")
-  return TFLiteQuantState(qmodel, config, stats)
+  scheme = "uint8" if g.tensors[convs[0]["inputs"][1]]["dtype"] == np.uint8 else "int8"
+  return TFLiteQuantState(qmodel, config, stats, grids, scheme)
+
+
+def _grid(g: TFLiteGraph, t: int, narrow: bool):
+  """Tensor ``t``'s scale and zero point in fatq's terms (:class:`fatq.quantizers.QuantParams`: the zero point on
+  the unsigned grid ``[qmin, qmax]``, which is ``[1, 255]`` for narrow symmetric int8 weights)."""
+  from fatq.quantizers import QuantParams
+
+  scales, zps, _ = g.qparams(t)
+  shift = 128 if g.tensors[t]["dtype"] == np.int8 else 0
+  return QuantParams(scales.astype(np.float32), (zps + shift).astype(np.float32), 1 if narrow else 0, 255)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
