@@ -18,7 +18,8 @@ LOGITS_AT_8_BITS = [("fc3/output", dict(bits=8, symmetric=False))]
 
 def rows():
   """The table: ptq-lenet5.txt's settings (per-layer symmetric weights, asymmetric activations, min/max
-  calibration), then FAT at 8, 4 and 3 bits in scalar ("tensor") and vector ("channel") mode."""
+  calibration), then FAT at 8, 4 and 3 bits in scalar ("tensor") and vector ("channel") mode, and W4A4 again with
+  empirical bias correction of the quantized weights before calibration (fatq.equalize.correct_bias)."""
   ptq_paper = [dict(weight_bits=b, act_bits=0) for b in (16, 8)] + [
       dict(weight_bits=16, act_bits=16, act_symmetric=False)]  # W8A8 PTQ is the first row of the FAT rows
   fat = []
@@ -28,6 +29,7 @@ def rows():
       if b < 8:
         row.update(rules=LOGITS_AT_8_BITS, name=f"W{b}A{b}-{'channel' if pc else 'tensor'}-symW-asymA-logits8")
       fat.append(row)
+  fat += [dict(r, bias_correction=True, name=r["name"] + "-bc") for r in fat if r["weight_bits"] == 4]
   return ptq_paper + fat
 
 

@@ -124,7 +124,7 @@ def test_shipped_configs_pass_the_checks():
 ])
 def test_out_of_range_config_values(edit, message):
   cfg = _load_config("lenet5_mnist.py")
-  assert len(cfg.rows) == 9
+  assert len(cfg.rows) == 11
   edit(cfg)
   with pytest.raises(ValueError, match=message):
     experiment.check_config(cfg)

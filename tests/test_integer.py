@@ -91,13 +91,14 @@ def assert_bit_exact(blob, codes):
   return ours
 
 
-def assert_equal_to_xnnpack(blob, codes):
-  """IntegerModel(kernels='xnnpack') outputs equal the default interpreter's (XNNPACK delegate), image by image."""
-  lite = E.TFLiteModel(blob)
+def assert_equal_to_xnnpack(blob, codes, output=None):
+  """IntegerModel(kernels='xnnpack') outputs equal the default interpreter's (XNNPACK delegate), image by image;
+  ``output``: an inner tensor instead (the interpreter runs the model cut after it)."""
+  lite = E.TFLiteModel(blob, output=output)
   want = np.concatenate([lite.raw(x[None]) for x in codes])
-  got = IntegerModel(blob, kernels="xnnpack").raw(codes)
+  got = IntegerModel(blob, kernels="xnnpack", output=output).raw(codes)
   d = np.abs(got.astype(np.int64) - want.reshape(got.shape))
-  assert d.max() == 0, f"{np.mean(d > 0):.2%} of output codes differ, by up to {d.max()}"
+  assert d.max() == 0, f"{output}: {np.mean(d > 0):.2%} of output codes differ, by up to {d.max()}"
 
 
 def quantized(model, params, calib):
@@ -138,6 +139,10 @@ def test_mobilenet_v2_bit_exact_with_reference_kernels():
   assert {"DEPTHWISE_CONV_2D", "ADD", "AVERAGE_POOL_2D"} <= {o.name for o in im.ops}
   assert_bit_exact(blob, im.quantize_input(images))
   assert_equal_to_xnnpack(blob, im.quantize_input(images))
+  for add in (o for o in im.ops if o.name == "ADD"):  # XNNPACK's own ADD, before later layers can hide a flip
+    assert_equal_to_xnnpack(blob, im.quantize_input(images), output=add.outputs[0])
+  with pytest.raises(ValueError, match="output='nothing': no such tensor"):
+    E.TFLiteModel(blob, output="nothing")
 
 
 def test_refuses_what_it_cannot_compute(mnist, lenet_params, tmp_path):
