@@ -284,6 +284,8 @@ def add_codes(a, b, scale_a, scale_b, scale_out, kernels: str = "reference"):
   sum by ``MBQM(., QM(2 max(s_a, s_b) / (2^20 s_out)))``, the multipliers in float64 as the kernel preparation does.
   ``'xnnpack'`` (XNNPACK's qs8/qu8 add): ``r_a = float32(s_a / s_out)``, likewise ``r_b``, ``k = 20 - exponent(max(r_a,
   r_b))``, ``M_a = rint(r_a 2^k)`` (21 bits), and ``floor((a M_a + b M_b + 2^(k-1)) / 2^k)``: ties round up."""
+  if kernels not in ("reference", "xnnpack"):
+    raise ValueError(f"kernels={kernels!r}: choose 'reference' or 'xnnpack'")
   s1, s2, so = (np.float32(s) for s in (scale_a, scale_b, scale_out))
   a, b = jnp.asarray(a, jnp.int64), jnp.asarray(b, jnp.int64)
   if kernels == "xnnpack":

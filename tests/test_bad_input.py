@@ -109,11 +109,11 @@ def test_shipped_configs_pass_the_checks():
 
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c.rows.append(dict(weight_bits=33, act_bits=8)),
-     r"config.rows\[9\] \(W33A8-tensor-sym\): QuantSpec.bits must be an integer in 2..16, got 33"),
-    (lambda c: c.rows.append(dict(weight_bits=8, act_bits=1)), r"config.rows\[9\].*bits must be an integer in 2..16"),
+     r"config.rows\[11\] \(W33A8-tensor-sym\): QuantSpec.bits must be an integer in 2..16, got 33"),
+    (lambda c: c.rows.append(dict(weight_bits=8, act_bits=1)), r"config.rows\[11\].*bits must be an integer in 2..16"),
     (lambda c: c.rows.append(dict(weight_bits=8, rules=[("conv1/.*", dict(bits=8, scale_bounds=(1.0, 0.5)))])),
-     r"config.rows\[9\].*scale_bounds = \(1.0, 0.5\) is inverted: write it as \(low, high\)"),
-    (lambda c: c.rows.append(dict(weight_bitz=8)), r"config.rows\[9\].*unknown quantization option\(s\) \['weight_bitz'\]"),
+     r"config.rows\[11\].*scale_bounds = \(1.0, 0.5\) is inverted: write it as \(low, high\)"),
+    (lambda c: c.rows.append(dict(weight_bitz=8)), r"config.rows\[11\].*unknown quantization option\(s\) \['weight_bitz'\]"),
     (lambda c: setattr(c, "input_bits", 33), r"config.input_bits = 33: QuantSpec.bits must be an integer in 2..16"),
     (lambda c: c.fat.update(epochs=0), r"config.fat.epochs = 0: must be a positive integer"),
     (lambda c: c.fat.update(lr=-1e-3), r"config.fat.lr = -0.001: must be a positive learning rate"),
