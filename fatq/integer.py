@@ -311,6 +311,12 @@ def _add(a, b, tensors, op, kernels: str = "reference"):
   return jnp.clip(y + int(t_out.zero_point[0]), lo, hi)
 
 
+def divide_round_half_away(total: jax.Array, n) -> jax.Array:
+  """``round(total / n)`` in integers, ties away from zero, for ``n > 0``: how TFLite's AVERAGE_POOL_2D divides a
+  window's sum of codes by its size."""
+  return jnp.sign(total) * ((jnp.abs(total) + n // 2) // n)
+
+
 def _pool(x, tensors, op, kind: str):
   t_in, t_out = tensors[op.inputs[0]], tensors[op.outputs[0]]
   o = op.options
@@ -321,9 +327,7 @@ def _pool(x, tensors, op, kind: str):
   else:  # sum and count over the valid (unpadded) positions; round(sum / count) half away from zero
     total = lax.reduce_window(x, jnp.int64(0), lax.add, window, strides, pad)
     count = lax.reduce_window(jnp.ones(x.shape[:3] + (1,), jnp.int64), jnp.int64(0), lax.add, window, strides, pad)
-    half = count // 2
-    num = jnp.where(total > 0, total + half, total - half)
-    y = jnp.where(num >= 0, num // count, -((-num) // count))  # C division
+    y = divide_round_half_away(total, count)
   lo, hi = _activation_range(t_out, o.get("fusedActivationFunction", 0))
   return jnp.clip(y, lo, hi)
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fatq import quantizers
+from fatq import integer, quantizers
 from fatq.config import QuantConfig, QuantSpec
 
 STATS = "quant_stats"
@@ -161,7 +161,7 @@ def global_average_pool(x: jax.Array) -> jax.Array:
   scale, zero_point = grid
   n = x.shape[1] * x.shape[2]
   total = jnp.sum(jnp.round(x / scale).astype(jnp.int32) + zero_point.astype(jnp.int32), axis=(1, 2))
-  codes = jnp.sign(total) * ((jnp.abs(total) + n // 2) // n)
+  codes = integer.divide_round_half_away(total, n)
   y = (codes - zero_point).astype(jnp.float32) * scale
   _set_grid(y, scale, zero_point)
   return y
@@ -338,7 +338,6 @@ def residual_add(module: nn.Module, quant: QuantConfig | None, x: jax.Array, y: 
   if len(scales) < 2 or any(s is None or s.size != 1 for s in scales) or out is None or out.scale.size != 1:
     layers.float.append(name)
     return quantizer(x + y)
-  from fatq import integer
 
   def requantize(scale):
     with jax.enable_x64(True):  # TFLite's fixed point needs 64-bit products

@@ -8,7 +8,8 @@ import pytest
 
 import fatq
 from fatq import export as E
-from fatq.integer import IntegerModel, UnsupportedOpError, multiply_by_quantized_multiplier, quantize_multiplier
+from fatq.integer import (IntegerModel, UnsupportedOpError, divide_round_half_away, multiply_by_quantized_multiplier,
+                          quantize_multiplier)
 from fatq.layers import integer_arithmetic
 from fatq.models import LeNet5
 
@@ -62,6 +63,17 @@ def test_multiply_by_quantized_multiplier_rounds_like_tflite():
   # 35.5 * 2^9, which the shift then rounds away from zero (an accumulator of a LeNet FULLY_CONNECTED layer)
   assert int(mbqm(21859, 0.0016240316135624616)) == 36
   assert int(mbqm(21859, 0.0016240316135624616, True)) == 35
+
+
+def test_divide_round_half_away():
+  """AVERAGE_POOL_2D's division of a window sum by its size: the nearest integer, exact ties away from zero."""
+  from fractions import Fraction
+  total, n = np.meshgrid(np.arange(-60, 61), np.arange(1, 10))
+  got = np.asarray(divide_round_half_away(total, n))
+  want = [[int(np.sign(t)) * int(abs(Fraction(int(t), int(k))) + Fraction(1, 2)) for t, k in zip(ts, ks)]
+          for ts, ks in zip(total, n)]
+  np.testing.assert_array_equal(got, want)
+  assert got[1, np.flatnonzero(total[1] == 3)[0]] == 2 and got[1, np.flatnonzero(total[1] == -3)[0]] == -2  # +-1.5
 
 
 def reference_interpreter(blob):
