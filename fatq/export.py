@@ -66,6 +66,7 @@ import jax
 import numpy as np
 
 from fatq.calibration import quant_ranges
+from fatq.integer import IntegerModel, UnsupportedOpError, cut_model, input_codes, output_values
 from fatq.layers import RELU6_BOUND, export_markers, integer_arithmetic
 from fatq.quantizers import QuantParams, quantize
 
@@ -1044,7 +1045,6 @@ class TFLiteModel:
     if kernels not in self.KERNELS:
       raise ValueError(f"kernels={kernels!r}: choose one of {self.KERNELS}")
     if output is not None:
-      from fatq.integer import cut_model
       model = cut_model(model if isinstance(model, bytes) else Path(model).read_bytes(), output)
     kw = dict(model_content=model) if isinstance(model, bytes) else dict(model_path=str(model))
     if kernels != "xnnpack":
@@ -1057,8 +1057,6 @@ class TFLiteModel:
     self.out = self.interp.get_output_details()[0]
 
   def quantize_input(self, x: np.ndarray) -> np.ndarray:
-    from fatq.integer import input_codes
-
     dt = self.inp["dtype"]
     if dt == np.float32:
       return x.astype(np.float32)
@@ -1072,8 +1070,6 @@ class TFLiteModel:
     return self.interp.get_tensor(self.out["index"]).copy()
 
   def dequantize_output(self, y: np.ndarray) -> np.ndarray:
-    from fatq.integer import output_values
-
     if self.out["dtype"] == np.float32:
       return y.astype(np.float32)
     scale, zp = self.out["quantization"]
@@ -1253,7 +1249,6 @@ def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, i
                         seconds_tflite=round(t_lite, 1), seconds_jax=round(t_jax, 1))
   report["eval_float_arithmetic"] = compare_logits(jax_float_logits, lite_logits, labels, step, label_offset)
   if integer_check:
-    from fatq.integer import UnsupportedOpError
     try:
       report["integer"] = _integer_check(out / "model.tflite", images, labels, jax_logits, lite_logits, step,
                                          label_offset, reference_images)
@@ -1287,8 +1282,6 @@ def _integer_check(model_path, images, labels, jax_logits, lite_logits, step, la
   """The file evaluated by fatq.integer.IntegerModel: with the XNNPACK delegate's arithmetic against the interpreter
   (its default kernels, as ``lite_logits``) and the JAX fake-quant model on all images; with the reference kernels'
   arithmetic against the interpreter's reference kernels on the first ``reference_images``. Expected: equal."""
-  from fatq.integer import IntegerModel
-
   keep = ("agreement", "agreement_tie_aware", "max_logit_diff_steps", "mean_logit_diff_steps", "logits_equal")
   cmp = lambda a, b: {k: v for k, v in compare_logits(a, b, labels[:len(a)], step, label_offset).items() if k in keep}
   t0 = time.time()
