@@ -10,16 +10,26 @@ one-minute smoke run (1 float epoch, 3000 FAT images, two rows). Data: ``$FATQ_D
 import ml_collections
 
 
-# Below 8 bits the logits stay at 8 bits, as the input image does: the usual convention for low-bit rows (first and
-# last layers at 8 bits; here only the output tensor). 16 logit levels tie the top classes: with 4-bit logits FAT
+# Below 8 bits the logits stay at 8 bits, as the input image does (the last rows keep the whole first and last layers
+# at 8 bits, the usual convention for low-bit rows). 16 logit levels tie the top classes: with 4-bit logits FAT
 # W4A4 loses a further 1.0 point of Fashion-MNIST top-1 (README, Results).
 LOGITS_AT_8_BITS = [("fc3/output", dict(bits=8, symmetric=False))]
 
 
+def ends_at_8_bits(per_channel: bool):
+  """The usual convention for low-bit rows: the first and last layers at 8 bits (conv1's weights; fc3's weights and
+  its input, fc2/output; the image and the logits are 8-bit already)."""
+  return [("conv1/kernel", dict(bits=8, per_channel=per_channel)),
+          ("fc3/kernel", dict(bits=8, per_channel=per_channel)),
+          ("fc2/output", dict(bits=8, symmetric=False))]
+
+
 def rows():
   """The table: ptq-lenet5.txt's settings (per-layer symmetric weights, asymmetric activations, min/max
-  calibration), then FAT at 8, 4 and 3 bits in scalar ("tensor") and vector ("channel") mode, and W4A4 again with
-  empirical bias correction of the quantized weights before calibration (fatq.equalize.correct_bias)."""
+  calibration), then FAT at 8, 4 and 3 bits in scalar ("tensor") and vector ("channel") mode, W4A4 again with
+  empirical bias correction of the quantized weights before calibration (fatq.equalize.correct_bias), and W4A4 with
+  the first and last layers at 8 bits, bias correction and learned bias offsets (``learn_biases``: FAT trains an
+  offset per bias beside the thresholds)."""
   ptq_paper = [dict(weight_bits=b, act_bits=0) for b in (16, 8)] + [
       dict(weight_bits=16, act_bits=16, act_symmetric=False)]  # W8A8 PTQ is the first row of the FAT rows
   fat = []
@@ -29,7 +39,10 @@ def rows():
       if b < 8:
         row.update(rules=LOGITS_AT_8_BITS, name=f"W{b}A{b}-{'channel' if pc else 'tensor'}-symW-asymA-logits8")
       fat.append(row)
-  fat += [dict(r, bias_correction=True, name=r["name"] + "-bc") for r in fat if r["weight_bits"] == 4]
+  w4a4 = [r for r in fat if r["weight_bits"] == 4]
+  fat += [dict(r, bias_correction=True, name=r["name"] + "-bc") for r in w4a4]
+  fat += [dict(r, bias_correction=True, learn_biases=True, rules=r["rules"] + ends_at_8_bits(r["per_channel"]),
+               name=r["name"].replace("-logits8", "-ends8-bc-learnbias")) for r in w4a4]
   return ptq_paper + fat
 
 

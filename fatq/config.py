@@ -99,18 +99,35 @@ class QuantRule:
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-  """An ordered tuple of rules; the first match wins. Hashable, so it can be a Flax module attribute."""
+  """An ordered tuple of rules; the first match wins. Hashable, so it can be a Flax module attribute.
+
+  ``learn_biases``: a regular expression on layer names (``conv1``, ``fc2``, ``block3/expand``; None: no layer).
+  Each matching layer's bias gets a learned offset, ``b' = b + delta`` with ``delta`` (zeros at the start) in the
+  ``quant`` collection next to the FAT factors, so that fine-tuning also corrects the mean error that rounding the
+  weights and activations puts into each output channel (bias correction, learned by distillation instead of measured).
+  :func:`fatq.layers.fold_bias_offsets` moves the offsets into the biases (for checkpoints and export).
+  """
 
   rules: tuple[QuantRule, ...] = ()
+  learn_biases: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "rules", tuple(self.rules))
+    if self.learn_biases is not None:
+      try:
+        re.compile(self.learn_biases)
+      except (re.error, TypeError) as e:
+        raise ValueError(f"learn_biases {self.learn_biases!r} is not a regular expression of layer names: {e}") \
+            from None
 
   def spec_for(self, name: str) -> QuantSpec | None:
     for rule in self.rules:
       if re.fullmatch(rule.pattern, name):
         return rule.spec
     return None
+
+  def learns_bias(self, layer: str) -> bool:
+    return self.learn_biases is not None and re.fullmatch(self.learn_biases, layer) is not None
 
   def check_matches(self, names: Iterable[str]) -> None:
     """Raise if a rule matches none of the model's quantization points (almost always a typo in a pattern)."""
@@ -120,6 +137,10 @@ class QuantConfig:
         close = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise ValueError(f"quantization rule {rule.pattern!r} matches no tensor of this model; "
                          f"its quantization points are named like: {close}")
+    layers = sorted({n.rpartition("/")[0] for n in names if "/" in n})
+    if self.learn_biases is not None and not any(self.learns_bias(l) for l in layers):
+      raise ValueError(f"learn_biases {self.learn_biases!r} matches no layer of this model; its layers are named "
+                       f"like: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}")
 
   @classmethod
   def uniform(cls, weight: QuantSpec | None, activation: QuantSpec | None,
@@ -130,10 +151,12 @@ class QuantConfig:
   @classmethod
   def from_dict(cls, cfg) -> "QuantConfig":
     """Build from a config dict: ``weight_bits``, ``act_bits`` (0 or None = float), ``per_channel``, ``symmetric``,
-    ``variant``, ``act_symmetric`` (defaults to ``symmetric``), ``trainable`` and optional ``rules``
-    (a list of ``(pattern, spec-dict or None)`` that take precedence)."""
+    ``variant``, ``act_symmetric`` (defaults to ``symmetric``), ``trainable``, optional ``rules``
+    (a list of ``(pattern, spec-dict or None)`` that take precedence) and ``learn_biases`` (True: every layer, or a
+    pattern of layer names; False / None: none)."""
     cfg = dict(cfg)
-    known = {"weight_bits", "act_bits", "per_channel", "symmetric", "act_symmetric", "variant", "trainable", "rules"}
+    known = {"weight_bits", "act_bits", "per_channel", "symmetric", "act_symmetric", "variant", "trainable", "rules",
+             "learn_biases"}
     unknown = set(cfg) - known
     if unknown:
       raise ValueError(f"unknown quantization option(s) {sorted(unknown)}; known options: {sorted(known)}")
@@ -143,4 +166,8 @@ class QuantConfig:
     weight = QuantSpec.fat(wb, symmetric=symmetric, per_channel=cfg.get("per_channel", False), **common) if wb else None
     act = QuantSpec.fat(ab, symmetric=cfg.get("act_symmetric", symmetric), **common) if ab else None
     extra = [QuantRule(p, None if s is None else QuantSpec(**s)) for p, s in cfg.get("rules", ())]
-    return cls.uniform(weight, act, extra)
+    learn = cfg.get("learn_biases", None)
+    if not (learn is None or isinstance(learn, (bool, str))):
+      raise ValueError(f"learn_biases must be True, False or a pattern of layer names, got {learn!r}")
+    learn = ".*" if learn is True else (learn or None)
+    return dataclasses.replace(cls.uniform(weight, act, extra), learn_biases=learn)

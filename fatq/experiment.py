@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fatq import calibration, equalize, plots, training
+from fatq import calibration, equalize, layers, plots, training
 from fatq.config import QuantConfig, QuantRule, QuantSpec
 from fatq.layers import STATS, THRESHOLDS
 
@@ -97,6 +97,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"equalize must be one of {EQUALIZE_MODES}, got {row.get('equalize')!r}")
       if not isinstance(row.get("bias_correction", False), bool):
         raise ValueError(f"bias_correction must be True or False, got {row.get('bias_correction')!r}")
+      if row.get("learn_biases", False) and not row.get("fat", False):
+        raise ValueError("learn_biases: the bias offsets are learned by FAT fine-tuning; set fat=True on this row")
       if row.get("bias_correction", row.get("equalize", False)) and not row.get("weight_bits", 8):
         raise ValueError("bias_correction corrects the error of quantized weights: it needs weight_bits")
     except (ValueError, TypeError) as e:
@@ -174,7 +176,7 @@ def quant_config(row: ml_collections.ConfigDict, base_rules=()) -> QuantConfig:
   """The QuantConfig of one experiment row; ``base_rules`` (e.g. the 8-bit input image) take precedence."""
   opts = {k: v for k, v in row.items() if k not in ("fat", "name", *DFQ_KEYS)}
   cfg = QuantConfig.from_dict(opts)
-  return QuantConfig(tuple(base_rules) + cfg.rules)
+  return dataclasses.replace(cfg, rules=tuple(base_rules) + cfg.rules)
 
 
 def row_name(row) -> str:
@@ -185,7 +187,8 @@ def row_name(row) -> str:
   a_sym = row.get("act_symmetric", w_sym)
   sym = ("sym" if w_sym else "asym") if w_sym == a_sym or not row.get("act_bits", 8) else \
       f"{'sym' if w_sym else 'asym'}W-{'sym' if a_sym else 'asym'}A"
-  return f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}{dfq_suffix(row)}"
+  learned = "-learnbias" if row.get("learn_biases", False) else ""
+  return f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}{dfq_suffix(row)}{learned}"
 
 
 def dfq_suffix(row) -> str:
@@ -314,14 +317,15 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
       teacher_train = training.predict(model, {"params": params}, data.train, bs)
       teacher_holdout = training.predict(model, {"params": params}, data.holdout, bs)
     thresholds = calibration.init_thresholds(qmodel, qparams, stats, data.calibration[:1])
-    log(f"{name}: fine-tuning {calibration.count(thresholds)} threshold factors on {len(data.train)} "
-        "unlabeled images")
+    offsets = calibration.count(layers.bias_offsets(thresholds))
+    log(f"{name}: fine-tuning {calibration.count(thresholds) - offsets} threshold factors"
+        f"{f' and {offsets} bias offsets' if offsets else ''} on {len(data.train)} unlabeled images")
     row_dir = os.path.join(workdir, "rows", name)
     os.makedirs(row_dir, exist_ok=True)
     best, history = training.finetune(qmodel, frozen, thresholds, data.train, teacher_train,
                                       (data.holdout, teacher_holdout), cfg.fat, workdir=row_dir, resume=resume,
                                       log=log, progress=progress)
-    variables = {**frozen, THRESHOLDS: best}
+    variables = layers.fold_bias_offsets({**frozen, THRESHOLDS: best})  # learned bias offsets into the biases
     with _saving(os.path.join(row_dir, "checkpoint"), workdir):
       save_variables(os.path.join(row_dir, "checkpoint"), variables)
     if history:

@@ -67,7 +67,7 @@ import numpy as np
 
 from fatq.calibration import quant_ranges
 from fatq.integer import IntegerModel, UnsupportedOpError, cut_model, input_codes, output_values
-from fatq.layers import RELU6_BOUND, export_markers, integer_arithmetic
+from fatq.layers import RELU6_BOUND, export_markers, fold_bias_offsets, integer_arithmetic
 from fatq.quantizers import QuantParams, quantize
 
 Tree = Any
@@ -768,6 +768,7 @@ class Exported:
                         "channel) cannot represent: fine-tune the row with equalize='relu' (ReLU6 -> ReLU before "
                         "equalizing) to export it")
     sample = np.asarray(sample_images[:1], np.float32)
+    variables = fold_bias_offsets(variables)
     self.input_shape = sample.shape
     self.scheme = scheme
     ranges = quant_ranges(model, variables, sample) if "quant_stats" in variables else {}
@@ -1209,6 +1210,7 @@ def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, i
   out.mkdir(parents=True, exist_ok=True)
   input_type, output_type = input_type or scheme, output_type or scheme
   sample = np.asarray(images[:1], np.float32)
+  variables = fold_bias_offsets(variables)  # the biases TFLite gets, and snap_biases replaces, include the offsets
   pool_src, untied = None, (qmodel, variables)
   if tie_pool_grid:
     qmodel, variables, pool_src = tie_pool(qmodel, variables, sample, log=log)

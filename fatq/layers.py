@@ -32,6 +32,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -312,7 +313,7 @@ def _integer_layer(module: nn.Module, x: jax.Array, kernel: jax.Array, contract,
   sx, sw = sx.reshape(()), sw.reshape(-1)
   acc_scale = sx * sw  # float32 per output channel, XNNPACK's sx sw
   if module.use_bias:
-    acc = acc + quantizers.quantize_bias(module.param("bias", nn.initializers.zeros, (module.features,)), sx, sw)
+    acc = acc + quantizers.quantize_bias(layer_bias(module), sx, sw)
   layers.integer.append(name)
 
   def requantize(scale):  # XNNPACK: rint(float32(acc) * float32(sx sw / sy)), ties to even; exact_divide: XLA
@@ -507,6 +508,44 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME", grou
                                   feature_group_count=groups)
 
 
+BIAS_OFFSET = "bias_offset"
+
+
+def layer_bias(module: nn.Module) -> jax.Array:
+  """The layer's bias ``params/bias``, plus its learned offset ``quant/bias_offset`` where the config's
+  ``learn_biases`` names the layer (created, at zero, where the ``quant`` collection is being initialised)."""
+  bias = module.param("bias", nn.initializers.zeros, (module.features,))
+  if module.quant is None or not module.quant.learns_bias("/".join(module.path)):
+    return bias
+  if module.has_variable(THRESHOLDS, BIAS_OFFSET) or module.is_mutable_collection(THRESHOLDS):
+    bias = bias + module.variable(THRESHOLDS, BIAS_OFFSET, lambda: jnp.zeros(bias.shape, jnp.float32)).value
+  return bias
+
+
+def bias_offsets(thresholds) -> dict[tuple[str, ...], jax.Array]:
+  """The learned bias offsets of a ``quant`` tree, by layer path."""
+  flat = traverse_util.flatten_dict(thresholds)
+  return {path[:-1]: value for path, value in flat.items() if path[-1] == BIAS_OFFSET}
+
+
+def fold_bias_offsets(variables: dict) -> dict:
+  """``variables`` with every learned bias offset added to its layer's ``params`` bias and removed from ``quant``:
+  the same model (in float arithmetic), in the form that checkpoints, export and other tools read. Without offsets,
+  ``variables`` unchanged."""
+  if THRESHOLDS not in variables:
+    return variables
+  offsets = bias_offsets(variables[THRESHOLDS])
+  if not offsets:
+    return variables
+  params = traverse_util.flatten_dict(variables["params"])
+  for layer, offset in offsets.items():
+    params[(*layer, "bias")] = params[(*layer, "bias")] + offset
+  kept = {path: value for path, value in traverse_util.flatten_dict(variables[THRESHOLDS]).items()
+          if path[-1] != BIAS_OFFSET}
+  return {**variables, "params": traverse_util.unflatten_dict(params),
+          THRESHOLDS: traverse_util.unflatten_dict(kept) if kept else {}}
+
+
 class QConv(nn.Module):
   """Conv (+ bias) + activation with quantization points ``kernel`` and ``output`` (after the activation, which is
   where TFLite's fused kernels quantize; ReLU6's clip coincides with the unsigned quantizer's).
@@ -537,7 +576,7 @@ class QConv(nn.Module):
       from fatq.workbench import quantizers as extra
       if self.groups != 1:
         raise NotImplementedError(f"{point_name(self, 'output')}: intrinsic fixed point supports groups=1 only")
-      bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+      bias = layer_bias(self) if self.use_bias else None
       pads = _pads(x.shape[1:3], self.kernel_size, self.strides, self.padding)
       y = extra.intrinsic_conv(x, kernel, bias, self.strides, pads, intrinsic, extra.intrinsic_key(self, x, intrinsic))
     else:
@@ -547,7 +586,7 @@ class QConv(nn.Module):
         return y
       y = conv2d(x, kernel, self.strides, self.padding, self.groups, self.impl)
       if self.use_bias:
-        y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        y = y + layer_bias(self)
     if self.activation == "relu6" and self.has_variable("params", RELU6_BOUND):
       # ReLU6 whose bound differs per channel: what cross-layer equalization leaves (fatq.equalize), exactly
       # relu6(s * y) / s = clip(y, 0, 6 / s)
@@ -572,7 +611,7 @@ class QDense(nn.Module):
     intrinsic = _intrinsic_spec(self)
     if intrinsic is not None:  # fixed point quantized after every multiply / add (fatq.workbench.quantizers)
       from fatq.workbench import quantizers as extra
-      bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+      bias = layer_bias(self) if self.use_bias else None
       flat = x.reshape(-1, x.shape[-1])
       y = extra.intrinsic_matmul(flat, kernel, bias, intrinsic.bits, intrinsic.frac_bits, intrinsic.rounding,
                                  extra.intrinsic_key(self, x, intrinsic)).reshape(*x.shape[:-1], self.features)
@@ -582,6 +621,6 @@ class QDense(nn.Module):
         return y
       y = x @ kernel
       if self.use_bias:
-        y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        y = y + layer_bias(self)
     y = ACTIVATIONS[self.activation](y)
     return quant_point(self, self.quant, "output", y)

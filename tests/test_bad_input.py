@@ -109,11 +109,18 @@ def test_shipped_configs_pass_the_checks():
 
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c.rows.append(dict(weight_bits=33, act_bits=8)),
-     r"config.rows\[11\] \(W33A8-tensor-sym\): QuantSpec.bits must be an integer in 2..16, got 33"),
-    (lambda c: c.rows.append(dict(weight_bits=8, act_bits=1)), r"config.rows\[11\].*bits must be an integer in 2..16"),
+     r"config.rows\[13\] \(W33A8-tensor-sym\): QuantSpec.bits must be an integer in 2..16, got 33"),
+    (lambda c: c.rows.append(dict(weight_bits=8, act_bits=1)), r"config.rows\[13\].*bits must be an integer in 2..16"),
     (lambda c: c.rows.append(dict(weight_bits=8, rules=[("conv1/.*", dict(bits=8, scale_bounds=(1.0, 0.5)))])),
-     r"config.rows\[11\].*scale_bounds = \(1.0, 0.5\) is inverted: write it as \(low, high\)"),
-    (lambda c: c.rows.append(dict(weight_bitz=8)), r"config.rows\[11\].*unknown quantization option\(s\) \['weight_bitz'\]"),
+     r"config.rows\[13\].*scale_bounds = \(1.0, 0.5\) is inverted: write it as \(low, high\)"),
+    (lambda c: c.rows.append(dict(weight_bitz=8)), r"config.rows\[13\].*unknown quantization option\(s\) \['weight_bitz'\]"),
+    (lambda c: c.rows.append(dict(weight_bits=4, act_bits=4, learn_biases=True)),
+     r"config.rows\[13\] \(W4A4-tensor-sym-learnbias\): learn_biases: the bias offsets are learned by FAT "
+     r"fine-tuning; set fat=True on this row"),
+    (lambda c: c.rows.append(dict(weight_bits=4, fat=True, learn_biases=1)),
+     r"config.rows\[13\].*learn_biases must be True, False or a pattern of layer names, got 1"),
+    (lambda c: c.rows.append(dict(weight_bits=4, fat=True, learn_biases="fc[")),
+     r"config.rows\[13\].*learn_biases 'fc\[' is not a regular expression of layer names"),
     (lambda c: setattr(c, "input_bits", 33), r"config.input_bits = 33: QuantSpec.bits must be an integer in 2..16"),
     (lambda c: c.fat.update(epochs=0), r"config.fat.epochs = 0: must be a positive integer"),
     (lambda c: c.fat.update(lr=-1e-3), r"config.fat.lr = -0.001: must be a positive learning rate"),
@@ -124,7 +131,7 @@ def test_shipped_configs_pass_the_checks():
 ])
 def test_out_of_range_config_values(edit, message):
   cfg = _load_config("lenet5_mnist.py")
-  assert len(cfg.rows) == 11
+  assert len(cfg.rows) == 13
   edit(cfg)
   with pytest.raises(ValueError, match=message):
     experiment.check_config(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -271,6 +272,35 @@ def test_four_bit_grid_carried_in_int8(mnist, lenet_params, tmp_path):
                        lite.output_step)
   assert m["max_logit_diff_steps"] <= 2.0 + 1e-6, m
   assert m["agreement_tie_aware"] >= 0.99, m  # 4-bit logits tie often; the argmax among ties is arbitrary
+
+
+def test_learned_bias_offsets_are_exported_in_the_biases(mnist, lenet_params, tmp_path):
+  """A model with learned bias offsets (``learn_biases``) exports unfolded: thresholds.json's int32 biases are the
+  biases plus the offsets, and the interpreter computes what the JAX model with its offsets computes."""
+  xtr, _, xte, _ = mnist
+  cfg = dataclasses.replace(PER_CHANNEL, learn_biases="conv2|fc.*")
+  model, variables = quantized(LeNet5, cfg, lenet_params, xtr[:200])
+  th = jax.tree.map(lambda a: a, variables["quant"])
+  rng = np.random.default_rng(1)
+  for layer in ("conv2", "fc1", "fc2", "fc3"):
+    th[layer]["bias_offset"] = np.float32(0.1) * rng.standard_normal(th[layer]["bias_offset"].shape, np.float32)
+  variables = {**variables, "quant": th}
+  E.export_tflite(model, variables, xte[:1], tmp_path, log=lambda *_: None)
+  exported = {e["name"]: e for e in json.loads((tmp_path / "thresholds.json").read_text())["tensors"]}
+  for layer in ("conv1", "conv2", "fc1", "fc2", "fc3"):
+    b = exported[f"{layer}/bias"]
+    want = np.asarray(lenet_params[layer]["bias"]) + (th[layer]["bias_offset"] if layer != "conv1" else 0)
+    got = np.asarray(b["values_int32"]) * np.asarray(b["scale"])
+    np.testing.assert_allclose(got, want, atol=0.5 * np.max(b["scale"]) + 1e-7, err_msg=layer)
+  lite = E.TFLiteModel(tmp_path / "model.tflite")
+  jax_logits = np.asarray(jax.jit(lambda x: model.apply(variables, x))(xte))
+  zero = jax.tree.map(lambda a: a, th)
+  for layer in ("conv2", "fc1", "fc2", "fc3"):
+    zero[layer]["bias_offset"] = np.zeros_like(th[layer]["bias_offset"])
+  without = np.asarray(jax.jit(lambda x: model.apply({**variables, "quant": zero}, x))(xte))
+  assert np.max(np.abs(jax_logits - without)) > 4 * lite.output_step  # the offsets matter (tolerance below: 2)
+  m = E.compare_logits(jax_logits, lite(xte), mnist[3], lite.output_step)
+  assert m["max_logit_diff_steps"] <= 2.0 + 1e-6 and m["agreement_tie_aware"] >= 0.99, m
 
 
 def test_refuses_more_than_8_bits(mnist, lenet_params):

@@ -1,5 +1,7 @@
 """Quantized layers, rules, calibration, batch-norm folding and the fast convolution path."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 import fatq
+from fatq import layers
 from fatq import quantizers as Q
 from fatq.layers import conv2d
 from fatq.models import LeNet5
@@ -213,3 +216,55 @@ def test_asymmetric_per_channel_range_contains_zero():
   np.testing.assert_allclose(r["hi"], [1.0, 0.0, 3.0])
   np.testing.assert_allclose(r["scale"], np.array([1.0, 2.0, 4.0]) / 255, rtol=1e-6)
   assert float(jnp.max(jnp.abs(y - w) / r["scale"])) <= 0.5 + 1e-4  # every weight within half a step
+
+
+def test_learned_bias_offsets_fold_into_the_biases_and_get_the_bias_gradient():
+  # learn_biases names layers: an offset per output channel (zero at the start) beside their FAT factors
+  cfg = dataclasses.replace(QCFG, learn_biases="fc[12]")
+  m, params, x = _lenet(cfg)
+  params = jax.tree.map(lambda a: a + 0.05 * _rand(2, a.shape) if a.ndim == 1 else a, params)  # non-zero biases
+  stats = fatq.calibrate(m, params, [x])
+  th = fatq.init_thresholds(m, params, stats, x)
+  offsets = layers.bias_offsets(th)
+  assert {k: v.shape for k, v in offsets.items()} == {("fc1",): (120,), ("fc2",): (84,)}
+  assert all(np.all(v == 0) for v in offsets.values())
+  plain = m.clone(quant=QCFG)
+  th_plain = fatq.init_thresholds(plain, params, stats, x)
+  frozen = {"params": params, "quant_stats": stats}
+  np.testing.assert_array_equal(m.apply({**frozen, "quant": th}, x), plain.apply({**frozen, "quant": th_plain}, x))
+
+  # offsets move the output; folded into params/bias (and gone from quant) they give the same logits
+  th2 = jax.tree.map(lambda a: a, th)
+  th2["fc1"]["bias_offset"] = 0.2 * _rand(3, (120,))
+  th2["fc2"]["bias_offset"] = 0.2 * _rand(4, (84,))
+  v = {**frozen, "quant": th2}
+  folded = layers.fold_bias_offsets(v)
+  assert not layers.bias_offsets(folded["quant"])
+  np.testing.assert_array_equal(folded["params"]["fc1"]["bias"], params["fc1"]["bias"] + th2["fc1"]["bias_offset"])
+  np.testing.assert_array_equal(folded["params"]["conv1"]["bias"], params["conv1"]["bias"])
+  np.testing.assert_allclose(m.apply(folded, x), m.apply(v, x), rtol=1e-6, atol=1e-6)
+  assert np.max(np.abs(m.apply(v, x) - m.apply({**frozen, "quant": th}, x))) > 0.05
+  assert layers.fold_bias_offsets(folded) is folded  # nothing left to fold
+
+  # the loss gradient w.r.t. an offset is the one w.r.t. its bias, and (16-bit grids: smooth) the finite difference
+  cfg16 = dataclasses.replace(fatq.QuantConfig.uniform(fatq.QuantSpec.fat(16), fatq.QuantSpec.fat(16, symmetric=False)),
+                              learn_biases="fc3")
+  m16 = m.clone(quant=cfg16)
+  stats16 = fatq.calibrate(m16, params, [x])
+  th16 = fatq.init_thresholds(m16, params, stats16, x)
+  target = m.clone(quant=None).apply({"params": params}, x) + 0.3 * _rand(5, (16, 10))
+
+  def loss(p, t):
+    return jnp.mean(jnp.square(m16.apply({"params": p, "quant_stats": stats16, "quant": t}, x) - target))
+
+  g_offset = jax.grad(loss, argnums=1)(params, th16)["fc3"]["bias_offset"]
+  g_bias = jax.grad(loss)(params, th16)["fc3"]["bias"]
+  np.testing.assert_allclose(g_offset, g_bias, rtol=1e-6)
+  h = 1e-2
+  for j in (0, 7):
+    up, down = (jax.tree.map(lambda a: a, th16) for _ in range(2))
+    up["fc3"]["bias_offset"] = up["fc3"]["bias_offset"].at[j].add(h)
+    down["fc3"]["bias_offset"] = down["fc3"]["bias_offset"].at[j].add(-h)
+    fd = (float(loss(params, up)) - float(loss(params, down))) / (2 * h)
+    np.testing.assert_allclose(g_offset[j], fd, rtol=0.02)
+  assert np.max(np.abs(g_offset)) > 1e-3

@@ -1,5 +1,7 @@
 """Losses, schedules, optimizer-state resets and the train step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,7 +10,7 @@ import optax
 import pytest
 
 import fatq
-from fatq import training
+from fatq import layers, training
 from fatq.models import LeNet5
 
 
@@ -60,8 +62,10 @@ def test_bad_schedule_name():
     training.make_optimizer(cfg)
 
 
-def test_train_step_changes_only_thresholds_and_lowers_loss():
+@pytest.mark.parametrize("learn_biases", [None, "fc.*"])
+def test_train_step_changes_only_thresholds_and_lowers_loss(learn_biases):
   qcfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, per_channel=True), fatq.QuantSpec.fat(4, symmetric=False))
+  qcfg = dataclasses.replace(qcfg, learn_biases=learn_biases)  # bias offsets live with the thresholds in 'quant'
   m = LeNet5(quant=qcfg)
   x = np.asarray(jax.random.uniform(jax.random.key(0), (64, 28, 28, 1)))
   params = m.init(jax.random.key(1), x)["params"]
@@ -82,6 +86,9 @@ def test_train_step_changes_only_thresholds_and_lowers_loss():
   jax.tree.map(np.testing.assert_array_equal, params_before, jax.tree.map(np.array, params))
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), th, state.thresholds))
   assert max(moved) > 1e-3
+  offsets = layers.bias_offsets(state.thresholds)
+  assert sorted(offsets) == ([] if learn_biases is None else [("fc1",), ("fc2",), ("fc3",)])
+  assert all(float(jnp.max(jnp.abs(v))) > 1e-3 for v in offsets.values())
 
 
 def test_train_classifier_weight_decay_shrinks_weights():
