@@ -7,7 +7,8 @@ One model definition serves three roles, chosen by the variable collections it i
   quantization point (weights and activations) into ``quant_stats``;
 * quantized:      ``model.apply({'params': p, 'quant_stats': s, 'quant': t}, x)`` fake-quantizes every point whose
   rule gives a spec, with ranges from the statistics scaled by the FAT factors in ``quant`` (the only trainable
-  variables). Without ``quant`` the calibrated ranges are used as they are (post-training quantization).
+  variables, with the bias offsets of layers that ``QuantConfig.learn_biases`` names: :func:`layer_bias`). Without
+  ``quant`` the calibrated ranges are used as they are (post-training quantization).
 
 Applying with ``mutable=['quant']`` creates the FAT factors at their initial values; ``mutable=['quant_ranges']``
 additionally records each point's final range (used by export).
