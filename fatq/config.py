@@ -137,8 +137,10 @@ class QuantConfig:
         close = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise ValueError(f"quantization rule {rule.pattern!r} matches no tensor of this model; "
                          f"its quantization points are named like: {close}")
+    if self.learn_biases is None:
+      return
     layers = sorted({n.rpartition("/")[0] for n in names if "/" in n})
-    if self.learn_biases is not None and not any(self.learns_bias(l) for l in layers):
+    if not any(self.learns_bias(l) for l in layers):
       raise ValueError(f"learn_biases {self.learn_biases!r} matches no layer of this model; its layers are named "
                        f"like: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}")
 

@@ -853,7 +853,8 @@ class Exported:
     adds. The JAX fake-quant model keeps float biases; the difference is up to half a bias step ``s_in * s_w``, which
     for layers with large weights is a sizeable part of an output step (measured on MobileNet v1: 0.16 of a step, a
     constant one-code offset of a whole channel). The converter maps the snapped biases to the same codes."""
-    return set_biases(variables, {name: codes * s for _, name, s, codes in self.biases()})
+    # folded first: learned bias offsets left in ``quant`` would be added to the int32 biases a second time
+    return set_biases(fold_bias_offsets(variables), {name: codes * s for _, name, s, codes in self.biases()})
 
   # thresholds ---------------------------------------------------------------------------------------------------------
   def thresholds(self) -> dict:

@@ -301,6 +301,12 @@ def test_learned_bias_offsets_are_exported_in_the_biases(mnist, lenet_params, tm
   assert np.max(np.abs(jax_logits - without)) > 4 * lite.output_step  # the offsets matter (tolerance below: 2)
   m = E.compare_logits(jax_logits, lite(xte), mnist[3], lite.output_step)
   assert m["max_logit_diff_steps"] <= 2.0 + 1e-6 and m["agreement_tie_aware"] >= 0.99, m
+  # the JAX model given the file's int32 biases (snap_biases) has them once, offsets folded in, not added again
+  snapped = E.Exported(model, variables, xte[:1]).snap_biases(variables)
+  assert not fatq.layers.bias_offsets(snapped["quant"])
+  m = E.compare_logits(np.asarray(jax.jit(lambda x: model.apply(snapped, x))(xte)), lite(xte), mnist[3],
+                       lite.output_step)
+  assert m["max_logit_diff_steps"] <= 2.0 + 1e-6 and m["agreement_tie_aware"] >= 0.99, m
 
 
 def test_refuses_more_than_8_bits(mnist, lenet_params):
