@@ -28,8 +28,9 @@ def rows():
   """The table: ptq-lenet5.txt's settings (per-layer symmetric weights, asymmetric activations, min/max
   calibration), then FAT at 8, 4 and 3 bits in scalar ("tensor") and vector ("channel") mode, W4A4 again with
   empirical bias correction of the quantized weights before calibration (fatq.equalize.correct_bias), and W4A4 with
-  the first and last layers at 8 bits, bias correction and learned bias offsets (``learn_biases``: FAT trains an
-  offset per bias beside the thresholds)."""
+  the first and last layers at 8 bits, the 4-bit weights' ranges clipped for least squared error
+  (``weight_calibration='mse'``), bias correction and learned bias offsets (``learn_biases``: FAT trains an offset
+  per bias beside the thresholds)."""
   ptq_paper = [dict(weight_bits=b, act_bits=0) for b in (16, 8)] + [
       dict(weight_bits=16, act_bits=16, act_symmetric=False)]  # W8A8 PTQ is the first row of the FAT rows
   fat = []
@@ -41,8 +42,9 @@ def rows():
       fat.append(row)
   w4a4 = [r for r in fat if r["weight_bits"] == 4]
   fat += [dict(r, bias_correction=True, name=r["name"] + "-bc") for r in w4a4]
-  fat += [dict(r, bias_correction=True, learn_biases=True, rules=r["rules"] + ends_at_8_bits(r["per_channel"]),
-               name=r["name"].replace("-logits8", "-ends8-bc-learnbias")) for r in w4a4]
+  fat += [dict(r, bias_correction=True, learn_biases=True, weight_calibration="mse",
+               rules=r["rules"] + ends_at_8_bits(r["per_channel"]),
+               name=r["name"].replace("-logits8", "-ends8-mse-bc-learnbias")) for r in w4a4]
   return ptq_paper + fat
 
 

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 # Bounds of the FAT scale factors (paper, SPEC §1) and of the public reference code (SPEC §2).
 PAPER_BOUNDS = dict(scale_bounds=(0.5, 1.0), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(0.0, 0.4))
 KINDS = ("uniform", "pot", "fixed_point", "lsq")
+CALIBRATIONS = ("minmax", "mse")
 REFERENCE_BOUNDS = dict(scale_bounds=(0.5, 1.3), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(-0.2, 0.4))
 
 
@@ -38,6 +39,10 @@ class QuantSpec:
     rounding: fixed point only: ``'nearest'`` or ``'stochastic'``.
     placement: fixed point on a layer's ``output`` point only: ``'extrinsic'`` quantizes the layer output,
       ``'intrinsic'`` quantizes every product and every partial sum inside the layer (TensorQuant).
+    calibration: how the range ``[T_l, T_r]`` (the FAT factors' reference) is calibrated: ``'minmax'``, the values'
+      range, or ``'mse'`` (weights only, uniform grids): that range scaled by the factor ``alpha*`` in
+      ``[0.2, 1]`` (step 0.01) of least squared error ``sum (Q(x) - x)^2``, per channel where ``per_channel``. At 4
+      bits a weight range clipped to ``alpha* < 1`` trades a few clipped outliers for a finer grid everywhere else.
   """
 
   bits: int = 8
@@ -53,6 +58,7 @@ class QuantSpec:
   frac_bits: int = 0
   rounding: str = "nearest"
   placement: str = "extrinsic"
+  calibration: str = "minmax"
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -66,6 +72,11 @@ class QuantSpec:
       raise ValueError(f"QuantSpec.placement must be 'extrinsic' or 'intrinsic', got {self.placement!r}")
     if self.kind != "fixed_point" and (self.rounding != "nearest" or self.placement != "extrinsic"):
       raise ValueError("QuantSpec.rounding / placement apply to kind='fixed_point' only")
+    if self.calibration not in CALIBRATIONS:
+      raise ValueError(f"QuantSpec.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+    if self.calibration == "mse" and self.kind != "uniform":
+      raise ValueError(f"QuantSpec.calibration='mse' searches a uniform grid's range; kind={self.kind!r} has its "
+                       "own (use calibration='minmax')")
     for name in ("scale_bounds", "signed_shift_bounds", "unsigned_shift_bounds"):
       lo, hi = getattr(self, name)
       if not lo <= hi:
@@ -95,6 +106,9 @@ class QuantRule:
       re.compile(self.pattern)
     except re.error as e:
       raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+    if self.spec is not None and self.spec.calibration == "mse" and not self.pattern.endswith("kernel"):
+      raise ValueError(f"QuantRule {self.pattern!r}: calibration='mse' is for weights, so the pattern must end in "
+                       "'kernel' (e.g. 'conv2/kernel', '.*kernel'); activations are calibrated with 'minmax'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,19 +167,21 @@ class QuantConfig:
   @classmethod
   def from_dict(cls, cfg) -> "QuantConfig":
     """Build from a config dict: ``weight_bits``, ``act_bits`` (0 or None = float), ``per_channel``, ``symmetric``,
-    ``variant``, ``act_symmetric`` (defaults to ``symmetric``), ``trainable``, optional ``rules``
+    ``variant``, ``act_symmetric`` (defaults to ``symmetric``), ``trainable``, ``weight_calibration`` (the weights'
+    ``QuantSpec.calibration``, default ``'minmax'``), optional ``rules``
     (a list of ``(pattern, spec-dict or None)`` that take precedence) and ``learn_biases`` (True: every layer, or a
     pattern of layer names; False / None: none)."""
     cfg = dict(cfg)
     known = {"weight_bits", "act_bits", "per_channel", "symmetric", "act_symmetric", "variant", "trainable", "rules",
-             "learn_biases"}
+             "learn_biases", "weight_calibration"}
     unknown = set(cfg) - known
     if unknown:
       raise ValueError(f"unknown quantization option(s) {sorted(unknown)}; known options: {sorted(known)}")
     symmetric = cfg.get("symmetric", True)
     common = dict(variant=cfg.get("variant", "paper"), trainable=cfg.get("trainable", True))
     wb, ab = cfg.get("weight_bits", 8), cfg.get("act_bits", 8)
-    weight = QuantSpec.fat(wb, symmetric=symmetric, per_channel=cfg.get("per_channel", False), **common) if wb else None
+    weight = QuantSpec.fat(wb, symmetric=symmetric, per_channel=cfg.get("per_channel", False),
+                           calibration=cfg.get("weight_calibration", "minmax"), **common) if wb else None
     act = QuantSpec.fat(ab, symmetric=cfg.get("act_symmetric", symmetric), **common) if ab else None
     extra = [QuantRule(p, None if s is None else QuantSpec(**s)) for p, s in cfg.get("rules", ())]
     learn = cfg.get("learn_biases", None)

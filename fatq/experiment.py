@@ -187,8 +187,10 @@ def row_name(row) -> str:
   a_sym = row.get("act_symmetric", w_sym)
   sym = ("sym" if w_sym else "asym") if w_sym == a_sym or not row.get("act_bits", 8) else \
       f"{'sym' if w_sym else 'asym'}W-{'sym' if a_sym else 'asym'}A"
+  mse = "-mse" if row.get("weight_calibration", "minmax") == "mse" else ""
   learned = "-learnbias" if row.get("learn_biases", False) else ""
-  return f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}{dfq_suffix(row)}{learned}"
+  return (f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}{mse}{dfq_suffix(row)}"
+          f"{learned}")
 
 
 def dfq_suffix(row) -> str:

@@ -172,6 +172,8 @@ def global_average_pool(x: jax.Array) -> jax.Array:
 ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "relu6": nn.relu6, "tanh": jnp.tanh}
 # Optional ``params`` leaf of a QConv with ReLU6: the upper bound per output channel (default 6 for all).
 RELU6_BOUND = "relu6_bound"
+# calibration='mse': the clipping factors tried, 1.0 first (kept on ties), then down to 0.2 in steps of 0.01.
+MSE_CANDIDATES = np.linspace(1.0, 0.2, 81)
 
 
 class FakeQuant(nn.Module):
@@ -191,21 +193,46 @@ class FakeQuant(nn.Module):
       return self.variable(THRESHOLDS, name, lambda: jnp.full(shape, init, jnp.float32)).value
     return jnp.full(shape, init, jnp.float32)
 
-  def range(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(lo, hi, narrow_range)`` after applying the FAT factors to the calibrated statistics."""
+  def range(self, t_left: jax.Array | None = None, t_right: jax.Array | None = None,
+            factor=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(lo, hi, narrow_range)`` after applying the FAT factors to the calibrated statistics. ``t_left``,
+    ``t_right``: other statistics, and ``factor(name, init, shape)`` other factors (default: this module's)."""
     s = self.spec
-    t_left, t_right = self.get_variable(STATS, "min"), self.get_variable(STATS, "max")
+    if t_left is None:
+      t_left, t_right = self.get_variable(STATS, "min"), self.get_variable(STATS, "max")
+    factor = factor or self._factor
     signed = jnp.min(t_left) < 0 if s.signed is None else jnp.asarray(s.signed)
     if s.symmetric:
       t_max = jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
-      lo, hi = quantizers.symmetric_range(self._factor("scale", 1.0, t_max.shape), t_max, signed, s.scale_bounds)
+      lo, hi = quantizers.symmetric_range(factor("scale", 1.0, t_max.shape), t_max, signed, s.scale_bounds)
       return lo, hi, signed  # signed symmetric grids are narrow: zero point exactly 0
     shift_bounds = tuple(jnp.where(signed, a, b) for a, b in zip(s.signed_shift_bounds, s.unsigned_shift_bounds))
     t_left, t_right = quantizers.containing_zero(t_left, t_right)
-    lo, hi = quantizers.asymmetric_range(self._factor("shift", 0.0, t_left.shape),
-                                         self._factor("width", 1.0, t_left.shape),
+    lo, hi = quantizers.asymmetric_range(factor("shift", 0.0, t_left.shape), factor("width", 1.0, t_left.shape),
                                          t_left, t_right, shift_bounds, s.scale_bounds)
     return lo, hi, jnp.asarray(False)
+
+  def _point(self) -> str:
+    """The quantization point's name (``conv1/kernel``): the module path without the ``_quant`` suffix."""
+    return "/".join((*self.path[:-1], self.path[-1].removesuffix("_quant"))) if self.path else ""
+
+  def _mse_statistics(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``calibration='mse'``: ``alpha* (min x, max x)`` with ``alpha*`` of least squared error on this quantizer's
+    grid (the FAT factors at their initial values), per slice. Weights only: their range is the same on every
+    calibration batch, so this is recomputed, not accumulated."""
+    if not self.weights:
+      raise ValueError(f"{self._point()}: calibration='mse' is for weights (a constant tensor); calibrate "
+                       "activations with 'minmax' (a rule of its own for '.*kernel' can set it on the weights alone)")
+    t_left, t_right = jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+
+    def error(alpha):
+      lo, hi, narrow = self.range(alpha * t_left, alpha * t_right, factor=lambda _, init, shape: jnp.full(shape, init))
+      keep = [x.shape[a] if a not in axes else 1 for a in range(x.ndim)]  # broadcast along the channel axis
+      q = quantizers.fake_quant(x, lo.reshape(keep), hi.reshape(keep), self.spec.bits, narrow)
+      return jnp.sum(jnp.square(q - x), axis=axes)
+
+    alpha = quantizers.mse_clip(error, jnp.asarray(MSE_CANDIDATES, jnp.float32))
+    return alpha * t_left, alpha * t_right
 
   @nn.compact
   def __call__(self, x: jax.Array, requantize=None, activation=None) -> jax.Array:
@@ -218,15 +245,18 @@ class FakeQuant(nn.Module):
       keep = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
       lo = self.variable(STATS, "min", lambda: jnp.full(keep, jnp.inf, jnp.float32))
       hi = self.variable(STATS, "max", lambda: jnp.full(keep, -jnp.inf, jnp.float32))
-      lo.value = jnp.minimum(lo.value, jnp.min(x, axis=axes))
-      hi.value = jnp.maximum(hi.value, jnp.max(x, axis=axes))
+      if self.spec.calibration == "mse":
+        lo.value, hi.value = self._mse_statistics(x, axes)
+      else:
+        lo.value = jnp.minimum(lo.value, jnp.min(x, axis=axes))
+        hi.value = jnp.maximum(hi.value, jnp.max(x, axis=axes))
       return x
     if not self.has_variable(STATS, "min"):
       return x  # float: not calibrated
     if requantize is not None and (_EXPORT_MARKERS.get() or self.spec.kind != "uniform"):
       raise ValueError(f"{'/'.join(self.path)}: an integer op's output can only be requantized by a calibrated "
                        "uniform quantizer outside export")
-    name = "/".join((*self.path[:-1], self.path[-1].removesuffix("_quant"))) if self.path else ""  # its point
+    name = self._point()
     if _EXPORT_MARKERS.get():
       axis = self.spec.channel_axis % x.ndim if self.spec.per_channel else None
       return quant_marker_p.bind(x, name=name, channel_axis=axis)
@@ -234,10 +264,10 @@ class FakeQuant(nn.Module):
       from fatq.workbench import quantizers as extra
       return extra.apply_spec(self, x)
     lo, hi, narrow = self.range()
-    shape = [1] * x.ndim if self.spec.per_channel else []
+    shape = [1] * x.ndim if self.spec.per_channel else []  # of a per-channel vector broadcast along its axis
     if self.spec.per_channel:
       shape[self.spec.channel_axis % x.ndim] = -1
-      lo, hi = lo.reshape(shape), hi.reshape(shape)
+    lo, hi = lo.reshape(shape), hi.reshape(shape)
     p = quantizers.nudge(lo, hi, self.spec.bits, narrow)
     if self.is_mutable_collection(RANGES):
       if requantize is not None:

@@ -20,7 +20,7 @@ quantization parameters (SPEC §3), so that what is trained here is what an expo
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +209,24 @@ def quantize(x: jax.Array, params: QuantParams) -> jax.Array:
   correctly rounded (:func:`exact_divide`): the same codes as numpy's, also at near-ties."""
   clamped = jnp.clip(x, params.nudged_min, params.nudged_max)
   return jnp.floor(exact_divide(clamped - params.nudged_min, params.scale) + 0.5) + params.qmin
+
+
+def mse_clip(error: Callable[[jax.Array], jax.Array], candidates: jax.Array) -> jax.Array:
+  """The clipping factor of least quantization error, per slice: ``alpha* = argmin_{a in candidates} error(a)``.
+
+  ``error(a)`` gives the squared error ``sum (Q_a(x) - x)^2`` of each slice (a scalar per tensor, a vector per
+  channel) on the grid whose range is the calibrated one scaled by ``a``. Candidates are tried in order and a later
+  one must be strictly better, so listing 1.0 first keeps the full range on ties. A scan, not a batch: memory stays
+  that of one fake-quantized copy of the tensor."""
+  first = error(candidates[0])
+
+  def better(carry, a):
+    best, best_err = carry
+    err = error(a)
+    return (jnp.where(err < best_err, a, best), jnp.minimum(err, best_err)), None
+
+  (best, _), _ = jax.lax.scan(better, (jnp.full(first.shape, candidates[0]), first), candidates[1:])
+  return best
 
 
 # ---------------------------------------------------------------------------------------------------------------------

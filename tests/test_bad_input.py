@@ -117,6 +117,11 @@ def test_shipped_configs_pass_the_checks():
     (lambda c: c.rows.append(dict(weight_bits=4, act_bits=4, learn_biases=True)),
      r"config.rows\[13\] \(W4A4-tensor-sym-learnbias\): learn_biases: the bias offsets are learned by FAT "
      r"fine-tuning; set fat=True on this row"),
+    (lambda c: c.rows.append(dict(weight_bits=4, weight_calibration="l2")),
+     r"config.rows\[13\].*QuantSpec.calibration must be one of \('minmax', 'mse'\), got 'l2'"),
+    (lambda c: c.rows.append(dict(weight_bits=4, rules=[("fc2/output", dict(bits=4, calibration="mse"))])),
+     r"config.rows\[13\].*QuantRule 'fc2/output': calibration='mse' is for weights, so the pattern must end in "
+     r"'kernel'"),
     (lambda c: c.rows.append(dict(weight_bits=4, fat=True, learn_biases=1)),
      r"config.rows\[13\].*learn_biases must be True, False or a pattern of layer names, got 1"),
     (lambda c: c.rows.append(dict(weight_bits=4, fat=True, learn_biases="fc[")),

@@ -309,6 +309,27 @@ def test_learned_bias_offsets_are_exported_in_the_biases(mnist, lenet_params, tm
   assert m["max_logit_diff_steps"] <= 2.0 + 1e-6 and m["agreement_tie_aware"] >= 0.99, m
 
 
+def test_mse_calibrated_4_bit_weights_export_with_their_clipped_ranges(mnist, lenet_params, tmp_path):
+  """calibration='mse' on 4-bit per-tensor weights (8-bit activations) on real MNIST: the clipped ranges are what
+  the file holds (weight scales alpha* max|w| / 7 with alpha* < 1) and the interpreter computes what the JAX model
+  computes."""
+  xtr, _, xte, yte = mnist
+  act = fatq.QuantSpec.fat(8, symmetric=False)
+  mse = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, calibration="mse"), act)
+  model, variables = quantized(LeNet5, mse, lenet_params, xtr[:100], perturb=False)
+  E.export_tflite(model, variables, xte[:1], tmp_path, log=lambda *_: None)
+  exported = {e["name"]: e for e in json.loads((tmp_path / "thresholds.json").read_text())["tensors"]}
+  alphas = []
+  for layer in ("conv1", "conv2", "fc1", "fc2", "fc3"):
+    t_max = float(np.max(np.abs(lenet_params[layer]["kernel"])))
+    alphas.append(float(np.asarray(exported[f"{layer}/kernel"]["scale"]).item()) * 7 / t_max)
+  assert all(0.2 - 1e-6 <= a <= 1 + 1e-6 for a in alphas) and min(alphas) < 0.9, alphas
+  lite = E.TFLiteModel(tmp_path / "model.tflite")
+  jax_logits = np.asarray(jax.jit(lambda x: model.apply(variables, x))(xte))
+  m = E.compare_logits(jax_logits, lite(xte), yte, lite.output_step)
+  assert m["max_logit_diff_steps"] <= 2.0 + 1e-6 and m["agreement_tie_aware"] >= 0.99, m
+
+
 def test_refuses_more_than_8_bits(mnist, lenet_params):
   xtr, _, xte, _ = mnist
   cfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(16, per_channel=True), fatq.QuantSpec.fat(8, symmetric=False))

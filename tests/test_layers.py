@@ -218,6 +218,51 @@ def test_asymmetric_per_channel_range_contains_zero():
   assert float(jnp.max(jnp.abs(y - w) / r["scale"])) <= 0.5 + 1e-4  # every weight within half a step
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_mse_calibration_picks_the_weight_clip_of_least_squared_error(per_channel):
+  """calibration='mse' on a heavy-tailed 4-bit kernel: the calibrated range is alpha* (min, max) per slice, alpha*
+  the argmin of a numpy sum (Q(w) - w)^2 over 1.0, 0.99, ..., 0.2 on the narrow signed grid; recomputed (not
+  accumulated) on a second batch; an activation rule with 'mse' is refused."""
+  w = np.asarray(jax.random.t(jax.random.key(3), 3.0, (5, 5, 6, 16)), np.float32) * 0.1
+  spec = fatq.QuantSpec.fat(4, per_channel=per_channel, calibration="mse")
+  fq = fatq.FakeQuant(spec, weights=True)
+  _, v = fq.apply({}, w, mutable=["quant_stats"])
+  _, again = fq.apply(v, w, mutable=["quant_stats"])  # a second calibration batch sees the same weights
+  axes = (0, 1, 2) if per_channel else None
+  t_max = np.abs(w).max(axis=axes)
+  errors = []
+  for a in np.linspace(1.0, 0.2, 81):
+    step = np.float32(a) * t_max / 7
+    errors.append(np.sum((np.clip(np.round(w / step), -7, 7) * step - w) ** 2, axis=axes))
+  errors = np.array(errors)
+  alpha = np.linspace(1.0, 0.2, 81)[np.argmin(errors, axis=0)]  # the first of equal errors: the largest alpha
+  for stats in (v, again):
+    np.testing.assert_allclose(stats["quant_stats"]["max"], alpha * w.max(axis=axes), rtol=1e-5)
+    np.testing.assert_allclose(stats["quant_stats"]["min"], alpha * w.min(axis=axes), rtol=1e-5)
+  assert np.all(alpha < 1.0)  # a t(3) tail: clipping pays at 4 bits in every slice
+  assert np.all(errors.min(axis=0) < errors[0]) and errors.min(axis=0).sum() < 0.85 * errors[0].sum()
+  minmax = fatq.FakeQuant(dataclasses.replace(spec, calibration="minmax"), weights=True)
+  fq_err = float(jnp.sum((fq.apply(v, w) - w) ** 2))
+  mm_err = float(jnp.sum((minmax.apply(minmax.apply({}, w, mutable=["quant_stats"])[1], w) - w) ** 2))
+  np.testing.assert_allclose(fq_err, errors.min(axis=0).sum(), rtol=1e-4)
+  assert fq_err < 0.85 * mm_err
+  with pytest.raises(ValueError, match="QuantRule '.*': calibration='mse' is for weights, so the pattern must end"):
+    fatq.QuantRule(".*", spec)
+  m = LeNet5(quant=fatq.QuantConfig((fatq.QuantRule("input|.*kernel", spec),)))  # a pattern the rule check lets by
+  x = np.zeros((1, 28, 28, 1), np.float32)
+  with pytest.raises(ValueError, match="^input: calibration='mse' is for weights"):
+    fatq.calibrate(m, m.init(jax.random.key(0), x)["params"], [x])
+
+
+def test_mse_calibration_option_reaches_the_weights_and_is_validated():
+  cfg = fatq.QuantConfig.from_dict(dict(weight_bits=4, act_bits=4, weight_calibration="mse"))
+  assert cfg.spec_for("conv1/kernel").calibration == "mse" and cfg.spec_for("conv1/output").calibration == "minmax"
+  with pytest.raises(ValueError, match=r"QuantSpec.calibration must be one of \('minmax', 'mse'\), got 'l2'"):
+    fatq.QuantSpec(calibration="l2")
+  with pytest.raises(ValueError, match="calibration='mse' searches a uniform grid's range; kind='pot'"):
+    fatq.QuantSpec(kind="pot", calibration="mse")
+
+
 def test_learned_bias_offsets_fold_into_the_biases_and_get_the_bias_gradient():
   # learn_biases names layers: an offset per output channel (zero at the start) beside their FAT factors
   cfg = dataclasses.replace(QCFG, learn_biases="fc[12]")
