@@ -216,19 +216,28 @@ class FakeQuant(nn.Module):
     """The quantization point's name (``conv1/kernel``): the module path without the ``_quant`` suffix."""
     return "/".join((*self.path[:-1], self.path[-1].removesuffix("_quant"))) if self.path else ""
 
+  def _slice_shape(self, x: jax.Array) -> list[int]:
+    """The shape that broadcasts one range per slice against ``x``: [] per tensor, 1s but the channel axis per
+    channel."""
+    if not self.spec.per_channel:
+      return []
+    shape = [1] * x.ndim
+    shape[self.spec.channel_axis % x.ndim] = -1
+    return shape
+
   def _mse_statistics(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """``calibration='mse'``: ``alpha* (min x, max x)`` with ``alpha*`` of least squared error on this quantizer's
     grid (the FAT factors at their initial values), per slice. Weights only: their range is the same on every
-    calibration batch, so this is recomputed, not accumulated."""
+    calibration batch, so it is searched on the first and kept."""
     if not self.weights:
       raise ValueError(f"{self._point()}: calibration='mse' is for weights (a constant tensor); calibrate "
                        "activations with 'minmax' (a rule of its own for '.*kernel' can set it on the weights alone)")
     t_left, t_right = jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+    shape = self._slice_shape(x)
 
     def error(alpha):
       lo, hi, narrow = self.range(alpha * t_left, alpha * t_right, factor=lambda _, init, shape: jnp.full(shape, init))
-      keep = [x.shape[a] if a not in axes else 1 for a in range(x.ndim)]  # broadcast along the channel axis
-      q = quantizers.fake_quant(x, lo.reshape(keep), hi.reshape(keep), self.spec.bits, narrow)
+      q = quantizers.fake_quant(x, lo.reshape(shape), hi.reshape(shape), self.spec.bits, narrow)
       return jnp.sum(jnp.square(q - x), axis=axes)
 
     alpha = quantizers.mse_clip(error, jnp.asarray(MSE_CANDIDATES, jnp.float32))
@@ -243,10 +252,12 @@ class FakeQuant(nn.Module):
     axes = self._reduce_axes(x)
     if self.is_mutable_collection(STATS):
       keep = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
+      searched = self.has_variable(STATS, "min")  # a later batch: the weights, and so their MSE range, are the same
       lo = self.variable(STATS, "min", lambda: jnp.full(keep, jnp.inf, jnp.float32))
       hi = self.variable(STATS, "max", lambda: jnp.full(keep, -jnp.inf, jnp.float32))
       if self.spec.calibration == "mse":
-        lo.value, hi.value = self._mse_statistics(x, axes)
+        if not searched:
+          lo.value, hi.value = self._mse_statistics(x, axes)
       else:
         lo.value = jnp.minimum(lo.value, jnp.min(x, axis=axes))
         hi.value = jnp.maximum(hi.value, jnp.max(x, axis=axes))
@@ -264,9 +275,7 @@ class FakeQuant(nn.Module):
       from fatq.workbench import quantizers as extra
       return extra.apply_spec(self, x)
     lo, hi, narrow = self.range()
-    shape = [1] * x.ndim if self.spec.per_channel else []  # of a per-channel vector broadcast along its axis
-    if self.spec.per_channel:
-      shape[self.spec.channel_axis % x.ndim] = -1
+    shape = self._slice_shape(x)
     lo, hi = lo.reshape(shape), hi.reshape(shape)
     p = quantizers.nudge(lo, hi, self.spec.bits, narrow)
     if self.is_mutable_collection(RANGES):

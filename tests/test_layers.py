@@ -221,8 +221,9 @@ def test_asymmetric_per_channel_range_contains_zero():
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_mse_calibration_picks_the_weight_clip_of_least_squared_error(per_channel):
   """calibration='mse' on a heavy-tailed 4-bit kernel: the calibrated range is alpha* (min, max) per slice, alpha*
-  the argmin of a numpy sum (Q(w) - w)^2 over 1.0, 0.99, ..., 0.2 on the narrow signed grid; recomputed (not
-  accumulated) on a second batch; an activation rule with 'mse' is refused."""
+  the argmin of a numpy sum (Q(w) - w)^2 over 1.0, 0.99, ..., 0.2 on the narrow signed grid; a second calibration
+  batch keeps it (a running min/max would widen it back to the full range); an activation rule with 'mse' is
+  refused."""
   w = np.asarray(jax.random.t(jax.random.key(3), 3.0, (5, 5, 6, 16)), np.float32) * 0.1
   spec = fatq.QuantSpec.fat(4, per_channel=per_channel, calibration="mse")
   fq = fatq.FakeQuant(spec, weights=True)
