@@ -34,8 +34,7 @@ def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
     stats = first(params, x) if stats is None else update(params, stats, x)
   if stats is None:
     raise ValueError("calibration got no images: the calibration set is empty")
-  bad = [name for name, s in points(stats).items()
-         if not (np.all(np.isfinite(s["min"])) and np.all(np.isfinite(s["max"])))]
+  bad = [name for name, s in points(stats).items() if not all(np.all(np.isfinite(v)) for v in s.values())]
   if bad:
     raise ValueError(f"calibration statistics are not finite at {bad[:5]}: the model produced NaN/Inf on the "
                      "calibration images (check the weights and the input preprocessing)")

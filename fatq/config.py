@@ -119,11 +119,19 @@ class QuantConfig:
   Each matching layer's bias gets a learned offset, ``b' = b + delta`` with ``delta`` (zeros at the start) in the
   ``quant`` collection next to the FAT factors, so that fine-tuning also corrects the mean error that rounding the
   weights and activations puts into each output channel (bias correction, learned by distillation instead of measured).
-  :func:`fatq.layers.fold_bias_offsets` moves the offsets into the biases (for checkpoints and export).
+
+  ``track_bias_correction``: the biases were bias-corrected for the calibrated weight grids (empirical bias
+  correction, :func:`fatq.equalize.correct_bias`), and each layer keeps that correction true as fine-tuning moves its
+  kernel's grid: ``b' = b - E[(W_q - W_q0) x]`` per output channel, with ``W_q0`` the kernel on its calibrated grid
+  (the FAT factors at their initial values), ``W_q`` on its current one, and ``E[x]`` the mean input patch that
+  calibration records (``quant_stats/<layer>/input_mean``). ``b' = b`` at the calibrated thresholds.
+
+  :func:`fatq.layers.fold_biases` moves offsets and tracked corrections into the biases (for checkpoints and export).
   """
 
   rules: tuple[QuantRule, ...] = ()
   learn_biases: str | None = None
+  track_bias_correction: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "rules", tuple(self.rules))

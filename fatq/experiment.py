@@ -95,8 +95,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       quant_config(row, base)
       if row.get("equalize", False) not in EQUALIZE_MODES:
         raise ValueError(f"equalize must be one of {EQUALIZE_MODES}, got {row.get('equalize')!r}")
-      if not isinstance(row.get("bias_correction", False), bool):
-        raise ValueError(f"bias_correction must be True or False, got {row.get('bias_correction')!r}")
+      if row.get("bias_correction", False) not in BIAS_CORRECTION_MODES:
+        raise ValueError(f"bias_correction must be one of {BIAS_CORRECTION_MODES}, got "
+                         f"{row.get('bias_correction')!r}")
       if row.get("learn_biases", False) and not row.get("fat", False):
         raise ValueError("learn_biases: the bias offsets are learned by FAT fine-tuning; set fat=True on this row")
       if row.get("bias_correction", row.get("equalize", False)) and not row.get("weight_bits", 8):
@@ -167,16 +168,19 @@ def scores(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | No
 # Row keys of data-free quantization (fatq.equalize), applied to the float params before calibration:
 # ``equalize`` (cross-layer equalization: True keeps ReLU6 exact with per-channel bounds; 'relu' runs ReLU6 models
 # with ReLU instead, as the paper did, which TFLite can export) and ``bias_correction`` (default: on when
-# ``equalize`` is, i.e. ``equalize=True`` is the paper's CLE + bias correction).
+# ``equalize`` is, i.e. ``equalize=True`` is the paper's CLE + bias correction; ``'tracked'``: the correction is also
+# kept true while FAT moves the weight grids, QuantConfig.track_bias_correction).
 DFQ_KEYS = ("equalize", "bias_correction")
 EQUALIZE_MODES = (False, True, "relu")
+BIAS_CORRECTION_MODES = (False, True, "tracked")
 
 
 def quant_config(row: ml_collections.ConfigDict, base_rules=()) -> QuantConfig:
   """The QuantConfig of one experiment row; ``base_rules`` (e.g. the 8-bit input image) take precedence."""
   opts = {k: v for k, v in row.items() if k not in ("fat", "name", *DFQ_KEYS)}
   cfg = QuantConfig.from_dict(opts)
-  return dataclasses.replace(cfg, rules=tuple(base_rules) + cfg.rules)
+  return dataclasses.replace(cfg, rules=tuple(base_rules) + cfg.rules,
+                             track_bias_correction=row.get("bias_correction", False) == "tracked")
 
 
 def row_name(row) -> str:
@@ -195,11 +199,12 @@ def row_name(row) -> str:
 
 def dfq_suffix(row) -> str:
   """'-cle' (equalization + bias correction), '-cle-relu' (the same, ReLU6 -> ReLU), '-cle-nobc' (equalization
-  alone), '-bc' (bias correction alone)."""
+  alone), '-bc' (bias correction alone), then '-tracked' where the correction is tracked through fine-tuning."""
   eq = bool(row.get("equalize", False))
-  bc = bool(row.get("bias_correction", eq))
+  bc = row.get("bias_correction", eq)
   return (("-cle" if eq else "") + ("-relu" if row.get("equalize") == "relu" else "")
-          + ("-nobc" if eq and not bc else "") + ("-bc" if bc and not eq else ""))
+          + ("-nobc" if eq and not bc else "") + ("-bc" if bc and not eq else "")
+          + ("-tracked" if bc == "tracked" else ""))
 
 
 def row_model(model, row):
@@ -327,7 +332,8 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
     best, history = training.finetune(qmodel, frozen, thresholds, data.train, teacher_train,
                                       (data.holdout, teacher_holdout), cfg.fat, workdir=row_dir, resume=resume,
                                       log=log, progress=progress)
-    variables = layers.fold_bias_offsets({**frozen, THRESHOLDS: best})  # learned bias offsets into the biases
+    # learned bias offsets and tracked bias corrections into the biases
+    variables = layers.fold_biases(qmodel, {**frozen, THRESHOLDS: best}, data.calibration[:1])
     with _saving(os.path.join(row_dir, "checkpoint"), workdir):
       save_variables(os.path.join(row_dir, "checkpoint"), variables)
     if history:

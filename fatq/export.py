@@ -67,7 +67,7 @@ import numpy as np
 
 from fatq.calibration import quant_ranges
 from fatq.integer import IntegerModel, UnsupportedOpError, cut_model, input_codes, output_values
-from fatq.layers import RELU6_BOUND, export_markers, fold_bias_offsets, integer_arithmetic
+from fatq.layers import RELU6_BOUND, export_markers, fold_biases, integer_arithmetic
 from fatq.quantizers import QuantParams, quantize
 
 Tree = Any
@@ -768,7 +768,8 @@ class Exported:
                         "channel) cannot represent: fine-tune the row with equalize='relu' (ReLU6 -> ReLU before "
                         "equalizing) to export it")
     sample = np.asarray(sample_images[:1], np.float32)
-    variables = fold_bias_offsets(variables)
+    variables = fold_biases(model, variables, sample)
+    self.model, self.sample = model, sample
     self.input_shape = sample.shape
     self.scheme = scheme
     ranges = quant_ranges(model, variables, sample) if "quant_stats" in variables else {}
@@ -853,8 +854,9 @@ class Exported:
     adds. The JAX fake-quant model keeps float biases; the difference is up to half a bias step ``s_in * s_w``, which
     for layers with large weights is a sizeable part of an output step (measured on MobileNet v1: 0.16 of a step, a
     constant one-code offset of a whole channel). The converter maps the snapped biases to the same codes."""
-    # folded first: learned bias offsets left in ``quant`` would be added to the int32 biases a second time
-    return set_biases(fold_bias_offsets(variables), {name: codes * s for _, name, s, codes in self.biases()})
+    # folded first: learned bias offsets and tracked corrections would be added to the int32 biases a second time
+    return set_biases(fold_biases(self.model, variables, self.sample),
+                      {name: codes * s for _, name, s, codes in self.biases()})
 
   # thresholds ---------------------------------------------------------------------------------------------------------
   def thresholds(self) -> dict:
@@ -1211,7 +1213,7 @@ def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, i
   out.mkdir(parents=True, exist_ok=True)
   input_type, output_type = input_type or scheme, output_type or scheme
   sample = np.asarray(images[:1], np.float32)
-  variables = fold_bias_offsets(variables)  # the biases TFLite gets, and snap_biases replaces, include the offsets
+  variables = fold_biases(qmodel, variables, sample)  # the biases TFLite gets, and snap_biases replaces
   pool_src, untied = None, (qmodel, variables)
   if tie_pool_grid:
     qmodel, variables, pool_src = tie_pool(qmodel, variables, sample, log=log)

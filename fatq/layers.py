@@ -4,11 +4,13 @@ One model definition serves three roles, chosen by the variable collections it i
 
 * float teacher:  ``model.apply({'params': p}, x)``
 * calibration:    ``model.apply({'params': p, ...}, x, mutable=['quant_stats'])`` records min/max of every
-  quantization point (weights and activations) into ``quant_stats``;
+  quantization point (weights and activations) into ``quant_stats`` (and, with ``QuantConfig.track_bias_correction``,
+  each layer's mean input patch);
 * quantized:      ``model.apply({'params': p, 'quant_stats': s, 'quant': t}, x)`` fake-quantizes every point whose
   rule gives a spec, with ranges from the statistics scaled by the FAT factors in ``quant`` (the only trainable
   variables, with the bias offsets of layers that ``QuantConfig.learn_biases`` names: :func:`layer_bias`). Without
-  ``quant`` the calibrated ranges are used as they are (post-training quantization).
+  ``quant`` the calibrated ranges are used as they are (post-training quantization). :func:`fold_biases` writes the
+  biases as the layers apply them into ``params``.
 
 Applying with ``mutable=['quant']`` creates the FAT factors at their initial values; ``mutable=['quant_ranges']``
 additionally records each point's final range (used by export).
@@ -176,6 +178,11 @@ RELU6_BOUND = "relu6_bound"
 MSE_CANDIDATES = np.linspace(1.0, 0.2, 81)
 
 
+def _initial_factor(name: str, init: float, shape) -> jax.Array:
+  """A FAT factor at its initial value (the calibrated range), for :meth:`FakeQuant.range`'s ``factor``."""
+  return jnp.full(shape, init, jnp.float32)
+
+
 class FakeQuant(nn.Module):
   """Calibrates, then fake-quantizes one tensor according to ``spec`` (see the module docstring for the modes)."""
 
@@ -236,19 +243,34 @@ class FakeQuant(nn.Module):
     shape = self._slice_shape(x)
 
     def error(alpha):
-      lo, hi, narrow = self.range(alpha * t_left, alpha * t_right, factor=lambda _, init, shape: jnp.full(shape, init))
+      lo, hi, narrow = self.range(alpha * t_left, alpha * t_right, factor=_initial_factor)
       q = quantizers.fake_quant(x, lo.reshape(shape), hi.reshape(shape), self.spec.bits, narrow)
       return jnp.sum(jnp.square(q - x), axis=axes)
 
     alpha = quantizers.mse_clip(error, jnp.asarray(MSE_CANDIDATES, jnp.float32))
     return alpha * t_left, alpha * t_right
 
+  def _grid_shift(self, x: jax.Array) -> jax.Array:
+    """``Q(x) - Q0(x)``: ``x`` on the current grid minus ``x`` on the calibrated one (see ``__call__``)."""
+    if _EXPORT_MARKERS.get() or self.spec.kind != "uniform":
+      raise ValueError(f"{self._point()}: a tracked bias correction is for uniform grids, in training and evaluation; "
+                       "fold it into the biases (fatq.layers.fold_biases) before export")
+    shape = self._slice_shape(x)
+
+    def fake_quant(factor):
+      lo, hi, narrow = self.range(factor=factor)
+      return quantizers.fake_quant(x, lo.reshape(shape), hi.reshape(shape), self.spec.bits, narrow)
+
+    return fake_quant(self._factor) - fake_quant(_initial_factor)
+
   @nn.compact
-  def __call__(self, x: jax.Array, requantize=None, activation=None) -> jax.Array:
+  def __call__(self, x: jax.Array, requantize=None, activation=None, grid_shift: bool = False) -> jax.Array:
     """Fake-quantize ``x``. With ``requantize`` (integer arithmetic, :func:`integer_arithmetic`): an integer op's
     output, ``requantize(scale)`` giving its codes (relative to the zero point) on this quantizer's grid of
     ``scale``; then ``activation`` (a monotone clamp: its bounds' codes, as TFLite's fused activations) and the
-    grid's clip."""
+    grid's clip. ``grid_shift``: instead, ``Q(x) - Q0(x)``, how far the current thresholds move ``x`` from where
+    the calibrated ones (the FAT factors at their initial values) put it, in float arithmetic; zero uncalibrated
+    (``QuantConfig.track_bias_correction``)."""
     axes = self._reduce_axes(x)
     if self.is_mutable_collection(STATS):
       keep = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
@@ -263,7 +285,9 @@ class FakeQuant(nn.Module):
         hi.value = jnp.maximum(hi.value, jnp.max(x, axis=axes))
       return x
     if not self.has_variable(STATS, "min"):
-      return x  # float: not calibrated
+      return jnp.zeros_like(x) if grid_shift else x  # float: not calibrated
+    if grid_shift:
+      return self._grid_shift(x)
     if requantize is not None and (_EXPORT_MARKERS.get() or self.spec.kind != "uniform"):
       raise ValueError(f"{'/'.join(self.path)}: an integer op's output can only be requantized by a calibrated "
                        "uniform quantizer outside export")
@@ -326,7 +350,8 @@ def point_name(module: nn.Module, role: str) -> str:
   return "/".join((*module.path, role))
 
 
-def _integer_layer(module: nn.Module, x: jax.Array, kernel: jax.Array, contract, activation: str) -> jax.Array | None:
+def _integer_layer(module: nn.Module, x: jax.Array, kernel: jax.Array, bias: jax.Array | None, contract,
+                   activation: str) -> jax.Array | None:
   """A conv / dense layer's output in integer arithmetic (:func:`integer_arithmetic`), None outside it or where the
   layer cannot be computed so (then it is listed in ``IntegerLayers.float``).
 
@@ -352,8 +377,8 @@ def _integer_layer(module: nn.Module, x: jax.Array, kernel: jax.Array, contract,
     acc = acc.astype(jnp.int32)
   sx, sw = sx.reshape(()), sw.reshape(-1)
   acc_scale = sx * sw  # float32 per output channel, XNNPACK's sx sw
-  if module.use_bias:
-    acc = acc + quantizers.quantize_bias(layer_bias(module), sx, sw)
+  if bias is not None:
+    acc = acc + quantizers.quantize_bias(bias, sx, sw)
   layers.integer.append(name)
 
   def requantize(scale):  # XNNPACK: rint(float32(acc) * float32(sx sw / sy)), ties to even; exact_divide: XLA
@@ -549,17 +574,68 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME", grou
 
 
 BIAS_OFFSET = "bias_offset"
+INPUT_MEAN, INPUT_COUNT = "input_mean", "input_count"  # quant_stats of a layer that tracks its bias correction
+BIASES = "biases"  # collection: each layer's bias as applied (offsets and tracked correction included): fold_biases
 
 
-def layer_bias(module: nn.Module) -> jax.Array:
-  """The layer's bias ``params/bias``, plus its learned offset ``quant/bias_offset`` where the config's
-  ``learn_biases`` names the layer (created, at zero, where the ``quant`` collection is being initialised)."""
+def layer_bias(module: nn.Module, x: jax.Array, kernel: jax.Array, quantizer: FakeQuant | None) -> jax.Array:
+  """The bias a QConv / QDense adds: ``params/bias``,
+
+  * plus its learned offset ``quant/bias_offset`` where the config's ``learn_biases`` names the layer (created, at
+    zero, where the ``quant`` collection is being initialised);
+  * minus ``E[(W_q - W_q0) x]`` where the config has ``track_bias_correction`` (see :class:`QuantConfig`): the mean
+    input patch ``E[x]`` is recorded in calibration (over the calibration images, in float), and ``W_q - W_q0`` is
+    the kernel's grid shift (:meth:`FakeQuant.__call__`), exactly zero at the calibrated thresholds.
+
+  ``x``: the layer's input; ``kernel``: its float kernel; ``quantizer``: the kernel's quantizer (None: float)."""
   bias = module.param("bias", nn.initializers.zeros, (module.features,))
-  if module.quant is None or not module.quant.learns_bias("/".join(module.path)):
-    return bias
-  if module.has_variable(THRESHOLDS, BIAS_OFFSET) or module.is_mutable_collection(THRESHOLDS):
+  quant = module.quant
+  if quant is not None and quant.learns_bias("/".join(module.path)) and (
+      module.has_variable(THRESHOLDS, BIAS_OFFSET) or module.is_mutable_collection(THRESHOLDS)):
     bias = bias + module.variable(THRESHOLDS, BIAS_OFFSET, lambda: jnp.zeros(bias.shape, jnp.float32)).value
+  if quant is not None and quant.track_bias_correction and quantizer is not None \
+      and quantizer.spec.kind == "uniform":
+    if module.is_mutable_collection(STATS):
+      _record_input_mean(module, x, kernel.shape)
+    elif module.has_variable(STATS, INPUT_MEAN):  # absent in float, and once folded
+      shift = quantizer(kernel, grid_shift=True)
+      bias = bias - mean_output(shift, module.get_variable(STATS, INPUT_MEAN), getattr(module, "groups", 1))
+  if module.is_mutable_collection(BIASES):
+    module.put_variable(BIASES, "bias", bias)
   return bias
+
+
+def _record_input_mean(module: nn.Module, x: jax.Array, kernel_shape) -> None:
+  """Running mean, over calibration batches, of the input patch each output position multiplies with the kernel:
+  ``(kh, kw, cin)`` for a convolution (padding zeros included), ``(cin,)`` for a dense layer."""
+  if len(kernel_shape) == 4:
+    kh, kw = kernel_shape[:2]
+    pads = _pads(x.shape[1:3], (kh, kw), module.strides, module.padding)
+    xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+    out_hw = tuple((xp.shape[a + 1] - k) // s + 1 for a, (k, s) in enumerate(zip((kh, kw), module.strides)))
+    batch = jnp.stack([jnp.mean(_tap(xp, i, j, module.strides, out_hw), axis=(0, 1, 2))
+                       for i in range(kh) for j in range(kw)]).reshape(kh, kw, x.shape[-1])
+    n = x.shape[0] * out_hw[0] * out_hw[1]
+  else:
+    batch = jnp.mean(x.reshape(-1, x.shape[-1]), axis=0)
+    n = x.size // x.shape[-1]
+  mean = module.variable(STATS, INPUT_MEAN, lambda: jnp.zeros(batch.shape, jnp.float32))
+  count = module.variable(STATS, INPUT_COUNT, lambda: jnp.zeros((), jnp.float32))
+  total = count.value + n
+  mean.value = mean.value + (batch - mean.value) * (n / total)
+  count.value = total
+
+
+def mean_output(delta: jax.Array, input_mean: jax.Array, groups: int = 1) -> jax.Array:
+  """``E[layer(x; delta)]`` per output channel from the mean input patch (a convolution and a matrix product are
+  linear in their kernel): ``sum_{i,j,c} delta[i,j,c,o] E[x][i,j,c]`` over the input channels of ``o``'s group,
+  ``E[x] @ delta`` for a dense layer."""
+  if delta.ndim == 2:
+    return jnp.dot(input_mean, delta, precision=lax.Precision.HIGHEST)
+  kh, kw, per_group, cout = delta.shape
+  m = input_mean.reshape(kh, kw, groups, per_group)
+  d = delta.reshape(kh, kw, per_group, groups, cout // groups)
+  return jnp.einsum("ijgc,ijcgo->go", m, d, precision=lax.Precision.HIGHEST).reshape(cout)
 
 
 def bias_offsets(thresholds) -> dict[tuple[str, ...], jax.Array]:
@@ -568,22 +644,27 @@ def bias_offsets(thresholds) -> dict[tuple[str, ...], jax.Array]:
   return {path[:-1]: value for path, value in flat.items() if path[-1] == BIAS_OFFSET}
 
 
-def fold_bias_offsets(variables: dict) -> dict:
-  """``variables`` with every learned bias offset added to its layer's ``params`` bias and removed from ``quant``:
-  the same model (in float arithmetic), in the form that checkpoints, export and other tools read. Without offsets,
-  ``variables`` unchanged."""
-  if THRESHOLDS not in variables:
+def fold_biases(model: nn.Module, variables: dict, sample: jax.Array) -> dict:
+  """``variables`` with each layer's bias as applied (learned offset and tracked bias correction included, see
+  :func:`layer_bias`) in ``params``, and the offsets and the mean input patches removed: the same model (in float
+  arithmetic), in the form that checkpoints, export and other tools read. ``sample``: any input batch (one image
+  will do). Without offsets or tracked corrections, ``variables`` unchanged."""
+  thresholds = traverse_util.flatten_dict(dict(variables.get(THRESHOLDS, {})))
+  stats = traverse_util.flatten_dict(dict(variables.get(STATS, {})))
+  folded = (BIAS_OFFSET,) if any(p[-1] == BIAS_OFFSET for p in thresholds) else ()
+  folded += (INPUT_MEAN, INPUT_COUNT) if any(p[-1] == INPUT_MEAN for p in stats) else ()
+  if not folded:
     return variables
-  offsets = bias_offsets(variables[THRESHOLDS])
-  if not offsets:
-    return variables
+  _, state = model.apply(variables, sample, mutable=[BIASES])
   params = traverse_util.flatten_dict(variables["params"])
-  for layer, offset in offsets.items():
-    params[(*layer, "bias")] = params[(*layer, "bias")] + offset
-  kept = {path: value for path, value in traverse_util.flatten_dict(variables[THRESHOLDS]).items()
-          if path[-1] != BIAS_OFFSET}
-  return {**variables, "params": traverse_util.unflatten_dict(params),
-          THRESHOLDS: traverse_util.unflatten_dict(kept) if kept else {}}
+  params.update(traverse_util.flatten_dict(dict(state[BIASES])))
+
+  def kept(flat):
+    rest = {p: v for p, v in flat.items() if p[-1] not in folded}
+    return traverse_util.unflatten_dict(rest) if rest else {}
+
+  return {**variables, "params": traverse_util.unflatten_dict(params), THRESHOLDS: kept(thresholds),
+          **({STATS: kept(stats)} if STATS in variables else {})}
 
 
 class QConv(nn.Module):
@@ -608,25 +689,26 @@ class QConv(nn.Module):
     cin = x.shape[-1]
     if cin % self.groups:
       raise ValueError(f"{point_name(self, '')}: {cin} input channels do not divide into {self.groups} groups")
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (*self.kernel_size, cin // self.groups, self.features))
-    kernel = quant_point(self, self.quant, "kernel", kernel)
+    float_kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                              (*self.kernel_size, cin // self.groups, self.features))
+    quantizer = quantizer_for(self, self.quant, "kernel")
+    kernel = float_kernel if quantizer is None else quantizer(float_kernel)
+    bias = layer_bias(self, x, float_kernel, quantizer) if self.use_bias else None
     intrinsic = _intrinsic_spec(self)
     if intrinsic is not None:  # fixed point quantized after every multiply / add (fatq.workbench.quantizers)
       from fatq.workbench import quantizers as extra
       if self.groups != 1:
         raise NotImplementedError(f"{point_name(self, 'output')}: intrinsic fixed point supports groups=1 only")
-      bias = layer_bias(self) if self.use_bias else None
       pads = _pads(x.shape[1:3], self.kernel_size, self.strides, self.padding)
       y = extra.intrinsic_conv(x, kernel, bias, self.strides, pads, intrinsic, extra.intrinsic_key(self, x, intrinsic))
     else:
-      y = _integer_layer(self, x, kernel, lambda a, b: conv2d(a, b, self.strides, self.padding, self.groups,
-                                                              self.impl), self.activation)
+      y = _integer_layer(self, x, kernel, bias, lambda a, b: conv2d(a, b, self.strides, self.padding, self.groups,
+                                                                    self.impl), self.activation)
       if y is not None:
         return y
       y = conv2d(x, kernel, self.strides, self.padding, self.groups, self.impl)
-      if self.use_bias:
-        y = y + layer_bias(self)
+      if bias is not None:
+        y = y + bias
     if self.activation == "relu6" and self.has_variable("params", RELU6_BOUND):
       # ReLU6 whose bound differs per channel: what cross-layer equalization leaves (fatq.equalize), exactly
       # relu6(s * y) / s = clip(y, 0, 6 / s)
@@ -646,21 +728,22 @@ class QDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-    kernel = quant_point(self, self.quant, "kernel", kernel)
+    float_kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    quantizer = quantizer_for(self, self.quant, "kernel")
+    kernel = float_kernel if quantizer is None else quantizer(float_kernel)
+    bias = layer_bias(self, x, float_kernel, quantizer) if self.use_bias else None
     intrinsic = _intrinsic_spec(self)
     if intrinsic is not None:  # fixed point quantized after every multiply / add (fatq.workbench.quantizers)
       from fatq.workbench import quantizers as extra
-      bias = layer_bias(self) if self.use_bias else None
       flat = x.reshape(-1, x.shape[-1])
       y = extra.intrinsic_matmul(flat, kernel, bias, intrinsic.bits, intrinsic.frac_bits, intrinsic.rounding,
                                  extra.intrinsic_key(self, x, intrinsic)).reshape(*x.shape[:-1], self.features)
     else:
-      y = _integer_layer(self, x, kernel, lambda a, b: a @ b, self.activation)
+      y = _integer_layer(self, x, kernel, bias, lambda a, b: a @ b, self.activation)
       if y is not None:
         return y
       y = x @ kernel
-      if self.use_bias:
-        y = y + layer_bias(self)
+      if bias is not None:
+        y = y + bias
     y = ACTIVATIONS[self.activation](y)
     return quant_point(self, self.quant, "output", y)

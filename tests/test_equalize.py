@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,10 +14,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fatq import equalize, experiment, models
-from fatq.config import QuantConfig, QuantSpec
+import fatq
+from fatq import equalize, experiment, layers, models
+from fatq.config import QuantConfig, QuantRule, QuantSpec
 from fatq.data import data_root, imagenet
-from fatq.layers import RELU6_BOUND, QDense
+from fatq.layers import RELU6_BOUND, QConv, QDense
 from fatq.models import mnasnet, mobilenet_v1, mobilenet_v2
 
 TINY = {"mobilenet_v1": mobilenet_v1.tiny, "mobilenet_v2": mobilenet_v2.tiny, "mnasnet": mnasnet.tiny}
@@ -236,6 +239,61 @@ def test_bias_correction_removes_the_mean_output_shift_on_real_data():
   assert worst.endswith("depthwise"), worst
 
 
+class OneLayer(nn.Module):
+  """One QConv (3x3, stride 2, SAME: border taps meet padding) or QDense named ``layer``, for bias-correction
+  checks where the layer's input is the float input."""
+
+  kind: str = "conv"
+  quant: QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    if self.kind == "dense":
+      return QDense(16, quant=self.quant, name="layer")(x.reshape(x.shape[0], -1))
+    groups = x.shape[-1] if self.kind == "depthwise" else 1
+    return QConv(x.shape[-1] if groups > 1 else 16, (3, 3), (2, 2), groups=groups, quant=self.quant,
+                 name="layer")(x)
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "dense"])
+def test_tracked_bias_correction_keeps_the_mean_output_as_the_weight_grid_moves(kind):
+  """4-bit per-channel kernels, statically bias-corrected (fatq.equalize.correct_bias), then the FAT scale factors
+  moved to random values in [0.5, 1]: with ``track_bias_correction`` the layer's mean output over the calibration
+  images (float inputs, per channel) stays the float layer's; without it the correction goes stale. At the
+  calibrated thresholds the two are the same model, bit for bit; folded, the tracked model is unchanged."""
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(12, 9, 9, 6)) + rng.uniform(0, 2, 6)).astype(np.float32)  # non-zero channel means
+  weights = QuantSpec.fat(4, per_channel=True)
+  static = QuantConfig((QuantRule(r".*kernel", weights), QuantRule(".*", None)))
+  tracked = dataclasses.replace(static, track_bias_correction=True)
+  model = OneLayer(kind)
+  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)
+  corrected, _ = equalize.correct_bias(model.clone(quant=static), params, [x[:5], x[5:]])
+  models = {"static": model.clone(quant=static), "tracked": model.clone(quant=tracked)}
+  stats = {k: fatq.calibrate(m, corrected, [x[:5], x[5:]]) for k, m in models.items()}  # batches of 5 and 7
+  assert "input_mean" not in stats["static"]["layer"]
+  assert stats["tracked"]["layer"]["input_count"] == (12 if kind == "dense" else 12 * 5 * 5)
+  th = fatq.init_thresholds(models["tracked"], corrected, stats["tracked"], x[:1])
+  moved = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.0, a.shape), a.dtype), th)
+  out = lambda k, t: np.asarray(models[k].apply({"params": corrected, "quant_stats": stats[k], "quant": t}, x))
+  channel_mean = lambda y: y.reshape(-1, y.shape[-1]).mean(0)
+  np.testing.assert_array_equal(out("tracked", th), out("static", th))
+  float_mean = channel_mean(np.asarray(model.apply({"params": params}, x)))
+  scale = np.mean(np.abs(float_mean))
+  # the static correction makes the calibrated grid's mean output the float one (float32 sums: ~1e-6)
+  assert np.max(np.abs(channel_mean(out("static", th)) - float_mean)) < 1e-5 * scale
+  tracked_error = np.max(np.abs(channel_mean(out("tracked", moved)) - float_mean))
+  stale_error = np.max(np.abs(channel_mean(out("static", moved)) - float_mean))
+  assert tracked_error < 1e-5 * scale, (tracked_error, scale)  # measured: 0.6e-6 - 1.2e-6
+  assert stale_error > 0.1 * scale, (stale_error, scale)  # measured: 0.43, 0.69, 0.66 of the mean size
+
+  v = {"params": corrected, "quant_stats": stats["tracked"], "quant": moved}
+  folded = layers.fold_biases(models["tracked"], v, x[:1])
+  assert set(folded["quant_stats"]["layer"]) == {"kernel_quant"}
+  np.testing.assert_allclose(models["tracked"].apply(folded, x), out("tracked", moved), rtol=1e-6, atol=1e-6)
+
+
 def tiny_run(tmp_path, rows):
   rng = np.random.default_rng(0)
   x = imagenet.val_set("fat", 32, limit=16).images
@@ -280,6 +338,15 @@ def test_equalize_keys_are_checked():
   cfg = ml_collections.ConfigDict(dict(rows=[dict(weight_bits=0, act_bits=8, equalize=True)]))
   with pytest.raises(ValueError, match=r"rows\[0\].*bias_correction .* needs weight_bits"):
     experiment.check_config(cfg)
+  cfg = ml_collections.ConfigDict(dict(rows=[dict(weight_bits=4, bias_correction="track")]))
+  with pytest.raises(ValueError, match=r"rows\[0\].*bias_correction must be one of \(False, True, 'tracked'\), "
+                     r"got 'track'"):
+    experiment.check_config(cfg)
+  tracked = dict(weight_bits=4, act_bits=8, per_channel=True, act_symmetric=False, bias_correction="tracked")
+  assert experiment.row_name(tracked) == "W4A8-channel-symW-asymA-bc-tracked"
+  assert experiment.row_name(dict(weight_bits=8, equalize=True, bias_correction="tracked")) == "W8A8-tensor-sym-cle-tracked"
+  assert experiment.quant_config(tracked).track_bias_correction
+  assert not experiment.quant_config({**tracked, "bias_correction": True}).track_bias_correction
 
 
 def test_export_refuses_per_channel_relu6_bounds():

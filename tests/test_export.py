@@ -274,12 +274,15 @@ def test_four_bit_grid_carried_in_int8(mnist, lenet_params, tmp_path):
   assert m["agreement_tie_aware"] >= 0.99, m  # 4-bit logits tie often; the argmax among ties is arbitrary
 
 
-def test_learned_bias_offsets_are_exported_in_the_biases(mnist, lenet_params, tmp_path):
-  """A model with learned bias offsets (``learn_biases``) exports unfolded: thresholds.json's int32 biases are the
-  biases plus the offsets, and the interpreter computes what the JAX model with its offsets computes."""
+def test_learned_bias_offsets_and_tracked_corrections_are_exported_in_the_biases(mnist, lenet_params, tmp_path):
+  """A model with learned bias offsets (``learn_biases``) and a tracked bias correction (``track_bias_correction``,
+  its FAT factors moved) exports unfolded: thresholds.json's int32 biases are the biases as the layers apply them
+  (``fold_biases``: plus the offsets, minus ``E[(W_q - W_q0) x]``), and the interpreter computes what the JAX model
+  computes."""
   xtr, _, xte, _ = mnist
-  cfg = dataclasses.replace(PER_CHANNEL, learn_biases="conv2|fc.*")
+  cfg = dataclasses.replace(PER_CHANNEL, learn_biases="conv2|fc.*", track_bias_correction=True)
   model, variables = quantized(LeNet5, cfg, lenet_params, xtr[:200])
+  assert "input_mean" in variables["quant_stats"]["fc1"]
   th = jax.tree.map(lambda a: a, variables["quant"])
   rng = np.random.default_rng(1)
   for layer in ("conv2", "fc1", "fc2", "fc3"):
@@ -287,11 +290,17 @@ def test_learned_bias_offsets_are_exported_in_the_biases(mnist, lenet_params, tm
   variables = {**variables, "quant": th}
   E.export_tflite(model, variables, xte[:1], tmp_path, log=lambda *_: None)
   exported = {e["name"]: e for e in json.loads((tmp_path / "thresholds.json").read_text())["tensors"]}
+  folded = fatq.layers.fold_biases(model, variables, xte[:1])
+  tracked = 0.0
   for layer in ("conv1", "conv2", "fc1", "fc2", "fc3"):
     b = exported[f"{layer}/bias"]
-    want = np.asarray(lenet_params[layer]["bias"]) + (th[layer]["bias_offset"] if layer != "conv1" else 0)
+    want = np.asarray(folded["params"][layer]["bias"])
     got = np.asarray(b["values_int32"]) * np.asarray(b["scale"])
     np.testing.assert_allclose(got, want, atol=0.5 * np.max(b["scale"]) + 1e-7, err_msg=layer)
+    offset = th[layer]["bias_offset"] if layer != "conv1" else 0
+    tracked = max(tracked, float(np.max(np.abs(want - np.asarray(lenet_params[layer]["bias"]) - offset)
+                                        / np.asarray(b["scale"]))))
+  assert tracked > 2, tracked  # the tracked correction moves some bias by more than two int32 steps
   lite = E.TFLiteModel(tmp_path / "model.tflite")
   jax_logits = np.asarray(jax.jit(lambda x: model.apply(variables, x))(xte))
   zero = jax.tree.map(lambda a: a, th)
@@ -301,9 +310,10 @@ def test_learned_bias_offsets_are_exported_in_the_biases(mnist, lenet_params, tm
   assert np.max(np.abs(jax_logits - without)) > 4 * lite.output_step  # the offsets matter (tolerance below: 2)
   m = E.compare_logits(jax_logits, lite(xte), mnist[3], lite.output_step)
   assert m["max_logit_diff_steps"] <= 2.0 + 1e-6 and m["agreement_tie_aware"] >= 0.99, m
-  # the JAX model given the file's int32 biases (snap_biases) has them once, offsets folded in, not added again
+  # the JAX model given the file's int32 biases (snap_biases) has them once, offsets and corrections folded in, not
+  # applied again
   snapped = E.Exported(model, variables, xte[:1]).snap_biases(variables)
-  assert not fatq.layers.bias_offsets(snapped["quant"])
+  assert not fatq.layers.bias_offsets(snapped["quant"]) and "input_mean" not in snapped["quant_stats"]["fc1"]
   m = E.compare_logits(np.asarray(jax.jit(lambda x: model.apply(snapped, x))(xte)), lite(xte), mnist[3],
                        lite.output_step)
   assert m["max_logit_diff_steps"] <= 2.0 + 1e-6 and m["agreement_tie_aware"] >= 0.99, m

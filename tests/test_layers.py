@@ -284,13 +284,13 @@ def test_learned_bias_offsets_fold_into_the_biases_and_get_the_bias_gradient():
   th2["fc1"]["bias_offset"] = 0.2 * _rand(3, (120,))
   th2["fc2"]["bias_offset"] = 0.2 * _rand(4, (84,))
   v = {**frozen, "quant": th2}
-  folded = layers.fold_bias_offsets(v)
+  folded = layers.fold_biases(m, v, x[:1])
   assert not layers.bias_offsets(folded["quant"])
   np.testing.assert_array_equal(folded["params"]["fc1"]["bias"], params["fc1"]["bias"] + th2["fc1"]["bias_offset"])
   np.testing.assert_array_equal(folded["params"]["conv1"]["bias"], params["conv1"]["bias"])
   np.testing.assert_allclose(m.apply(folded, x), m.apply(v, x), rtol=1e-6, atol=1e-6)
   assert np.max(np.abs(m.apply(v, x) - m.apply({**frozen, "quant": th}, x))) > 0.05
-  assert layers.fold_bias_offsets(folded) is folded  # nothing left to fold
+  assert layers.fold_biases(m, folded, x[:1]) is folded  # nothing left to fold
 
   # the loss gradient w.r.t. an offset is the one w.r.t. its bias, and (16-bit grids: smooth) the finite difference
   cfg16 = dataclasses.replace(fatq.QuantConfig.uniform(fatq.QuantSpec.fat(16), fatq.QuantSpec.fat(16, symmetric=False)),
