@@ -344,7 +344,8 @@ def test_equalize_keys_are_checked():
     experiment.check_config(cfg)
   tracked = dict(weight_bits=4, act_bits=8, per_channel=True, act_symmetric=False, bias_correction="tracked")
   assert experiment.row_name(tracked) == "W4A8-channel-symW-asymA-bc-tracked"
-  assert experiment.row_name(dict(weight_bits=8, equalize=True, bias_correction="tracked")) == "W8A8-tensor-sym-cle-tracked"
+  cle_tracked = dict(weight_bits=8, equalize=True, bias_correction="tracked")
+  assert experiment.row_name(cle_tracked) == "W8A8-tensor-sym-cle-tracked"
   assert experiment.quant_config(tracked).track_bias_correction
   assert not experiment.quant_config({**tracked, "bias_correction": True}).track_bias_correction
 
