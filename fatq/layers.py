@@ -252,9 +252,9 @@ class FakeQuant(nn.Module):
 
   def _grid_shift(self, x: jax.Array) -> jax.Array:
     """``Q(x) - Q0(x)``: ``x`` on the current grid minus ``x`` on the calibrated one (see ``__call__``)."""
-    if _EXPORT_MARKERS.get() or self.spec.kind != "uniform":
-      raise ValueError(f"{self._point()}: a tracked bias correction is for uniform grids, in training and evaluation; "
-                       "fold it into the biases (fatq.layers.fold_biases) before export")
+    if _EXPORT_MARKERS.get():
+      raise ValueError(f"{self._point()}: a tracked bias correction is for training and evaluation; fold it into "
+                       "the biases (fatq.layers.fold_biases) before export")
     shape = self._slice_shape(x)
 
     def fake_quant(factor):
@@ -593,8 +593,10 @@ def layer_bias(module: nn.Module, x: jax.Array, kernel: jax.Array, quantizer: Fa
   if quant is not None and quant.learns_bias("/".join(module.path)) and (
       module.has_variable(THRESHOLDS, BIAS_OFFSET) or module.is_mutable_collection(THRESHOLDS)):
     bias = bias + module.variable(THRESHOLDS, BIAS_OFFSET, lambda: jnp.zeros(bias.shape, jnp.float32)).value
-  if quant is not None and quant.track_bias_correction and quantizer is not None \
-      and quantizer.spec.kind == "uniform":
+  if quant is not None and quant.track_bias_correction and quantizer is not None:
+    if quantizer.spec.kind != "uniform":
+      raise ValueError(f"{point_name(module, 'kernel')}: track_bias_correction follows a uniform weight grid; this "
+                       f"kernel's is kind={quantizer.spec.kind!r} (use a plain bias correction for it)")
     if module.is_mutable_collection(STATS):
       _record_input_mean(module, x, kernel.shape)
     elif module.has_variable(STATS, INPUT_MEAN):  # absent in float, and once folded

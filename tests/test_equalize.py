@@ -294,6 +294,16 @@ def test_tracked_bias_correction_keeps_the_mean_output_as_the_weight_grid_moves(
   np.testing.assert_allclose(models["tracked"].apply(folded, x), out("tracked", moved), rtol=1e-6, atol=1e-6)
 
 
+def test_tracked_bias_correction_needs_a_uniform_weight_grid():
+  x = np.ones((2, 9, 9, 6), np.float32)
+  pot = QuantConfig((QuantRule(r".*kernel", QuantSpec(bits=4, kind="pot")), QuantRule(".*", None)),
+                    track_bias_correction=True)
+  model = OneLayer("conv", quant=pot)
+  with pytest.raises(ValueError, match=r"layer/kernel: track_bias_correction follows a uniform weight grid; this "
+                     r"kernel's is kind='pot'"):
+    fatq.calibrate(model, model.clone(quant=None).init(jax.random.key(0), x)["params"], [x])
+
+
 def tiny_run(tmp_path, rows):
   rng = np.random.default_rng(0)
   x = imagenet.val_set("fat", 32, limit=16).images
