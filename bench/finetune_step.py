@@ -2,6 +2,7 @@
 
     python bench/finetune_step.py [--model mobilenet_v2] [--width 1.0] [--batch 32] [--size 224] [--steps 3]
     python bench/finetune_step.py --breakdown   # where the fast step's time goes
+    python bench/finetune_step.py --tracked     # the cost of a tracked bias correction (bias_correction='tracked')
 
 A training step is the quantized student's forward and backward w.r.t. the thresholds plus the Adam update, with
 cached teacher logits (as experiments/finetune.py runs it). Weights are random: speed does not depend on them.
@@ -12,11 +13,15 @@ quantized forward, the float backward pass to the input only and to every weight
 w.r.t. the thresholds; each as a multiple of the float forward, in time and in FLOPs (XLA's count). The FLOP
 column is the floor a backward pass sets: the input and weight gradients of a layer each cost about as much
 arithmetic as its forward.
+
+``--tracked`` times the fast step without and with a tracked bias correction (each layer re-quantizes its kernel at
+the calibrated thresholds and contracts the grid shift with its mean input patch) and prints the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from types import SimpleNamespace
@@ -42,9 +47,11 @@ def timed(fn, *args, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def setup(name: str, width: float, impl: str, batch: int, size: int) -> SimpleNamespace:
-  """A W8A8 FAT model (per-channel weights, asymmetric activations) calibrated on one random batch."""
+def setup(name: str, width: float, impl: str, batch: int, size: int, tracked: bool = False) -> SimpleNamespace:
+  """A W8A8 FAT model (per-channel weights, asymmetric activations) calibrated on one random batch; ``tracked``:
+  with a tracked bias correction (``QuantConfig.track_bias_correction``)."""
   quant = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True), fatq.QuantSpec.fat(8, symmetric=False))
+  quant = dataclasses.replace(quant, track_bias_correction=tracked)
   model = registry.build(dict(name=name, width=width, num_classes=1001, impl=impl), quant)
   x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
   params = model.init(jax.random.key(0), x[:1])["params"]
@@ -56,8 +63,8 @@ def setup(name: str, width: float, impl: str, batch: int, size: int) -> SimpleNa
                          logits=teacher.apply({"params": params}, x))
 
 
-def measure(name: str, width: float, impl: str, batch: int, size: int, steps: int) -> dict:
-  m = setup(name, width, impl, batch, size)
+def measure(name: str, width: float, impl: str, batch: int, size: int, steps: int, tracked: bool = False) -> dict:
+  m = setup(name, width, impl, batch, size, tracked)
   forward = jax.jit(lambda p, x: m.teacher.apply({"params": p}, x))
   cfg = ml_collections.ConfigDict(dict(schedule="cosine_restarts", lr=1e-3, lr_min=0.0, restart_period=100))
   tx, _ = training.make_optimizer(cfg)
@@ -65,7 +72,8 @@ def measure(name: str, width: float, impl: str, batch: int, size: int, steps: in
   state = training.TrainState(jnp.zeros([], jnp.int32), m.thresholds, tx.init(m.thresholds))
   t_fwd = timed(forward, m.params, m.x, steps=steps)
   t_step = timed(lambda s: step(s, m.frozen, m.x, m.logits)[1], state, steps=steps)
-  return dict(impl=impl, forward_img_s=batch / t_fwd, step_img_s=batch / t_step, step_over_forward=t_step / t_fwd)
+  return dict(impl=impl, tracked=tracked, forward_img_s=batch / t_fwd, step_img_s=batch / t_step,
+              step_over_forward=t_step / t_fwd)
 
 
 def flops(fn, *args) -> float:
@@ -105,7 +113,21 @@ def main():
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--json", default="", help="also write the figures to this file")
   ap.add_argument("--breakdown", action="store_true", help="time the pieces of the fast step instead")
+  ap.add_argument("--tracked", action="store_true",
+                  help="compare the fast step with and without a tracked bias correction instead")
   a = ap.parse_args()
+  if a.tracked:
+    rows = [measure(a.model, a.width, "fast", a.batch, a.size, a.steps, tracked) for tracked in (False, True)]
+    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions")
+    print(f"{'bias correction':<16} {'forward img/s':>14} {'train step img/s':>17} {'step/forward':>13}")
+    for r in rows:
+      print(f"{'tracked' if r['tracked'] else 'none':<16} {r['forward_img_s']:>14.1f} {r['step_img_s']:>17.1f} "
+            f"{r['step_over_forward']:>13.2f}")
+    print(f"tracked step time / plain step time: {rows[0]['step_img_s'] / rows[1]['step_img_s']:.3f}")
+    if a.json:
+      with open(a.json, "w") as f:
+        json.dump(dict(args=vars(a), rows=rows), f, indent=2)
+    return
   if a.breakdown:
     t = breakdown(a.model, a.width, a.batch, a.size, a.steps)
     base = t["float forward"]
