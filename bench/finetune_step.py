@@ -104,6 +104,14 @@ def breakdown(name: str, width: float, batch: int, size: int, steps: int) -> dic
           for label, (fn, v) in jitted.items()}
 
 
+def print_rows(label: str, rows: list[tuple[str, dict]]) -> None:
+  """A table of :func:`measure` rows, each named in the first column (headed ``label``)."""
+  width = max(len(label), *(len(name) for name, _ in rows))
+  print(f"{label:<{width}} {'forward img/s':>14} {'train step img/s':>17} {'step/forward':>13}")
+  for name, r in rows:
+    print(f"{name:<{width}} {r['forward_img_s']:>14.1f} {r['step_img_s']:>17.1f} {r['step_over_forward']:>13.2f}")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default="mobilenet_v2")
@@ -119,10 +127,7 @@ def main():
   if a.tracked:
     rows = [measure(a.model, a.width, "fast", a.batch, a.size, a.steps, tracked) for tracked in (False, True)]
     print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions")
-    print(f"{'bias correction':<16} {'forward img/s':>14} {'train step img/s':>17} {'step/forward':>13}")
-    for r in rows:
-      print(f"{'tracked' if r['tracked'] else 'none':<16} {r['forward_img_s']:>14.1f} {r['step_img_s']:>17.1f} "
-            f"{r['step_over_forward']:>13.2f}")
+    print_rows("bias correction", [("tracked" if r["tracked"] else "none", r) for r in rows])
     print(f"tracked step time / plain step time: {rows[0]['step_img_s'] / rows[1]['step_img_s']:.3f}")
     if a.json:
       with open(a.json, "w") as f:
@@ -144,9 +149,7 @@ def main():
   fast, lax = rows
   print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s)")
-  print(f"{'impl':<6} {'forward img/s':>14} {'train step img/s':>17} {'step/forward':>13}")
-  for r in rows:
-    print(f"{r['impl']:<6} {r['forward_img_s']:>14.1f} {r['step_img_s']:>17.1f} {r['step_over_forward']:>13.2f}")
+  print_rows("impl", [(r["impl"], r) for r in rows])
   speedup = fast["step_img_s"] / lax["step_img_s"]
   print(f"fast/lax training-step speed-up: {speedup:.2f}x (target >= 3); fast step costs "
         f"{fast['step_over_forward']:.2f} float forwards (target <= 3)")

@@ -197,8 +197,8 @@ class FakeQuant(nn.Module):
 
   def _factor(self, name: str, init: float, shape) -> jax.Array:
     if self.spec.trainable and (self.has_variable(THRESHOLDS, name) or self.is_mutable_collection(THRESHOLDS)):
-      return self.variable(THRESHOLDS, name, lambda: jnp.full(shape, init, jnp.float32)).value
-    return jnp.full(shape, init, jnp.float32)
+      return self.variable(THRESHOLDS, name, lambda: _initial_factor(name, init, shape)).value
+    return _initial_factor(name, init, shape)
 
   def range(self, t_left: jax.Array | None = None, t_right: jax.Array | None = None,
             factor=None) -> tuple[jax.Array, jax.Array, jax.Array]:
