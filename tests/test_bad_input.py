@@ -102,7 +102,8 @@ def test_shipped_configs_pass_the_checks():
   configs = [_load_config("lenet5_mnist.py"), _load_config("lenet5_mnist.py", "quick")]
   configs += [_load_config(f) for f in sorted(os.listdir(os.path.join(ROOT, "configs")))
               if f.endswith("_fat.py") and f != "imagenet_fat.py"]  # imagenet_fat.py: their shared layout
-  assert len(configs) >= 6
+  configs += [_load_config("mobilenet_v1_0.75_fat.py", variant) for variant in ("cpu", "paper", "quick")]
+  assert len(configs) >= 9
   for cfg in configs:
     experiment.check_config(cfg)
 
