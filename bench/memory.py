@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 import fatq
-from fatq import training
+from fatq import cli, training
 from fatq.layers import STATS
 from fatq.models import registry
 
@@ -296,4 +296,5 @@ def main():
 
 
 if __name__ == "__main__":
+  cli.use_huge_pages()  # restarts the process with huge pages where they help
   main()

@@ -108,4 +108,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from fatq import cli
+  cli.use_huge_pages()  # restarts the process with huge pages where they help
   main()

@@ -108,21 +108,61 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     return
   fat = cfg.get("fat", None)
   need(fat is not None, "fat", None, "rows with fat=True need a fat section (epochs, batch_size, lr, ...)")
-  for key in ("epochs", "batch_size", "restart_period"):
-    need(isinstance(fat.get(key), int) and fat.get(key) >= 1, f"fat.{key}", fat.get(key),
-         "must be a positive integer")
-  for key in ("eval_every", "checkpoint_every"):
-    value = fat.get(key, 0)
-    need(isinstance(value, int) and value >= 0, f"fat.{key}", value, "must be an integer >= 0 (0: default)")
-  need(isinstance(fat.get("lr"), (int, float)) and fat.get("lr") > 0, "fat.lr", fat.get("lr"),
-       "must be a positive learning rate")
-  need(fat.get("loss") in training.LOSSES, "fat.loss", fat.get("loss"), f"choose one of {sorted(training.LOSSES)}")
-  schedules = ("cosine_restarts", "reference", "constant")
-  need(fat.get("schedule") in schedules, "fat.schedule", fat.get("schedule"), f"choose one of {schedules}")
+  problems = fat_problems(fat)
+  if problems:
+    key, value, want = problems[0]
+    need(False, f"fat.{key}", value, want)
+  for i, row in enumerate(rows):  # rows with their own fine-tuning settings (fat=dict(...))
+    if isinstance(row.get("fat", False), bool):
+      continue
+    try:
+      problems = fat_problems(row_fat_config(cfg, row))
+    except (ValueError, TypeError, KeyError) as e:
+      problems = [(None, None, e.args[0] if e.args else str(e))]
+    if problems:
+      key, value, want = problems[0]
+      where = f"fat.{key} = {value!r}: " if key else ""
+      raise ValueError(f"config.rows[{i}] ({row_name(row)}): {where}{want}")
   data = cfg.get("data", None)
   if data is not None and data.get("num_holdout", None) is not None:
     need(isinstance(data.num_holdout, int) and data.num_holdout >= 1, "data.num_holdout", data.num_holdout,
          "fine-tuning needs held-out images to pick the best thresholds: at least 1")
+
+
+def fat_problems(fat) -> list[tuple[str, Any, str]]:
+  """``(key, value, what it must be)`` for each value of a fat section that would fail only after minutes of work."""
+  problems = []
+  for key in ("epochs", "batch_size", "restart_period"):
+    if not (isinstance(fat.get(key), int) and fat.get(key) >= 1):
+      problems.append((key, fat.get(key), "must be a positive integer"))
+  for key in ("eval_every", "checkpoint_every"):
+    value = fat.get(key, 0)
+    if not (isinstance(value, int) and value >= 0):
+      problems.append((key, value, "must be an integer >= 0 (0: default)"))
+  if not (isinstance(fat.get("lr"), (int, float)) and fat.get("lr") > 0):
+    problems.append(("lr", fat.get("lr"), "must be a positive learning rate"))
+  if fat.get("loss") not in training.LOSSES:
+    problems.append(("loss", fat.get("loss"), f"choose one of {sorted(training.LOSSES)}"))
+  schedules = ("cosine_restarts", "reference", "constant")
+  if fat.get("schedule") not in schedules:
+    problems.append(("schedule", fat.get("schedule"), f"choose one of {schedules}"))
+  return problems
+
+
+def row_fat_config(cfg: ml_collections.ConfigDict, row) -> ml_collections.ConfigDict:
+  """The fine-tuning settings of one row: ``cfg.fat``, with the row's own values where its ``fat`` is a dict of
+  ``cfg.fat`` keys instead of True (``fat=dict(lr=5e-4)``: this row alone at a lower learning rate)."""
+  fat = ml_collections.ConfigDict(cfg.fat.to_dict())  # a copy, type-safe: a value of the wrong type raises
+  overrides = row.get("fat", False)
+  if isinstance(overrides, bool):
+    return fat
+  if not overrides or not hasattr(overrides, "items"):
+    raise ValueError(f"fat = {overrides!r}: use True, or a non-empty dict of config.fat keys for this row alone")
+  for key, value in overrides.items():
+    if key not in fat:
+      raise KeyError(f"fat has no key {key!r} (keys of config.fat: {', '.join(sorted(fat))})")
+    fat[key] = value
+  return fat
 
 
 def check_finite(params: Tree, data: Data) -> None:
@@ -193,8 +233,11 @@ def row_name(row) -> str:
       f"{'sym' if w_sym else 'asym'}W-{'sym' if a_sym else 'asym'}A"
   mse = "-mse" if row.get("weight_calibration", "minmax") == "mse" else ""
   learned = "-learnbias" if row.get("learn_biases", False) else ""
+  overrides = row.get("fat", False)  # the row's own fine-tuning settings, e.g. '-lr0.0005'
+  tuned = "" if isinstance(overrides, bool) or not hasattr(overrides, "items") else \
+      "".join(f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}" for key, value in overrides.items())
   return (f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}{mse}{dfq_suffix(row)}"
-          f"{learned}")
+          f"{learned}{tuned}")
 
 
 def dfq_suffix(row) -> str:
@@ -330,8 +373,8 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
     row_dir = os.path.join(workdir, "rows", name)
     os.makedirs(row_dir, exist_ok=True)
     best, history = training.finetune(qmodel, frozen, thresholds, data.train, teacher_train,
-                                      (data.holdout, teacher_holdout), cfg.fat, workdir=row_dir, resume=resume,
-                                      log=log, progress=progress)
+                                      (data.holdout, teacher_holdout), row_fat_config(cfg, row), workdir=row_dir,
+                                      resume=resume, log=log, progress=progress)
     # learned bias offsets and tracked bias corrections into the biases
     variables = layers.fold_biases(qmodel, {**frozen, THRESHOLDS: best}, data.calibration[:1])
     with _saving(os.path.join(row_dir, "checkpoint"), workdir):

@@ -127,6 +127,12 @@ def test_shipped_configs_pass_the_checks():
      r"config.rows\[13\].*learn_biases must be True, False or a pattern of layer names, got 1"),
     (lambda c: c.rows.append(dict(weight_bits=4, fat=True, learn_biases="fc[")),
      r"config.rows\[13\].*learn_biases 'fc\[' is not a regular expression of layer names"),
+    (lambda c: c.rows.append(dict(weight_bits=8, fat=dict(lrr=1e-3))),
+     r"config.rows\[13\] \(W8A8-tensor-sym-lrr0.001\): fat has no key 'lrr' \(keys of config.fat: batch_size, .* lr, "),
+    (lambda c: c.rows.append(dict(weight_bits=8, fat=dict(lr=-1.0))),
+     r"config.rows\[13\] \(W8A8-tensor-sym-lr-1\): fat.lr = -1.0: must be a positive learning rate"),
+    (lambda c: c.rows.append(dict(weight_bits=8, fat="yes")),
+     r"config.rows\[13\].*fat = 'yes': use True, or a non-empty dict of config.fat keys for this row alone"),
     (lambda c: setattr(c, "input_bits", 33), r"config.input_bits = 33: QuantSpec.bits must be an integer in 2..16"),
     (lambda c: c.fat.update(epochs=0), r"config.fat.epochs = 0: must be a positive integer"),
     (lambda c: c.fat.update(lr=-1e-3), r"config.fat.lr = -0.001: must be a positive learning rate"),
@@ -277,6 +283,22 @@ def _tiny_experiment():
       rows=[dict(weight_bits=8, act_bits=8), dict(weight_bits=4, act_bits=4, per_channel=True, fat=True)],
       eval_batch_size=40))
   return cfg, model, params, data
+
+
+def test_a_row_with_its_own_fine_tuning_settings(tmp_path):
+  """``fat=dict(...)`` on a row: that row trains with those config.fat values, the others with config.fat; the row's
+  name says so."""
+  cfg, model, params, data = _tiny_experiment()
+  cfg.rows = [cfg.rows[1], dict(cfg.rows[1], fat=dict(epochs=1, lr=5e-3))]
+  experiment.check_config(cfg)
+  results = experiment.run(cfg, model, params, data, str(tmp_path), progress=False, log=lambda *_: None)
+  names = ["W4A4-channel-sym", "W4A4-channel-sym-epochs1-lr0.005"]
+  assert [r["name"] for r in results["rows"] if r["method"] == "fat"] == names
+  for name, steps, lr in zip(names, (8, 4), (1e-2, 5e-3)):  # 80 training images in batches of 20: 4 steps an epoch
+    lines = [json.loads(line) for line in (tmp_path / "rows" / name / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == steps
+    assert lines[-1]["lr"] == pytest.approx(lr)  # the constant schedule's rate
+  assert cfg.fat.epochs == 2 and cfg.fat.lr == 1e-2  # the shared section is left as it was
 
 
 def test_nan_or_inf_in_weights_or_images_stops_before_any_work(tmp_path):
