@@ -144,18 +144,14 @@ def main():
       print("huge pages are not available here (see fatq.cli.use_huge_pages)")
     print(f"training step speed-up from huge pages: {rows[1]['step_img_s'] / rows[0]['step_img_s']:.2f}x, "
           f"float forward: {rows[1]['forward_img_s'] / rows[0]['forward_img_s']:.2f}x")
-    if a.json:
-      with open(a.json, "w") as f:
-        json.dump(dict(args=vars(a), rows=rows), f, indent=2)
+    write_json(a, rows=rows)
     return
   if a.tracked:
     rows = [measure(a.model, a.width, "fast", a.batch, a.size, a.steps, tracked) for tracked in (False, True)]
     print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {pages} pages")
     print_rows("bias correction", [("tracked" if r["tracked"] else "none", r) for r in rows])
     print(f"tracked step time / plain step time: {rows[0]['step_img_s'] / rows[1]['step_img_s']:.3f}")
-    if a.json:
-      with open(a.json, "w") as f:
-        json.dump(dict(args=vars(a), rows=rows), f, indent=2)
+    write_json(a, rows=rows)
     return
   if a.breakdown:
     t = breakdown(a.model, a.width, a.batch, a.size, a.steps)
@@ -165,9 +161,7 @@ def main():
     for label, r in t.items():
       print(f"{label:<36} {r['seconds'] * 1e3:>8.0f} {a.batch / r['seconds']:>7.1f} "
             f"{r['seconds'] / base['seconds']:>10.2f} {r['flops'] / 1e9:>8.1f} {r['flops'] / base['flops']:>10.2f}")
-    if a.json:
-      with open(a.json, "w") as f:
-        json.dump(dict(args=vars(a), pieces=t), f, indent=2)
+    write_json(a, pieces=t)
     return
   impls = a.impl.split(",")
   if not set(impls) <= {"fast", "lax"}:
@@ -182,9 +176,14 @@ def main():
     print(f"fast/lax training-step speed-up: {speedup:.2f}x (target >= 3)")
   if "fast" in by_impl:
     print(f"fast step costs {by_impl['fast']['step_over_forward']:.2f} float forwards (target <= 3)")
+  write_json(a, rows=rows, speedup=speedup)
+
+
+def write_json(a, **figures) -> None:
+  """The run's arguments and ``figures`` into ``--json FILE``, if one was given."""
   if a.json:
     with open(a.json, "w") as f:
-      json.dump(dict(args=vars(a), rows=rows, speedup=speedup), f, indent=2)
+      json.dump(dict(args=vars(a), **figures), f, indent=2)
 
 
 def measure_in_child(a, huge: bool) -> dict:
