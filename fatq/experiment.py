@@ -113,7 +113,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     key, value, want = problems[0]
     need(False, f"fat.{key}", value, want)
   for i, row in enumerate(rows):  # rows with their own fine-tuning settings (fat=dict(...))
-    if isinstance(row.get("fat", False), bool):
+    if isinstance(row.get("fat", False), bool):  # True / False: config.fat itself, checked above
       continue
     try:
       problems = fat_problems(row_fat_config(cfg, row))
@@ -154,15 +154,19 @@ def row_fat_config(cfg: ml_collections.ConfigDict, row) -> ml_collections.Config
   ``cfg.fat`` keys instead of True (``fat=dict(lr=5e-4)``: this row alone at a lower learning rate)."""
   fat = ml_collections.ConfigDict(cfg.fat.to_dict())  # a copy, type-safe: a value of the wrong type raises
   overrides = row.get("fat", False)
-  if isinstance(overrides, bool):
-    return fat
-  if not overrides or not hasattr(overrides, "items"):
+  if not isinstance(overrides, bool) and (not overrides or not hasattr(overrides, "items")):
     raise ValueError(f"fat = {overrides!r}: use True, or a non-empty dict of config.fat keys for this row alone")
-  for key, value in overrides.items():
+  for key, value in fat_overrides(row).items():
     if key not in fat:
       raise KeyError(f"fat has no key {key!r} (keys of config.fat: {', '.join(sorted(fat))})")
     fat[key] = value
   return fat
+
+
+def fat_overrides(row) -> dict:
+  """The ``config.fat`` values a row sets for itself: its ``fat`` where that is a dict, else none."""
+  overrides = row.get("fat", False)
+  return dict(overrides.items()) if hasattr(overrides, "items") else {}
 
 
 def check_finite(params: Tree, data: Data) -> None:
@@ -233,9 +237,8 @@ def row_name(row) -> str:
       f"{'sym' if w_sym else 'asym'}W-{'sym' if a_sym else 'asym'}A"
   mse = "-mse" if row.get("weight_calibration", "minmax") == "mse" else ""
   learned = "-learnbias" if row.get("learn_biases", False) else ""
-  overrides = row.get("fat", False)  # the row's own fine-tuning settings, e.g. '-lr0.0005'
-  tuned = "" if isinstance(overrides, bool) or not hasattr(overrides, "items") else \
-      "".join(f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}" for key, value in overrides.items())
+  tuned = "".join(f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"  # the row's own settings
+                  for key, value in fat_overrides(row).items())
   return (f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}{mse}{dfq_suffix(row)}"
           f"{learned}{tuned}")
 
