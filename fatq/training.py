@@ -245,7 +245,8 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   if best_loss is None:
     if ckpt and os.path.exists(ckpt.metrics_path):
       os.remove(ckpt.metrics_path)  # a fresh run: no stale metrics from an earlier one
-    best_loss = holdout_loss(thresholds)
+    # the replicated copy: the same argument types as every later evaluation, so eval_loss compiles once
+    best_loss = holdout_loss(state.thresholds)
     record(dict(step=0, holdout_loss=best_loss, factors=factor_summary(thresholds)))
 
   def save(reason: str):

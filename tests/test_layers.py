@@ -314,3 +314,28 @@ def test_learned_bias_offsets_fold_into_the_biases_and_get_the_bias_gradient():
     fd = (float(loss(params, up)) - float(loss(params, down))) / (2 * h)
     np.testing.assert_allclose(g_offset[j], fd, rtol=0.02)
   assert np.max(np.abs(g_offset)) > 1e-3
+
+
+def test_activation_histograms_count_every_value_and_draw_both_ranges(tmp_path):
+  from fatq import plots
+
+  m, params, x = _lenet(QCFG)
+  stats = fatq.calibrate(m, params, [x])
+  th = fatq.init_thresholds(m, params, stats, x[:1])
+  moved = jax.tree.map(lambda a: a * 0.8 + 0.05, th)  # widths 0.85, shifts 0.05: every range moves
+  before, after = ({"params": params, "quant_stats": stats, "quant": t} for t in (th, moved))
+  hists = plots.activation_histograms(m, before, after, x, bins=50)
+  acts = {n: a for n, a in plots._activations(m, params, x).items()}
+  assert set(hists) == set(acts) and "conv1/output" in hists and not any(n.endswith("kernel") for n in hists)
+  for name, h in hists.items():
+    a = np.asarray(acts[name])
+    assert h["counts"].shape == (50,) and h["counts"].sum() == a.size  # every value in a bin
+    for key, variables in (("before", before), ("after", after)):
+      r = fatq.quant_ranges(m, variables, x[:1])[name]
+      np.testing.assert_array_equal(h[key], ((r["qmin"] - r["zero_point"]) * r["scale"],
+                                             (r["qmax"] - r["zero_point"]) * r["scale"]))
+      assert h["edges"][0] <= min(a.min(), h[key][0]) and h["edges"][-1] >= max(a.max(), h[key][1])
+    assert h["before"][1] != h["after"][1]
+  out = tmp_path / "ranges.png"
+  plots.plot_activation_ranges(m, before, after, x, str(out))
+  assert out.stat().st_size > 10_000
