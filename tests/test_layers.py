@@ -325,7 +325,7 @@ def test_activation_histograms_count_every_value_and_draw_both_ranges(tmp_path):
   moved = jax.tree.map(lambda a: a * 0.8 + 0.05, th)  # widths 0.85, shifts 0.05: every range moves
   before, after = ({"params": params, "quant_stats": stats, "quant": t} for t in (th, moved))
   hists = plots.activation_histograms(m, before, after, x, bins=50)
-  acts = {n: a for n, a in plots._activations(m, params, x).items()}
+  acts = plots._activations(m, params, x)
   assert set(hists) == set(acts) and "conv1/output" in hists and not any(n.endswith("kernel") for n in hists)
   for name, h in hists.items():
     a = np.asarray(acts[name])
