@@ -189,9 +189,7 @@ def write_json(a, **figures) -> None:
 def measure_in_child(a, huge: bool) -> dict:
   """The fast row of this benchmark run in a fresh process, with huge pages or with 4 KiB pages (glibc reads its
   tunables only at start-up, so one process cannot measure both)."""
-  env = dict(os.environ, FATQ_HUGE_PAGES="1" if huge else "0")
-  env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
-                                   if t and not t.startswith("glibc.malloc.hugetlb"))
+  env = cli.page_environment(huge)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "rows.json")
     subprocess.run([sys.executable, __file__, "--impl", "fast", "--json", out, "--model", a.model,

@@ -33,7 +33,8 @@ from absl import app, flags
 from ml_collections import ConfigDict
 from ml_collections.config_flags import config_flags, config_path
 
-__all__ = ["run", "parse_flags", "flat_keys", "missing_key_message", "use_huge_pages", "huge_pages_enabled"]
+__all__ = ["run", "parse_flags", "flat_keys", "missing_key_message", "use_huge_pages", "huge_pages_enabled",
+           "page_environment"]
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -60,8 +61,7 @@ def use_huge_pages() -> None:
   if (os.environ.get("FATQ_HUGE_PAGES", "1") == "0" or _tunable_set() or _thp_mode() != "madvise"
       or not _glibc_hugetlb()):
     return
-  tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
-  os.environ["GLIBC_TUNABLES"] = ":".join(tunables + [HUGE_PAGES_TUNABLE])
+  os.environ["GLIBC_TUNABLES"] = ":".join(_tunables(os.environ) + [HUGE_PAGES_TUNABLE])
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
@@ -74,9 +74,20 @@ def huge_pages_enabled() -> bool:
   return mode == "always" or (mode == "madvise" and _tunable_set() and _glibc_hugetlb())
 
 
+def page_environment(huge: bool) -> dict[str, str]:
+  """This process's environment for a child that runs with huge pages (it restarts itself, :func:`use_huge_pages`)
+  or with 4 KiB pages: the malloc tunable this process may have been started with is left out either way."""
+  env = dict(os.environ, FATQ_HUGE_PAGES="1" if huge else "0")
+  env["GLIBC_TUNABLES"] = ":".join(t for t in _tunables(env) if not t.startswith("glibc.malloc.hugetlb="))
+  return env
+
+
+def _tunables(env) -> list[str]:
+  return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
 def _tunable_set() -> bool:
-  return any(t.startswith("glibc.malloc.hugetlb=") and t != "glibc.malloc.hugetlb=0"
-             for t in os.environ.get("GLIBC_TUNABLES", "").split(":"))
+  return any(t.startswith("glibc.malloc.hugetlb=") and t != "glibc.malloc.hugetlb=0" for t in _tunables(os.environ))
 
 
 def _glibc_hugetlb() -> bool:

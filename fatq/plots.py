@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 
 from fatq.calibration import points, quant_ranges  # noqa: E402
 from fatq.layers import FakeQuant  # noqa: E402
+from fatq.quantizers import QuantParams  # noqa: E402
 
 Tree = Any
 
@@ -69,8 +70,9 @@ def activation_histograms(model, variables_before: Tree, variables_after: Tree, 
     if name not in ranges[0]:
       continue
     a = np.asarray(a)
-    before, after = (((r[name]["qmin"] - r[name]["zero_point"]) * r[name]["scale"],
-                      (r[name]["qmax"] - r[name]["zero_point"]) * r[name]["scale"]) for r in ranges)
+    before, after = ((p.nudged_min, p.nudged_max) for p in
+                     (QuantParams(r[name]["scale"], r[name]["zero_point"], r[name]["qmin"], r[name]["qmax"])
+                      for r in ranges))
     left = min(a.min(), before[0].min(), after[0].min())
     right = max(a.max(), before[1].max(), after[1].max())
     counts, edges = np.histogram(a, bins=bins, range=(left, right if right > left else left + 1.0))

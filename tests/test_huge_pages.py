@@ -44,3 +44,14 @@ def test_opt_out_and_already_set(tmp_path):
   lines = _run(tmp_path, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
   assert lines[:-1] == ["started"]  # no restart
   assert lines[-1].startswith("['--config.x=1', 'a b'] glibc.malloc.hugetlb=1 ")
+
+
+def test_page_environment_for_a_child_process(monkeypatch):
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1")
+  monkeypatch.setenv("FATQ_TEST_KEEP", "kept")
+  for huge in (False, True):
+    env = cli.page_environment(huge)
+    # the tunable is left for a huge-page child to set when it restarts itself; the rest is passed on
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4" and env["FATQ_TEST_KEEP"] == "kept"
+    assert env["FATQ_HUGE_PAGES"] == ("1" if huge else "0")
+  assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"  # this process unchanged
