@@ -109,9 +109,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   fat = cfg.get("fat", None)
   need(fat is not None, "fat", None, "rows with fat=True need a fat section (epochs, batch_size, lr, ...)")
   problems = fat_problems(fat)
-  if problems:
-    key, value, want = problems[0]
-    need(False, f"fat.{key}", value, want)
+  if problems:  # every one at once: a user with two typos fixes both in one go
+    raise ValueError("; ".join(f"config.fat.{key} = {value!r}: {want} (set it with --config.fat.{key}=...)"
+                               for key, value, want in problems))
   for i, row in enumerate(rows):  # rows with their own fine-tuning settings (fat=dict(...))
     if isinstance(row.get("fat", False), bool):  # True / False: config.fat itself, checked above
       continue
@@ -120,9 +120,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     except (ValueError, TypeError, KeyError) as e:
       problems = [(None, None, e.args[0] if e.args else str(e))]
     if problems:
-      key, value, want = problems[0]
-      where = f"fat.{key} = {value!r}: " if key else ""
-      raise ValueError(f"config.rows[{i}] ({row_name(row)}): {where}{want}")
+      raise ValueError(f"config.rows[{i}] ({row_name(row)}): "
+                       + "; ".join((f"fat.{key} = {value!r}: " if key else "") + want for key, value, want in problems))
   data = cfg.get("data", None)
   if data is not None and data.get("num_holdout", None) is not None:
     need(isinstance(data.num_holdout, int) and data.num_holdout >= 1, "data.num_holdout", data.num_holdout,

@@ -60,16 +60,17 @@ def activation_histograms(model, variables_before: Tree, variables_after: Tree, 
                           bins: int = 100) -> dict[str, dict[str, np.ndarray]]:
   """Per activation point: ``counts`` of its float values on ``images`` in ``bins`` equal bins between ``edges[0]``
   and ``edges[-1]`` (spanning the values and both ranges, so every value is counted), and its nudged range
-  ``before`` and ``after`` fine-tuning (``(lo, hi)``, as :func:`fatq.calibration.quant_ranges` gives it)."""
+  ``before`` and ``after`` fine-tuning (``(lo, hi)``, as :func:`fatq.calibration.quant_ranges` gives it). Points are
+  in network order (the order the model applies them)."""
   # jitted: applied op by op, the capture cost MobileNet v2 6 s a row; the ranges need one image and stay op by op
   # (their small programs are compiled once per run, where a jitted apply would compile the whole model per row)
   acts = jax.jit(functools.partial(_activations, model))(variables_before["params"], images)
   ranges = [quant_ranges(model, v, images[:1]) for v in (variables_before, variables_after)]
   out = {}
-  for name, a in acts.items():
-    if name not in ranges[0]:
+  for name in ranges[0]:  # the op-by-op apply's order is the network's; a jitted program's outputs come back sorted
+    if name not in acts:
       continue
-    a = np.asarray(a)
+    a = np.asarray(acts[name])
     before, after = ((p.nudged_min, p.nudged_max) for p in
                      (QuantParams(r[name]["scale"], r[name]["zero_point"], r[name]["qmin"], r[name]["qmax"])
                       for r in ranges))
@@ -81,10 +82,13 @@ def activation_histograms(model, variables_before: Tree, variables_after: Tree, 
 
 
 def plot_activation_ranges(model, variables_before: Tree, variables_after: Tree, images: np.ndarray,
-                           out_png: str, max_points: int = 48) -> None:
-  """A histogram per activation point with the calibrated (dashed) and learned (solid) nudged ranges."""
+                           out_png: str, max_points: int = 48) -> list[str]:
+  """A histogram per activation point with the calibrated (dashed) and learned (solid) nudged ranges, in network
+  order; returns the points drawn. Beyond ``max_points`` points, evenly spaced ones from the input to the logits."""
   hists = activation_histograms(model, variables_before, variables_after, images)
-  names = list(hists)[:max_points]
+  names = list(hists)
+  if len(names) > max_points:
+    names = [names[i] for i in sorted(set(np.linspace(0, len(names) - 1, max_points).round().astype(int)))]
   cols = 6
   rows = math.ceil(len(names) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False)
@@ -105,3 +109,4 @@ def plot_activation_ranges(model, variables_before: Tree, variables_after: Tree,
   fig.subplots_adjust(left=0.03, right=0.99, bottom=0.03, top=1 - 0.8 / (2.2 * rows), wspace=0.3, hspace=0.5)
   fig.savefig(out_png, dpi=100)
   plt.close(fig)
+  return names

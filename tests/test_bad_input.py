@@ -138,6 +138,12 @@ def test_shipped_configs_pass_the_checks():
     (lambda c: c.fat.update(lr=-1e-3), r"config.fat.lr = -0.001: must be a positive learning rate"),
     (lambda c: c.fat.update(loss="l2"), r"config.fat.loss = 'l2': choose one of \['rmse', 'smoothed_l1'\]"),
     (lambda c: c.fat.update(schedule="cosine"), r"config.fat.schedule = 'cosine': choose one of"),
+    (lambda c: c.fat.update(epochs=0, lr=0.0),  # every problem in one message, each with its fix
+     r"config.fat.epochs = 0: must be a positive integer \(set it with --config.fat.epochs=...\); "
+     r"config.fat.lr = 0.0: must be a positive learning rate \(set it with --config.fat.lr=...\)$"),
+    (lambda c: c.rows.append(dict(weight_bits=8, fat=dict(lr=-1.0, batch_size=0))),
+     r"config.rows\[13\] \(.*\): fat.batch_size = 0: must be a positive integer; "
+     r"fat.lr = -1.0: must be a positive learning rate$"),
     (lambda c: c.data.update(num_holdout=0), r"config.data.num_holdout = 0: fine-tuning needs held-out images"),
     (lambda c: c.calibration.update(batch_size=0), r"config.calibration.batch_size = 0: must be a positive integer"),
 ])

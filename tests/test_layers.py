@@ -12,7 +12,7 @@ import fatq
 from fatq import layers
 from fatq import quantizers as Q
 from fatq.layers import conv2d
-from fatq.models import LeNet5
+from fatq.models import LeNet5, mobilenet_v2
 
 
 def _rand(key, shape, scale=1.0):
@@ -339,3 +339,22 @@ def test_activation_histograms_count_every_value_and_draw_both_ranges(tmp_path):
   out = tmp_path / "ranges.png"
   plots.plot_activation_ranges(m, before, after, x, str(out))
   assert out.stat().st_size > 10_000
+
+
+def test_activation_plot_follows_the_network_from_input_to_logits(tmp_path):
+  from fatq import plots
+
+  m = mobilenet_v2.tiny(quant=QCFG)
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (4, 32, 32, 3)))
+  params = m.init(jax.random.key(1), x)["params"]
+  stats = fatq.calibrate(m, params, [x])
+  v = {"params": params, "quant_stats": stats, "quant": fatq.init_thresholds(m, params, stats, x[:1])}
+  order = [n for n in fatq.quant_ranges(m, v, x[:1]) if not n.endswith("kernel")]  # applied op by op: network order
+  assert order[:3] == ["input", "conv1/output", "block0/depthwise/output"] and order[-1] == "logits/output"
+  assert list(plots.activation_histograms(m, v, v, x, bins=10)) == order  # not the sorted order of a jitted output
+  drawn = plots.plot_activation_ranges(m, v, v, x, str(tmp_path / "all.png"))
+  assert drawn == order
+  drawn = plots.plot_activation_ranges(m, v, v, x, str(tmp_path / "some.png"), max_points=5)
+  gaps = np.diff([order.index(n) for n in drawn])
+  assert len(drawn) == 5 and drawn[0] == "input" and drawn[-1] == "logits/output"
+  assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1  # in network order, evenly spread
