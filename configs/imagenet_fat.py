@@ -56,9 +56,12 @@ def fat_config(model_config_file: str, variant: str | None):
   c.model = base.model.to_dict()
   c.model.impl = "fast"  # training and evaluation use the fast CPU convolutions; export uses 'lax'
   # Unlabeled pool: 100 calibration images, 100 held-out images (distillation loss), the rest for training.
-  c.data = dict(name="imagenet", val_dir="", unlabeled_dir="", preprocessing=base.data.preprocessing,
-                image_size=base.data.image_size, cache_dir="", num_train=0, num_calibration=100, num_holdout=100,
-                val_limit=0)
+  # Images from folders (default: the embedded ImageNet subset), or from tfds when tfds_name is set: e.g.
+  # --config.data.tfds_name=imagenet2012 --config.data.manual_dir=/folder/with/ILSVRC2012_img_{train,val}.tar
+  c.data = dict(name="imagenet", val_dir="", unlabeled_dir="", tfds_name="", tfds_data_dir="", manual_dir="",
+                tfds_eval_split="validation", tfds_unlabeled_split="train[:1000]",
+                preprocessing=base.data.preprocessing, image_size=base.data.image_size, cache_dir="", num_train=0,
+                num_calibration=100, num_holdout=100, val_limit=0)
   c.calibration = dict(batch_size=50)
   c.input_bits = 8
   c.fat = dict(epochs=2, batch_size=32, loss="rmse", schedule="cosine_restarts", lr=2e-3, lr_min=1e-5,

@@ -24,6 +24,8 @@ def get_config():
   c.seed = 0
   c.model = dict(name="mnasnet", width=1.0, num_classes=1001, checkpoint=_default_checkpoint(), checkpoint_format="tflite",
                  image_size=224, impl="lax", checkpoint_hint='mnasnet_1.0_224.tflite from https://storage.googleapis.com/download.tensorflow.org/models/tflite/mnasnet_1.0_224_09_07_2018.tgz; put it in ../shared/data/models/ or pass --config.model.checkpoint=/path/mnasnet_1.0_224.tflite')
-  c.data = dict(val_dir="", unlabeled_dir="", preprocessing="fat", image_size=224, cache_dir="", limit=0)
+  # images from a folder, or from tfds when tfds_name is set (configs/imagenet_fat.py)
+  c.data = dict(val_dir="", unlabeled_dir="", tfds_name="", tfds_data_dir="", manual_dir="",
+                tfds_eval_split="validation", preprocessing="fat", image_size=224, cache_dir="", limit=0)
   c.eval_batch_size = 50
   return c

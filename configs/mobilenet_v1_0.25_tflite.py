@@ -16,6 +16,8 @@ def get_config():
   c.seed = 0
   c.model = dict(name="mobilenet_v1", width=0.25, num_classes=1001, checkpoint=os.path.join(data_root(), 'models/mobilenet_v1_0.25_224_float.tflite'), checkpoint_format="tflite",
                  image_size=224, impl="lax", checkpoint_hint='')
-  c.data = dict(val_dir="", unlabeled_dir="", preprocessing="fat", image_size=224, cache_dir="", limit=0)
+  # images from a folder, or from tfds when tfds_name is set (configs/imagenet_fat.py)
+  c.data = dict(val_dir="", unlabeled_dir="", tfds_name="", tfds_data_dir="", manual_dir="",
+                tfds_eval_split="validation", preprocessing="fat", image_size=224, cache_dir="", limit=0)
   c.eval_batch_size = 50
   return c

@@ -30,7 +30,6 @@ def evaluate(cfg, workdir: str) -> dict:
 
   from fatq import models
   from fatq.data import imagenet
-  from fatq.data.paths import resolve
 
   t0 = time.perf_counter()
   model, params, report = models.load(cfg.model)
@@ -39,8 +38,7 @@ def evaluate(cfg, workdir: str) -> dict:
   offset = 1 if int(cfg.model.num_classes) == 1001 else 0
   d = cfg.data
   t0 = time.perf_counter()
-  val = imagenet.val_set(d.preprocessing, int(d.image_size), offset, limit=d.get("limit") or None,
-                         cache_dir=d.cache_dir or None, folder=d.val_dir or None)
+  val = imagenet.evaluation_set(d, label_offset=offset, limit=d.get("limit") or None)
   t_data = time.perf_counter() - t0
   if val.skipped:
     print(f"skipped {len(val.skipped)} unreadable image(s)")
@@ -54,7 +52,7 @@ def evaluate(cfg, workdir: str) -> dict:
   row = dict(method="float", weight_bits=32, act_bits=32, granularity="tensor", symmetric=True,
              top1=float(np.mean(pred == val.labels)), top5=float(np.mean(np.any(top5 == val.labels[:, None], -1))),
              agreement=1.0)
-  results = dict(model=cfg.model.name, dataset=str(resolve(d.val_dir or None, "imagenet/val")), rows=[row],
+  results = dict(model=cfg.model.name, dataset=imagenet.evaluation_source(d), rows=[row],
                  config=json.loads(cfg.to_json()), load_report={k: v for k, v in report.to_dict().items()
                                                                  if k != "tensors"},
                  num_images=len(val.images), skipped_images=len(val.skipped),

@@ -123,6 +123,10 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.rows[{i}] ({row_name(row)}): "
                        + "; ".join((f"fat.{key} = {value!r}: " if key else "") + want for key, value, want in problems))
   data = cfg.get("data", None)
+  if data is not None and data.get("tfds_name", ""):
+    for key in ("val_dir", "unlabeled_dir"):
+      need(not data.get(key, ""), f"data.{key}", data.get(key), f"images come from tfds {data.tfds_name!r} "
+           "(data.tfds_name) or from folders, not both: empty one of the two")
   if data is not None and data.get("num_holdout", None) is not None:
     need(isinstance(data.num_holdout, int) and data.num_holdout >= 1, "data.num_holdout", data.num_holdout,
          "fine-tuning needs held-out images to pick the best thresholds: at least 1")

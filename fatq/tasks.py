@@ -97,9 +97,8 @@ def _imagenet(cfg):
   print(report.summary())
   d = cfg.data
   offset = 1 if int(cfg.model.num_classes) == 1001 else 0  # 1001-class models: class 0 is "background"
-  common = dict(preprocessing=d.preprocessing, image_size=int(d.image_size), cache_dir=d.cache_dir or None)
-  val = imagenet.val_set(label_offset=offset, limit=d.val_limit or None, folder=d.val_dir or None, **common)
-  pool = imagenet.unlabeled_set(folder=d.unlabeled_dir or None, **common)
+  val = imagenet.evaluation_set(d, label_offset=offset, limit=d.val_limit or None)
+  pool = imagenet.unlabeled_pool(d)
   for name, s in (("validation", val), ("unlabeled", pool)):
     if s.skipped:
       print(f"{name}: skipped {len(s.skipped)} unreadable image(s), e.g. {s.skipped[0]}")

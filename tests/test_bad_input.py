@@ -145,6 +145,9 @@ def test_shipped_configs_pass_the_checks():
      r"config.rows\[13\] \(.*\): fat.batch_size = 0: must be a positive integer; "
      r"fat.lr = -1.0: must be a positive learning rate$"),
     (lambda c: c.data.update(num_holdout=0), r"config.data.num_holdout = 0: fine-tuning needs held-out images"),
+    (lambda c: c.data.update(tfds_name="imagenet2012", unlabeled_dir="/my/images"),
+     r"config.data.unlabeled_dir = '/my/images': images come from tfds 'imagenet2012' \(data.tfds_name\) or from "
+     r"folders, not both"),
     (lambda c: c.calibration.update(batch_size=0), r"config.calibration.batch_size = 0: must be a positive integer"),
 ])
 def test_out_of_range_config_values(edit, message):

@@ -94,3 +94,112 @@ def test_missing_folder(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no JPEG/PNG"):
     imagenet.load_folder(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tfds imagenet2012 through manual_dir: a miniature ILSVRC2012 in the layout of the real tars, from the real images.
+
+
+def _ilsvrc_tars(manual, val_files, train_files):
+  """``ILSVRC2012_img_val.tar`` (``val_files`` as ``ILSVRC2012_val_0000000k.JPEG``, k from 1: tfds labels the
+  sorted names by position), ``ILSVRC2012_img_test.tar`` (two of them) and ``ILSVRC2012_img_train.tar`` (one tar
+  per synset of ``{synset: files}``)."""
+  import io
+  import tarfile
+
+  manual.mkdir()
+  for split, files in (("val", val_files), ("test", val_files[:2])):  # the test split has no labels
+    with tarfile.open(manual / f"ILSVRC2012_img_{split}.tar", "w") as t:
+      for k, f in enumerate(files, 1):
+        t.add(f, arcname=f"ILSVRC2012_{split}_{k:08d}.JPEG")
+  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as outer:
+    for synset, files in train_files.items():
+      buf = io.BytesIO()
+      with tarfile.open(fileobj=buf, mode="w") as inner:
+        for f in files:
+          inner.add(f, arcname=f.name)
+      info = tarfile.TarInfo(f"{synset}.tar")
+      info.size = buf.tell()
+      buf.seek(0)
+      outer.addfile(info, buf)
+
+
+def _tfds_labels():
+  from tensorflow_datasets.core.utils import resource_utils
+
+  root = resource_utils.tfds_path("datasets/imagenet2012")
+  synsets = (root / "labels.txt").read_text().split()
+  return {s: i for i, s in enumerate(synsets)}, (root / "validation_labels.txt").read_text().split()
+
+
+def test_embedded_val_labels_are_tfds_imagenet2012_labels():
+  pytest.importorskip("tensorflow_datasets")
+  index, validation = _tfds_labels()
+  assert list(index) == sorted(index) and len(index) == 1000 and len(validation) == 50_000
+  table = imagenet.read_labels(data_root() / "imagenet" / "val" / "labels.txt")
+  for name, label in table.items():  # ILSVRC2012_val_00000363.JPEG: the 363rd line
+    assert index[validation[int(name.rsplit("_", 1)[1].split(".")[0]) - 1]] == label, name
+
+
+def test_tfds_imagenet2012_from_manual_dir_gives_the_folder_arrays(tmp_path, monkeypatch):
+  pytest.importorskip("tensorflow")
+  import ml_collections
+  import shutil
+
+  index, validation = _tfds_labels()
+  val_files = imagenet.list_images(data_root() / "imagenet" / "val")[:6]
+  pool = imagenet.list_images(data_root() / "imagenet" / "unlabeled")[:6]
+  corrupt = tmp_path / "n01440764_666.JPEG"
+  corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+  _ilsvrc_tars(tmp_path / "manual", val_files, {"n01440764": pool[0::2] + [corrupt], "n01443537": pool[1::2]})
+  d = ml_collections.ConfigDict(dict(tfds_name="imagenet2012", tfds_data_dir=str(tmp_path / "tfds"),
+                                     manual_dir="", tfds_eval_split="validation", tfds_unlabeled_split="train",
+                                     preprocessing="fat", image_size=32, cache_dir=str(tmp_path / "cache")))
+  with pytest.raises(FileNotFoundError, match=r"imagenet2012 is not prepared in .*tfds: point --config.data.manual_dir"
+                                              r" at .*ILSVRC2012_img_train.tar"):
+    imagenet.evaluation_set(d)
+  (tmp_path / "empty").mkdir()
+  d.manual_dir = str(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match=r"cannot prepare tfds imagenet2012 from .*empty: .*img_val.tar"):
+    imagenet.evaluation_set(d)
+
+  d.manual_dir = str(tmp_path / "manual")
+  val = imagenet.evaluation_set(d, label_offset=1)  # prepares the dataset, once
+  assert sorted(val.files) == [f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, 7)] and not val.skipped
+  # the same arrays as the same JPEG files read from a folder, and tfds' labels shifted for a 1001-class model
+  folder = tmp_path / "val"
+  folder.mkdir()
+  for k, f in enumerate(val_files, 1):
+    shutil.copy(f, folder / f"ILSVRC2012_val_{k:08d}.JPEG")
+  (folder / "labels.txt").write_text("".join(f"ILSVRC2012_val_{k:08d}.JPEG, {index[validation[k - 1]]}\n"
+                                             for k in range(1, 7)))
+  want = imagenet.load_folder(folder, "fat", 32, folder / "labels.txt", label_offset=1, cache_dir=tmp_path / "c2")
+  order = np.argsort(val.files)
+  np.testing.assert_array_equal(val.images[order], want.images)
+  np.testing.assert_array_equal(val.labels[order], want.labels)
+
+  with pytest.warns(UserWarning, match="skipping unreadable image n01440764_666.JPEG"):
+    unlabeled = imagenet.unlabeled_pool(d)
+  assert unlabeled.labels is None and unlabeled.skipped == ["n01440764_666.JPEG"] and len(unlabeled.images) == 6
+  by_name = dict(zip(unlabeled.files, unlabeled.images))
+  for f in pool:
+    np.testing.assert_array_equal(by_name[f.name], imagenet.preprocess(imagenet.load_rgb(f), "fat", 32)
+                                  .astype(np.float16).astype(np.float32))
+
+  monkeypatch.setattr(imagenet, "load_rgb", lambda source: pytest.fail("decoded again despite the cache"))
+  again = imagenet.evaluation_set(d)  # from the cache, which holds tfds' labels without the offset
+  np.testing.assert_array_equal(again.images, val.images)
+  np.testing.assert_array_equal(again.labels, val.labels - 1)
+  assert imagenet.evaluation_source(d) == "tfds imagenet2012 validation"
+  monkeypatch.undo()
+
+  d.tfds_eval_split = "valid"
+  with pytest.raises(ValueError, match=r"tfds imagenet2012: cannot read split 'valid' .*train \(7 images\), "
+                                       r"validation \(6 images\), test \(2 images\)"):
+    imagenet.evaluation_set(d)
+  d.tfds_eval_split = "test"
+  with pytest.raises(ValueError, match=r"imagenet2012 test has no labels \(label -1\): .*tfds_eval_split=validation"):
+    imagenet.evaluation_set(d)
+  d.tfds_eval_split, d.tfds_name = "validation", "imagenet201"
+  with pytest.raises(ValueError, match=r"tfds has no dataset 'imagenet201' \(did you mean 'imagenet2012'\?\)"):
+    imagenet.evaluation_set(d)

@@ -1,4 +1,6 @@
-"""ImageNet-style image folders as numpy arrays: decoding, preprocessing, labels and an on-disk cache.
+"""ImageNet-style image folders, or a tfds dataset such as ``imagenet2012`` (:func:`load_tfds`), as numpy arrays:
+decoding, preprocessing, labels and an on-disk cache. :func:`evaluation_set` and :func:`unlabeled_pool` pick the
+source a config's ``data`` section names.
 
 * Recursive ``*.jpg / *.jpeg / *.png`` (any case); grayscale (8 or 16 bit), CMYK, palette and RGBA images become
   RGB; a file that cannot be decoded (corrupt, truncated, not an image) is skipped with a warning and counted (never
@@ -17,7 +19,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -142,43 +146,164 @@ def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, label
   key = hashlib.sha1(json.dumps([str(Path(folder).resolve()), preprocessing, image_size,
                                  [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files]]).encode())
   cache = Path(cache_dir or default_cache_dir()) / f"{Path(folder).name}_{preprocessing}_{image_size}_{key.hexdigest()[:16]}"
-  images = None
-  if use_cache and (cache.with_suffix(".npy")).exists() and cache.with_suffix(".json").exists():
-    try:
-      meta = json.loads(cache.with_suffix(".json").read_text())
-      images = np.load(cache.with_suffix(".npy")).astype(np.float32)
-      kept, skipped = meta["files"], meta["skipped"]
-      if len(images) != len(kept) or not np.all(np.isfinite(images)):
-        warnings.warn(f"the image cache {cache}.npy is damaged (NaN/Inf or a wrong image count); decoding again")
-        images = None
-    except (OSError, ValueError, KeyError):
-      images = None
-  if images is None:
-    arrays, kept, skipped = [], [], []
-    for f in files:
-      try:
-        arrays.append(preprocess(load_rgb(f), preprocessing, image_size).astype(np.float32))
-        kept.append(str(f))
-      except Exception as e:  # noqa: BLE001 - any undecodable file is skipped, never fatal
-        warnings.warn(f"skipping unreadable image {f}: {type(e).__name__}: {e}")
-        skipped.append(str(f))
-    if not arrays:
-      raise ValueError(f"none of the {len(files)} images in {folder} could be decoded")
-    # Rounded to the cache's float16 also on the first run, so that a run gives the same numbers cached or not.
-    images = np.stack(arrays).astype(np.float16).astype(np.float32)
-    if use_cache:
-      try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache.with_suffix(".npy"), images.astype(np.float16))
-        cache.with_suffix(".json").write_text(json.dumps(dict(files=kept, skipped=skipped)))
-      except OSError as e:
-        warnings.warn(f"could not write the image cache {cache}: {e}")
-  else:
-    for s in skipped:
-      warnings.warn(f"skipping unreadable image {s} (cached result)")
+  images, kept, skipped, _ = _decode_cached(cache, lambda: ((str(f), f, None) for f in files), preprocessing,
+                                            image_size, use_cache, f"the {len(files)} images in {folder}")
   if labels_file:
     labels = np.asarray([table[Path(f).name] + label_offset for f in kept], np.int32)
   return ImageSet(images, labels, kept, skipped)
+
+
+def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int = 224, labeled: bool = True,
+              label_offset: int = 0, data_dir=None, manual_dir=None, cache_dir=None, limit: int | None = None,
+              use_cache: bool = True, progress: bool = True) -> ImageSet:
+  """The images of a tfds image-classification dataset's ``split`` (``'validation'``, ``'train[:1000]'``), with its
+  ``label`` feature if ``labeled``, preprocessed and cached like :func:`load_folder`.
+
+  ``imagenet2012``: tfds keeps each JPEG's bytes, which are decoded here with :func:`load_rgb`, so the same file
+  gives the same array from tfds and from a folder, and its labels are the sorted-synset indices of a folder's
+  label file. A dataset not yet prepared in ``data_dir`` (default ``$FATQ_TFDS_DIR`` or ``~/tensorflow_datasets``)
+  is prepared once from ``manual_dir`` (for ImageNet: ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar``).
+  """
+  import tensorflow_datasets as tfds
+
+  from fatq.data.paths import tfds_dir
+
+  if preprocessing not in PREPROCESSING:
+    raise ValueError(f"unknown preprocessing {preprocessing!r}; choose one of {sorted(PREPROCESSING)}")
+  data_dir = Path(data_dir or tfds_dir()).expanduser()
+  try:
+    builder = tfds.builder(name, data_dir=str(data_dir))
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(name, tfds.list_builders(), n=1)
+    raise ValueError(f"tfds has no dataset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                     + "; set --config.data.tfds_name, or leave it empty to read image folders") from None
+  if not builder.is_prepared():
+    if not manual_dir:
+      raise FileNotFoundError(f"tfds dataset {name} is not prepared in {data_dir}: point --config.data.manual_dir at "
+                              f"its downloaded files to prepare it once ({_instructions(builder)})")
+    manual_dir = Path(manual_dir).expanduser()
+    if not manual_dir.is_dir():
+      raise FileNotFoundError(f"manual_dir {manual_dir} does not exist: it must hold the downloaded files of tfds "
+                              f"{name} ({_instructions(builder)})")
+    print(f"preparing tfds {name} from {manual_dir} in {data_dir}, once (the whole ImageNet takes hours)")
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    except AssertionError as e:  # imagenet2012 asserts that some split's tar is there
+      raise FileNotFoundError(f"cannot prepare tfds {name} from {manual_dir}: {_instructions(builder)} "
+                              f"(tfds: {str(e).splitlines()[0]})") from None
+  features = builder.info.features
+  if "image" not in features or (labeled and "label" not in features):
+    raise ValueError(f"tfds {name} has no {'image' if 'image' not in features else 'label'} feature "
+                     f"(features: {', '.join(features)}): fatq needs an image classification dataset")
+  splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+  try:
+    num_examples = builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:  # an unknown split, or a slice past its end
+    raise ValueError(f"tfds {name}: cannot read split {split!r} ({str(e).splitlines()[0]}); its splits: "
+                     + ", ".join(f"{k} ({n} images)" for k, n in splits.items())) from None
+  count = min(num_examples, limit) if limit else num_examples
+  key = hashlib.sha1(json.dumps([str(data_dir.resolve()), name, str(builder.version), split, count, labeled,
+                                 preprocessing, image_size, splits]).encode())
+  cache = Path(cache_dir or default_cache_dir()) / f"tfds_{name}_{preprocessing}_{image_size}_{key.hexdigest()[:16]}"
+
+  def examples():
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+    for i, ex in enumerate(tfds.as_numpy(ds.take(count))):
+      file_name = ex.get("file_name", f"{name}/{split}/{i}")
+      yield (file_name.decode() if isinstance(file_name, bytes) else file_name, io.BytesIO(ex["image"]),
+             int(ex["label"]) if labeled else None)  # cached without the offset, which is applied below
+
+  images, kept, skipped, labels = _decode_cached(cache, examples, preprocessing, image_size, use_cache,
+                                                 f"the {count} images of tfds {name} {split}", progress=progress)
+  if labeled and min(labels) < 0:  # ImageNet's test split: label -1 on every image
+    raise ValueError(f"tfds {name} {split} has no labels (label -1): evaluate on a labeled split, such as "
+                     "--config.data.tfds_eval_split=validation")
+  return ImageSet(images, np.asarray(labels, np.int32) + label_offset if labeled else None, kept, skipped)
+
+
+def _instructions(builder) -> str:
+  return " ".join(str(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or "see the dataset's tfds page").split())
+
+
+def _decode_cached(cache: Path, examples, preprocessing: str, image_size: int, use_cache: bool, what: str,
+                   progress: bool = False) -> tuple[np.ndarray, list[str], list[str], list[int] | None]:
+  """``(images, kept names, skipped names, labels or None)`` from ``cache`` (``.npy`` + ``.json``) if it is there,
+  else by decoding ``examples()``, an iterable of ``(name, file path or object, label or None)``, and caching them."""
+  if use_cache and cache.with_suffix(".npy").exists() and cache.with_suffix(".json").exists():
+    try:
+      meta = json.loads(cache.with_suffix(".json").read_text())
+      images = np.load(cache.with_suffix(".npy")).astype(np.float32)
+      if len(images) == len(meta["files"]) and np.all(np.isfinite(images)):
+        for s in meta["skipped"]:
+          warnings.warn(f"skipping unreadable image {s} (cached result)")
+        return images, meta["files"], meta["skipped"], meta.get("labels")
+      warnings.warn(f"the image cache {cache}.npy is damaged (NaN/Inf or a wrong image count); decoding again")
+    except (OSError, ValueError, KeyError):
+      pass
+  from tqdm.auto import tqdm
+
+  arrays, kept, skipped, labels = [], [], [], []
+  for name, source, label in tqdm(examples(), desc="decoding images", unit="img", disable=not progress):
+    try:
+      arrays.append(preprocess(load_rgb(source), preprocessing, image_size).astype(np.float32))
+    except Exception as e:  # noqa: BLE001 - any undecodable file is skipped, never fatal
+      warnings.warn(f"skipping unreadable image {name}: {type(e).__name__}: {e}")
+      skipped.append(name)
+      continue
+    kept.append(name)
+    labels.append(label)
+  if not arrays:
+    raise ValueError(f"none of {what} could be decoded")
+  labels = None if any(label is None for label in labels) else [int(label) for label in labels]
+  # Rounded to the cache's float16 also on the first run, so that a run gives the same numbers cached or not.
+  images = np.stack(arrays).astype(np.float16).astype(np.float32)
+  if use_cache:
+    try:
+      cache.parent.mkdir(parents=True, exist_ok=True)
+      np.save(cache.with_suffix(".npy"), images.astype(np.float16))
+      meta = dict(files=kept, skipped=skipped, **({"labels": labels} if labels is not None else {}))
+      cache.with_suffix(".json").write_text(json.dumps(meta))
+    except OSError as e:
+      warnings.warn(f"could not write the image cache {cache}: {e}")
+  return images, kept, skipped, labels
+
+
+def evaluation_set(d, label_offset: int = 0, limit: int | None = None, progress: bool = True) -> ImageSet:
+  """The labeled evaluation images a config's ``data`` section names: tfds ``tfds_name``'s ``tfds_eval_split`` if
+  ``tfds_name`` is set, else the folder ``val_dir`` (default ``<data_root>/imagenet/val``) with its ``labels.txt``."""
+  common = _common(d)
+  if d.get("tfds_name", ""):
+    return load_tfds(d.tfds_name, d.get("tfds_eval_split", "validation"), labeled=True, label_offset=label_offset,
+                     limit=limit, progress=progress, **_tfds_dirs(d), **common)
+  return val_set(label_offset=label_offset, limit=limit, folder=d.get("val_dir", "") or None, **common)
+
+
+def evaluation_source(d) -> str:
+  """Where :func:`evaluation_set` reads from, for results files: ``tfds NAME SPLIT`` or the folder."""
+  from fatq.data.paths import resolve
+
+  if d.get("tfds_name", ""):
+    return f"tfds {d.tfds_name} {d.get('tfds_eval_split', 'validation')}"
+  return str(resolve(d.get("val_dir", "") or None, "imagenet/val"))
+
+
+def unlabeled_pool(d, progress: bool = True) -> ImageSet:
+  """The unlabeled images a config's ``data`` section names (calibration, fine-tuning, held-out loss; labels never
+  read): tfds ``tfds_name``'s ``tfds_unlabeled_split`` if ``tfds_name`` is set, else the folder ``unlabeled_dir``
+  (default ``<data_root>/imagenet/unlabeled``)."""
+  common = _common(d)
+  if d.get("tfds_name", ""):
+    return load_tfds(d.tfds_name, d.get("tfds_unlabeled_split", "train[:1000]"), labeled=False, progress=progress,
+                     **_tfds_dirs(d), **common)
+  return unlabeled_set(folder=d.get("unlabeled_dir", "") or None, **common)
+
+
+def _common(d) -> dict:
+  return dict(preprocessing=d.preprocessing, image_size=int(d.image_size), cache_dir=d.get("cache_dir", "") or None)
+
+
+def _tfds_dirs(d) -> dict:
+  return dict(data_dir=d.get("tfds_data_dir", "") or None, manual_dir=d.get("manual_dir", "") or None)
 
 
 def val_set(preprocessing: str = "fat", image_size: int = 224, label_offset: int = 0, limit=None, cache_dir=None,
