@@ -122,7 +122,8 @@ def default_cache_dir() -> Path:
 
 
 def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, labels_file=None,
-                label_offset: int = 0, cache_dir=None, limit: int | None = None, use_cache: bool = True) -> ImageSet:
+                label_offset: int = 0, cache_dir=None, limit: int | None = None, use_cache: bool = True,
+                progress: bool = False) -> ImageSet:
   """Images of ``folder`` (recursively), preprocessed, with labels if ``labels_file`` is given.
 
   With a label file only the files it lists are used (matched by file name); ``limit`` takes the first N files in
@@ -147,7 +148,7 @@ def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, label
                                  [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files]]).encode())
   cache = Path(cache_dir or default_cache_dir()) / f"{Path(folder).name}_{preprocessing}_{image_size}_{key.hexdigest()[:16]}"
   images, kept, skipped, _ = _decode_cached(cache, lambda: ((str(f), f, None) for f in files), preprocessing,
-                                            image_size, use_cache, f"the {len(files)} images in {folder}")
+                                            image_size, use_cache, f"the {len(files)} images in {folder}", progress)
   if labels_file:
     labels = np.asarray([table[Path(f).name] + label_offset for f in kept], np.int32)
   return ImageSet(images, labels, kept, skipped)
@@ -275,7 +276,8 @@ def evaluation_set(d, label_offset: int = 0, limit: int | None = None, progress:
   if d.get("tfds_name", ""):
     return load_tfds(d.tfds_name, d.get("tfds_eval_split", "validation"), labeled=True, label_offset=label_offset,
                      limit=limit, progress=progress, **_tfds_dirs(d), **common)
-  return val_set(label_offset=label_offset, limit=limit, folder=d.get("val_dir", "") or None, **common)
+  return val_set(label_offset=label_offset, limit=limit, folder=d.get("val_dir", "") or None, progress=progress,
+                 **common)
 
 
 def evaluation_source(d) -> str:
@@ -295,7 +297,7 @@ def unlabeled_pool(d, progress: bool = True) -> ImageSet:
   if d.get("tfds_name", ""):
     return load_tfds(d.tfds_name, d.get("tfds_unlabeled_split", "train[:1000]"), labeled=False, progress=progress,
                      **_tfds_dirs(d), **common)
-  return unlabeled_set(folder=d.get("unlabeled_dir", "") or None, **common)
+  return unlabeled_set(folder=d.get("unlabeled_dir", "") or None, progress=progress, **common)
 
 
 def _common(d) -> dict:
@@ -307,17 +309,19 @@ def _tfds_dirs(d) -> dict:
 
 
 def val_set(preprocessing: str = "fat", image_size: int = 224, label_offset: int = 0, limit=None, cache_dir=None,
-            folder=None) -> ImageSet:
+            folder=None, progress: bool = False) -> ImageSet:
   """The labeled validation folder (default ``<data_root>/imagenet/val`` with its ``labels.txt``)."""
   from fatq.data.paths import resolve
 
   folder = resolve(folder, "imagenet/val")
-  return load_folder(folder, preprocessing, image_size, folder / "labels.txt", label_offset, cache_dir, limit)
+  return load_folder(folder, preprocessing, image_size, folder / "labels.txt", label_offset, cache_dir, limit,
+                     progress=progress)
 
 
 def unlabeled_set(preprocessing: str = "fat", image_size: int = 224, limit=None, cache_dir=None,
-                  folder=None) -> ImageSet:
+                  folder=None, progress: bool = False) -> ImageSet:
   """The unlabeled pool (default ``<data_root>/imagenet/unlabeled``) for calibration and FAT fine-tuning."""
   from fatq.data.paths import resolve
 
-  return load_folder(resolve(folder, "imagenet/unlabeled"), preprocessing, image_size, None, 0, cache_dir, limit)
+  return load_folder(resolve(folder, "imagenet/unlabeled"), preprocessing, image_size, None, 0, cache_dir, limit,
+                     progress=progress)
