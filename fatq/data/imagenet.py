@@ -101,10 +101,14 @@ def resize_bilinear(img: np.ndarray, size: int) -> np.ndarray:
   return top * (1 - wy)[:, None, None] + bot * wy[:, None, None]
 
 
-def preprocess(img: np.ndarray, method: str = "fat", size: int = 224) -> np.ndarray:
-  """Crop, resize and scale one ``uint8 (H, W, 3)`` image to ``float32 (size, size, 3)`` in [-1, 1]."""
+def _check_preprocessing(method: str) -> None:
   if method not in PREPROCESSING:
     raise ValueError(f"unknown preprocessing {method!r}; choose one of {sorted(PREPROCESSING)}")
+
+
+def preprocess(img: np.ndarray, method: str = "fat", size: int = 224) -> np.ndarray:
+  """Crop, resize and scale one ``uint8 (H, W, 3)`` image to ``float32 (size, size, 3)`` in [-1, 1]."""
+  _check_preprocessing(method)
   h, w = img.shape[:2]
   frac = PREPROCESSING[method]
   if method == "fat":
@@ -129,8 +133,7 @@ def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, label
   With a label file only the files it lists are used (matched by file name); ``limit`` takes the first N files in
   sorted order. Results are cached in ``cache_dir`` (default ``$FATQ_CACHE`` or ``~/.cache/fatq``).
   """
-  if preprocessing not in PREPROCESSING:
-    raise ValueError(f"unknown preprocessing {preprocessing!r}; choose one of {sorted(PREPROCESSING)}")
+  _check_preprocessing(preprocessing)  # before any decoding
   files = list_images(folder)
   labels = None
   if labels_file:
@@ -169,8 +172,7 @@ def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int
 
   from fatq.data.paths import tfds_dir
 
-  if preprocessing not in PREPROCESSING:
-    raise ValueError(f"unknown preprocessing {preprocessing!r}; choose one of {sorted(PREPROCESSING)}")
+  _check_preprocessing(preprocessing)  # before any decoding (or tfds preparation)
   data_dir = Path(data_dir or tfds_dir()).expanduser()
   try:
     builder = tfds.builder(name, data_dir=str(data_dir))
@@ -274,7 +276,7 @@ def evaluation_set(d, label_offset: int = 0, limit: int | None = None, progress:
   ``tfds_name`` is set, else the folder ``val_dir`` (default ``<data_root>/imagenet/val``) with its ``labels.txt``."""
   common = _common(d)
   if d.get("tfds_name", ""):
-    return load_tfds(d.tfds_name, d.get("tfds_eval_split", "validation"), labeled=True, label_offset=label_offset,
+    return load_tfds(d.tfds_name, _eval_split(d), labeled=True, label_offset=label_offset,
                      limit=limit, progress=progress, **_tfds_dirs(d), **common)
   return val_set(label_offset=label_offset, limit=limit, folder=d.get("val_dir", "") or None, progress=progress,
                  **common)
@@ -285,7 +287,7 @@ def evaluation_source(d) -> str:
   from fatq.data.paths import resolve
 
   if d.get("tfds_name", ""):
-    return f"tfds {d.tfds_name} {d.get('tfds_eval_split', 'validation')}"
+    return f"tfds {d.tfds_name} {_eval_split(d)}"
   return str(resolve(d.get("val_dir", "") or None, "imagenet/val"))
 
 
@@ -302,6 +304,10 @@ def unlabeled_pool(d, progress: bool = True) -> ImageSet:
 
 def _common(d) -> dict:
   return dict(preprocessing=d.preprocessing, image_size=int(d.image_size), cache_dir=d.get("cache_dir", "") or None)
+
+
+def _eval_split(d) -> str:
+  return d.get("tfds_eval_split", "validation")
 
 
 def _tfds_dirs(d) -> dict:
