@@ -38,6 +38,7 @@ class Data:
   eval_images: np.ndarray
   eval_labels: np.ndarray
   label_offset: int = 0  # 1 for 1001-class models whose class 0 is "background"
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)  # where each set was read, for results.json
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -306,8 +307,8 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
   check_finite(params, data)
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, "results.json")
-  results = {"model": cfg.model.name, "dataset": cfg.data.name, "rows": [], "config": cfg.to_dict(),
-             "timings": {}}
+  results = {"model": cfg.model.name, "dataset": cfg.data.name, "sources": data.sources, "rows": [],
+             "config": cfg.to_dict(), "timings": {}}
   if resume and os.path.exists(results_path):
     with open(results_path) as f:
       previous = json.load(f)

@@ -86,7 +86,9 @@ def _lenet5(cfg, workdir: str, progress: bool):
                               progress=progress)
     save_variables(ckpt, {"params": params})
   train, cal, hold = split_unlabeled(train_x, cfg.data, cfg.seed)  # labels of these are never used
-  return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=test_x, eval_labels=test_y)
+  sources = {"unlabeled": f"{cfg.data.name} train (labels not read)", "evaluation": f"{cfg.data.name} test"}
+  return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=test_x, eval_labels=test_y,
+                             sources=sources)
 
 
 def _imagenet(cfg):
@@ -105,5 +107,6 @@ def _imagenet(cfg):
   train, cal, hold = split_unlabeled(pool.images, d, cfg.seed)
   print(f"images: {len(train)} train, {len(cal)} calibration, {len(hold)} held-out (unlabeled); "
         f"{len(val.images)} labeled validation")
+  sources = {"unlabeled": imagenet.unlabeled_source(d), "evaluation": imagenet.evaluation_source(d)}
   return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=val.images,
-                             eval_labels=val.labels)
+                             eval_labels=val.labels, sources=sources)

@@ -96,6 +96,18 @@ def test_missing_folder(tmp_path):
     imagenet.load_folder(tmp_path / "empty")
 
 
+def test_sources_name_the_folders_read(tmp_path, monkeypatch):
+  """What results.json records as the sources: the user's folders, else the embedded ones under the data root."""
+  import ml_collections
+
+  d = ml_collections.ConfigDict(dict(val_dir=str(tmp_path / "v"), unlabeled_dir=str(tmp_path / "u"), tfds_name=""))
+  assert (imagenet.evaluation_source(d), imagenet.unlabeled_source(d)) == (str(tmp_path / "v"), str(tmp_path / "u"))
+  monkeypatch.setenv("FATQ_DATA", str(tmp_path / "root"))
+  d.val_dir = d.unlabeled_dir = ""
+  assert imagenet.evaluation_source(d) == str(tmp_path / "root" / "imagenet" / "val")
+  assert imagenet.unlabeled_source(d) == str(tmp_path / "root" / "imagenet" / "unlabeled")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # tfds imagenet2012 through manual_dir: a miniature ILSVRC2012 in the layout of the real tars, from the real images.
 
@@ -191,6 +203,7 @@ def test_tfds_imagenet2012_from_manual_dir_gives_the_folder_arrays(tmp_path, mon
   np.testing.assert_array_equal(again.images, val.images)
   np.testing.assert_array_equal(again.labels, val.labels - 1)
   assert imagenet.evaluation_source(d) == "tfds imagenet2012 validation"
+  assert imagenet.unlabeled_source(d) == f"tfds imagenet2012 {d.tfds_unlabeled_split}"
   monkeypatch.undo()
 
   d.tfds_eval_split = "valid"

@@ -291,13 +291,22 @@ def evaluation_source(d) -> str:
   return str(resolve(d.get("val_dir", "") or None, "imagenet/val"))
 
 
+def unlabeled_source(d) -> str:
+  """Where :func:`unlabeled_pool` reads from, for results files: ``tfds NAME SPLIT`` or the folder."""
+  from fatq.data.paths import resolve
+
+  if d.get("tfds_name", ""):
+    return f"tfds {d.tfds_name} {_unlabeled_split(d)}"
+  return str(resolve(d.get("unlabeled_dir", "") or None, "imagenet/unlabeled"))
+
+
 def unlabeled_pool(d, progress: bool = True) -> ImageSet:
   """The unlabeled images a config's ``data`` section names (calibration, fine-tuning, held-out loss; labels never
   read): tfds ``tfds_name``'s ``tfds_unlabeled_split`` if ``tfds_name`` is set, else the folder ``unlabeled_dir``
   (default ``<data_root>/imagenet/unlabeled``)."""
   common = _common(d)
   if d.get("tfds_name", ""):
-    return load_tfds(d.tfds_name, d.get("tfds_unlabeled_split", "train[:1000]"), labeled=False, progress=progress,
+    return load_tfds(d.tfds_name, _unlabeled_split(d), labeled=False, progress=progress,
                      **_tfds_dirs(d), **common)
   return unlabeled_set(folder=d.get("unlabeled_dir", "") or None, progress=progress, **common)
 
@@ -308,6 +317,10 @@ def _common(d) -> dict:
 
 def _eval_split(d) -> str:
   return d.get("tfds_eval_split", "validation")
+
+
+def _unlabeled_split(d) -> str:
+  return d.get("tfds_unlabeled_split", "train[:1000]")
 
 
 def _tfds_dirs(d) -> dict:
