@@ -54,7 +54,8 @@ def test_finetune_entry_point_on_real_mnist(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.load(open(tmp_path / "results.json"))
   assert res["model"] == "lenet5" and res["dataset"] == "mnist"
-  assert res["sources"] == {"unlabeled": "mnist train (labels not read)", "evaluation": "mnist test"}
+  mnist = data_root() / "mnist"
+  assert res["sources"] == {"unlabeled": f"{mnist} train (labels not read)", "evaluation": f"{mnist} test"}
   rows = {(r["name"], r["method"]): r for r in res["rows"]}
   for r in res["rows"]:
     assert set(r) >= {"method", "weight_bits", "act_bits", "granularity", "symmetric", "top1", "agreement"}

@@ -31,6 +31,7 @@ import numpy as np
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 PREPROCESSING = {"fat": 0.85, "crop0875": 0.875, "none": 1.0}
+VAL_FOLDER, UNLABELED_FOLDER = "imagenet/val", "imagenet/unlabeled"  # the embedded defaults, under the data root
 
 
 @dataclasses.dataclass
@@ -284,20 +285,20 @@ def evaluation_set(d, label_offset: int = 0, limit: int | None = None, progress:
 
 def evaluation_source(d) -> str:
   """Where :func:`evaluation_set` reads from, for results files: ``tfds NAME SPLIT`` or the folder."""
-  from fatq.data.paths import resolve
-
-  if d.get("tfds_name", ""):
-    return f"tfds {d.tfds_name} {_eval_split(d)}"
-  return str(resolve(d.get("val_dir", "") or None, "imagenet/val"))
+  return _source(d, _eval_split(d), "val_dir", VAL_FOLDER)
 
 
 def unlabeled_source(d) -> str:
   """Where :func:`unlabeled_pool` reads from, for results files: ``tfds NAME SPLIT`` or the folder."""
+  return _source(d, _unlabeled_split(d), "unlabeled_dir", UNLABELED_FOLDER)
+
+
+def _source(d, split: str, folder_key: str, default: str) -> str:
   from fatq.data.paths import resolve
 
   if d.get("tfds_name", ""):
-    return f"tfds {d.tfds_name} {_unlabeled_split(d)}"
-  return str(resolve(d.get("unlabeled_dir", "") or None, "imagenet/unlabeled"))
+    return f"tfds {d.tfds_name} {split}"
+  return str(resolve(d.get(folder_key, "") or None, default))
 
 
 def unlabeled_pool(d, progress: bool = True) -> ImageSet:
@@ -332,7 +333,7 @@ def val_set(preprocessing: str = "fat", image_size: int = 224, label_offset: int
   """The labeled validation folder (default ``<data_root>/imagenet/val`` with its ``labels.txt``)."""
   from fatq.data.paths import resolve
 
-  folder = resolve(folder, "imagenet/val")
+  folder = resolve(folder, VAL_FOLDER)
   return load_folder(folder, preprocessing, image_size, folder / "labels.txt", label_offset, cache_dir, limit,
                      progress=progress)
 
@@ -342,5 +343,5 @@ def unlabeled_set(preprocessing: str = "fat", image_size: int = 224, limit=None,
   """The unlabeled pool (default ``<data_root>/imagenet/unlabeled``) for calibration and FAT fine-tuning."""
   from fatq.data.paths import resolve
 
-  return load_folder(resolve(folder, "imagenet/unlabeled"), preprocessing, image_size, None, 0, cache_dir, limit,
+  return load_folder(resolve(folder, UNLABELED_FOLDER), preprocessing, image_size, None, 0, cache_dir, limit,
                      progress=progress)
