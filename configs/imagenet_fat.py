@@ -19,6 +19,8 @@ import os
 
 import ml_collections
 
+from fatq.data import imagenet
+
 
 def paper_rows():
   """The FAT paper's Tables 1 and 2 at 8 bits, thresholds alone: vector and scalar mode, symmetric and asymmetric,
@@ -58,10 +60,8 @@ def fat_config(model_config_file: str, variant: str | None):
   # Unlabeled pool: 100 calibration images, 100 held-out images (distillation loss), the rest for training.
   # Images from folders (default: the embedded ImageNet subset), or from tfds when tfds_name is set: e.g.
   # --config.data.tfds_name=imagenet2012 --config.data.manual_dir=/folder/with/ILSVRC2012_img_{train,val}.tar
-  c.data = dict(name="imagenet", val_dir="", unlabeled_dir="", tfds_name="", tfds_data_dir="", manual_dir="",
-                tfds_eval_split="validation", tfds_unlabeled_split="train[:1000]",
-                preprocessing=base.data.preprocessing, image_size=base.data.image_size, cache_dir="", num_train=0,
-                num_calibration=100, num_holdout=100, val_limit=0)
+  c.data = imagenet.data_config(base.data.preprocessing, base.data.image_size, name="imagenet", num_train=0,
+                                num_calibration=100, num_holdout=100)
   c.calibration = dict(batch_size=50)
   c.input_bits = 8
   c.fat = dict(epochs=2, batch_size=32, loss="rmse", schedule="cosine_restarts", lr=2e-3, lr_min=1e-5,

@@ -10,11 +10,15 @@ import os
 
 import ml_collections
 
+from fatq.data import imagenet
 from fatq.data.paths import data_root
+
+FILE = "mnasnet_1.3_224.tflite"
+URL = "https://storage.googleapis.com/download.tensorflow.org/models/tflite/mnasnet_1.3_224_09_07_2018.tgz"
 
 
 def _default_checkpoint():
-  path = os.path.join(data_root(), "models", "mnasnet_1.3_224.tflite")
+  path = os.path.join(data_root(), "models", FILE)
   return path if os.path.exists(path) else ""
 
 
@@ -22,10 +26,10 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.name = "mnasnet_1.3"
   c.seed = 0
-  c.model = dict(name="mnasnet", width=1.3, num_classes=1001, checkpoint=_default_checkpoint(), checkpoint_format="tflite",
-                 image_size=224, impl="lax", checkpoint_hint='mnasnet_1.3_224.tflite from https://storage.googleapis.com/download.tensorflow.org/models/tflite/mnasnet_1.3_224_09_07_2018.tgz; put it in ../shared/data/models/ or pass --config.model.checkpoint=/path/mnasnet_1.3_224.tflite')
-  # images from a folder, or from tfds when tfds_name is set (configs/imagenet_fat.py)
-  c.data = dict(val_dir="", unlabeled_dir="", tfds_name="", tfds_data_dir="", manual_dir="",
-                tfds_eval_split="validation", preprocessing="fat", image_size=224, cache_dir="", limit=0)
+  c.model = dict(name="mnasnet", width=1.3, num_classes=1001, image_size=224, impl="lax",
+                 checkpoint=_default_checkpoint(), checkpoint_format="tflite",
+                 checkpoint_hint=f"{FILE} from {URL}; put it in ../shared/data/models/ or pass "
+                                 f"--config.model.checkpoint=/path/{FILE}")
+  c.data = imagenet.data_config(preprocessing="fat", image_size=224)  # folders, or tfds when data.tfds_name is set
   c.eval_batch_size = 50
   return c

@@ -1,4 +1,5 @@
-"""FAT fine-tuning of mobilenet_v1_0.75 on the unlabeled ImageNet images (paper Tables 1-2 rows; see configs/imagenet_fat.py).
+"""FAT fine-tuning of mobilenet_v1_0.75 on the unlabeled ImageNet images (paper Tables 1-2 rows; see
+configs/imagenet_fat.py).
 
     python experiments/finetune.py --config configs/mobilenet_v1_0.75_fat.py --workdir runs/mobilenet_v1_0.75_fat
     python experiments/finetune.py --config configs/mobilenet_v1_0.75_fat.py:cpu --workdir runs/mobilenet_v1_0.75_fat_cpu

@@ -8,6 +8,7 @@ import os
 
 import ml_collections
 
+from fatq.data import imagenet
 from fatq.data.paths import data_root
 
 
@@ -15,10 +16,9 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.name = "mobilenet_v2_1.0"
   c.seed = 0
-  c.model = dict(name="mobilenet_v2", width=1.0, num_classes=1001, checkpoint=os.path.join(data_root(), 'models/mobilenet_v2_1.0_224_ptq_int8.tflite'), checkpoint_format="tflite",
-                 image_size=224, impl="lax", checkpoint_hint='')
-  # images from a folder, or from tfds when tfds_name is set (configs/imagenet_fat.py)
-  c.data = dict(val_dir="", unlabeled_dir="", tfds_name="", tfds_data_dir="", manual_dir="",
-                tfds_eval_split="validation", preprocessing="fat", image_size=224, cache_dir="", limit=0)
+  c.model = dict(name="mobilenet_v2", width=1.0, num_classes=1001, image_size=224, impl="lax",
+                 checkpoint_format="tflite",
+                 checkpoint=os.path.join(data_root(), "models", "mobilenet_v2_1.0_224_ptq_int8.tflite"))
+  c.data = imagenet.data_config(preprocessing="fat", image_size=224)  # folders, or tfds when data.tfds_name is set
   c.eval_batch_size = 50
   return c

@@ -3,29 +3,54 @@ quantization vs fatq's export, plus Google's quantization-aware-trained MobileNe
 
     python experiments/compare_tflite.py --out runs/compare_tflite/results.json
 
-Models: MobileNet v1 0.75 from the fine-tuned run ``--v1_workdir`` (default runs/mobilenet_v1_0.75_quick: its config,
-its fine-tuned row, its calibration images) and MobileNet v2 1.0 from ``--v2_config`` (no fine-tuned row: fatq's
-export of the calibrated model, FAT factors at their initial values, i.e. fatq's post-training quantization, with
-the same rules as the v1 row). For each: the float model (translated by fatq.export, converted without
-quantization); TFLite PTQ (int8 per-channel weights, representative dataset = the same calibration images fatq
-calibrated on); fatq's int8 export (fatq.export.export_and_check: read-back check, agreement with the JAX fake-quant
-model); for v2 also Google's QAT uint8 MobileNet v2 1.0 (a reference: another float model and training). Top-1 on
-the validation images (interpreter, XNNPACK), file size, latency (median single-image invoke) at 1 and 2 threads.
-Prints a table and writes results.json (and each model's files under its folder).
+Models:
+* MobileNet v1 0.75 from the fine-tuned run ``--v1_workdir`` (default runs/mobilenet_v1_0.75_quick: its config,
+  its fine-tuned row, its images and calibration set; ``--v1_workdir=''`` skips it);
+* the model of ``--config`` (default configs/mobilenet_v2_1.0.py; ``--nopost_training`` skips it), not fine-tuned:
+  fatq's export of the calibrated model, FAT factors at their initial values, i.e. fatq's post-training
+  quantization, with the same rules as the v1 row. Its images are those of the config's ``data`` section: the
+  embedded folders, or e.g. ``--config.data.val_dir=/labeled --config.data.unlabeled_dir=/unlabeled``, or tfds
+  with ``--config.data.tfds_name=imagenet2012 --config.data.manual_dir=/archives`` (fatq.data.imagenet).
+
+For each: the float model (translated by fatq.export, converted without quantization); TFLite PTQ (int8 per-channel
+weights, representative dataset = the same calibration images fatq calibrated on); fatq's int8 export
+(fatq.export.export_and_check: read-back check, agreement with the JAX fake-quant model); for MobileNet v2 also
+Google's QAT uint8 MobileNet v2 1.0 (a reference: another float model and training). Top-1 on the validation images
+(interpreter, XNNPACK), file size, latency (median single-image invoke) at each of ``--threads``. Prints a table and
+writes results.json (rows; per model the images' sources and counts; the arguments), each model's files beside it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import runpy
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 QAT = "models/mobilenet_v2_1.0_224_qat_uint8.tflite"
+TITLES = {"mobilenet_v2_1.0": "MobileNet v2 1.0"}  # config name -> table name
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "mobilenet_v2_1.0.py")
+
+flags.DEFINE_string("v1_workdir", "runs/mobilenet_v1_0.75_quick",
+                    "finetune.py run of MobileNet v1 0.75 with a fine-tuned row ('' to skip)")
+# No default here: ml_collections would read the overrides while defining the flag, outside fatq.cli's error
+# messages; __main__ puts --config=DEFAULT_CONFIG on the command line instead when it is missing.
+config_flags.DEFINE_config_file("config", None, "model config of the post-training comparison (default "
+                                "configs/mobilenet_v2_1.0.py); any key can be overridden, e.g. "
+                                "--config.data.val_dir=/labeled/folder", lock_config=False)
+flags.DEFINE_bool("post_training", True, "compare the --config model, not fine-tuned (--nopost_training: skip)")
+flags.DEFINE_integer("calib", 100, "calibration images of the --config model (v1: its run's)")
+flags.DEFINE_integer("limit", 0, "validation images (0: all)")
+flags.DEFINE_multi_integer("threads", [1, 2], "interpreter threads for the latencies (repeat the flag)")
+flags.DEFINE_bool("qat", True, "add Google's QAT MobileNet v2 as a reference row (--noqat: skip)")
+flags.DEFINE_string("out", "runs/compare_tflite/results.json", "results file; model files go beside it")
+FLAGS = flags.FLAGS
 
 
 def evaluate_tflite(name, blob, images, labels, threads, extra=None, latency_runs=50, log=print):
@@ -93,7 +118,13 @@ def v1_rows(args):
   from fatq import tasks
   from fatq.export import export_row
 
-  cfg = ml_collections.ConfigDict(json.load(open(os.path.join(args.v1_workdir, "results.json")))["config"])
+  results = Path(args.v1_workdir, "results.json")
+  if not results.is_file():
+    raise FileNotFoundError(
+        f"--v1_workdir={args.v1_workdir}: no finetune.py run there ({results} is missing). Run python "
+        f"experiments/finetune.py --config configs/mobilenet_v1_0.75_fat.py:quick --workdir {args.v1_workdir} "
+        "first, or pass --v1_workdir='' to leave MobileNet v1 out")
+  cfg = ml_collections.ConfigDict(json.loads(results.read_text())["config"])
   model, params, data = tasks.prepare(cfg, args.v1_workdir, progress=False)
   images, labels = data.eval_images[:args.limit or None], data.eval_labels[:args.limit or None]
   data.eval_images, data.eval_labels = images, labels
@@ -103,12 +134,15 @@ def v1_rows(args):
                    float_blob=float_blob)
     return r, f"fatq export of the fine-tuned row {r['row']} ({args.v1_workdir})"
 
-  return compare("MobileNet v1 0.75", model, params, images, labels, data.calibration,
+  title = "MobileNet v1 0.75"
+  rows = compare(title, model, params, images, labels, data.calibration,
                  os.path.join(os.path.dirname(args.out), "mobilenet_v1_0.75"), args, export)
+  return title, rows, dict(data.sources, num_evaluation=len(images), num_calibration=len(data.calibration))
 
 
-def v2_rows(args):
-  """MobileNet v2 1.0: no fine-tuned row; fatq's post-training export (calibrated, FAT factors at init)."""
+def post_training_rows(args):
+  """The ``--config`` model (default MobileNet v2 1.0), not fine-tuned: fatq's post-training export (calibrated,
+  FAT factors at their initial values), on the images its ``data`` section names (folders or tfds)."""
   import ml_collections
 
   from fatq import calibration, experiment, models
@@ -116,12 +150,12 @@ def v2_rows(args):
   from fatq.export import export_and_check
   from fatq.tasks import split_unlabeled
 
-  cfg = runpy.run_path(args.v2_config)["get_config"]()
+  cfg = args.config
   model, params, _ = models.load(cfg.model)
   d = cfg.data
   offset = 1 if int(cfg.model.num_classes) == 1001 else 0
-  val = imagenet.val_set(d.preprocessing, int(d.image_size), offset, limit=args.limit or None)
-  pool = imagenet.unlabeled_set(d.preprocessing, int(d.image_size))
+  val = imagenet.evaluation_set(d, label_offset=offset, limit=args.limit or d.get("val_limit") or None)
+  pool = imagenet.unlabeled_pool(d)
   # the v1 run's split (same pool, sizes and seed): the same 100 calibration images
   split = ml_collections.ConfigDict(dict(num_train=0, num_calibration=args.calib, num_holdout=100))
   _, calib, _ = split_unlabeled(pool.images, split, 0)
@@ -139,9 +173,11 @@ def v2_rows(args):
                          float_blob=float_blob, eval_model=model.clone(impl="fast"))
     return r, "fatq export, calibrated thresholds (FAT factors at init): post-training, not fine-tuned"
 
-  out_dir = os.path.join(os.path.dirname(args.out), "mobilenet_v2_1.0")
-  rows = compare("MobileNet v2 1.0", model, params, val.images, val.labels, calib, out_dir, args, export)
-  if args.qat:
+  name = cfg.get("name", cfg.model.name)
+  title = TITLES.get(name, name)
+  rows = compare(title, model, params, val.images, val.labels, calib,
+                 os.path.join(os.path.dirname(args.out), name), args, export)
+  if args.qat and name == "mobilenet_v2_1.0":
     from fatq.data.paths import data_root
     qat = Path(data_root()) / QAT
     if qat.exists():
@@ -149,38 +185,42 @@ def v2_rows(args):
                                args.threads, dict(method="reference: Google's quantization-aware-trained model "
                                                   "(its own float weights and training)"))
       rows.append(row)
-  return rows
+  return title, rows, dict(evaluation=imagenet.evaluation_source(d), unlabeled=imagenet.unlabeled_source(d),
+                           num_evaluation=len(val.images), num_calibration=len(calib))
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--v1_workdir", default="runs/mobilenet_v1_0.75_quick",
-                  help="finetune.py run of MobileNet v1 0.75 with a fine-tuned row ('' to skip)")
-  ap.add_argument("--v2_config", default="configs/mobilenet_v2_1.0.py", help="'' to skip")
-  ap.add_argument("--calib", type=int, default=100, help="calibration images for v2 (v1: its run's)")
-  ap.add_argument("--limit", type=int, default=0, help="validation images (0 = all 1000)")
-  ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-  ap.add_argument("--no-qat", dest="qat", action="store_false")
-  ap.add_argument("--out", default="runs/compare_tflite/results.json")
-  args = ap.parse_args()
+def main(argv):
+  del argv
+  args = FLAGS
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  rows = []
-  for enabled, fn in ((args.v1_workdir, v1_rows), (args.v2_config, v2_rows)):
+  record = dict(rows=[], images={}, args=dict(
+      v1_workdir=args.v1_workdir, config=args.config.to_dict() if args.post_training else None,
+      post_training=args.post_training, calib=args.calib, limit=args.limit, threads=list(args.threads),
+      qat=args.qat, out=args.out))
+  for enabled, fn in ((args.v1_workdir, v1_rows), (args.post_training, post_training_rows)):
     if enabled:
-      rows += fn(args)
-      Path(args.out).write_text(json.dumps(dict(rows=rows, args=vars(args)), indent=2))  # after each model
-  print(f"\n{'model':<40} {'top-1':>7} {'JAX':>7} {'size KiB':>9} {'1 thr ms':>9} {'2 thr ms':>9} "
-        f"{'agree/JAX':>9} {'max steps':>9}")
-  for r in rows:
+      try:
+        title, rows, images = fn(args)
+      except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+      record["rows"] += rows
+      record["images"][title] = images
+      Path(args.out).write_text(json.dumps(record, indent=2))  # after each model
+  latency = [f"{t} thr ms" for t in args.threads]
+  print(f"\n{'model':<40} {'top-1':>7} {'JAX':>7} {'size KiB':>9} " + " ".join(f"{h:>9}" for h in latency)
+        + f" {'agree/JAX':>9} {'max steps':>9}")
+  for r in record["rows"]:
     jax_top1 = f"{100 * r['jax_fake_quant_top1']:.2f}%" if "jax_fake_quant_top1" in r else ""
     agree = f"{100 * r['agreement_with_jax']:.1f}%" if "agreement_with_jax" in r else ""
     steps = f"{r['max_logit_diff_steps']:.0f}" if "max_logit_diff_steps" in r else ""
+    ms = [f"{r[k]:.2f}" if k in r else "" for k in (f"latency_ms_{t}t" for t in args.threads)]
     print(f"{r['model']:<40} {100 * r['top1']:>6.2f}% {jax_top1:>7} {r['size_bytes'] / 1024:>9.1f} "
-          f"{r.get('latency_ms_1t', 0):>9.2f} {r.get('latency_ms_2t', 0):>9.2f} {agree:>9} {steps:>9}")
+          + " ".join(f"{m:>9}" for m in ms) + f" {agree:>9} {steps:>9}")
   print(f"\nresults: {args.out}")
 
 
 if __name__ == "__main__":
   from fatq import cli
-  cli.use_huge_pages()  # restarts the process with huge pages where they help
-  main()
+  if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+    sys.argv.insert(1, f"--config={os.path.normpath(DEFAULT_CONFIG)}")
+  cli.run(main)  # app.run(main) in a process with huge pages; a bad flag or config key ends in one line

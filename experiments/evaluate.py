@@ -38,7 +38,7 @@ def evaluate(cfg, workdir: str) -> dict:
   offset = 1 if int(cfg.model.num_classes) == 1001 else 0
   d = cfg.data
   t0 = time.perf_counter()
-  val = imagenet.evaluation_set(d, label_offset=offset, limit=d.get("limit") or None)
+  val = imagenet.evaluation_set(d, label_offset=offset, limit=d.get("val_limit") or None)
   t_data = time.perf_counter() - t0
   if val.skipped:
     print(f"skipped {len(val.skipped)} unreadable image(s)")

@@ -63,16 +63,18 @@ def test_bad_config_flag_stops_before_any_work(tmp_path, flag, message):
      "error: --config=configs/lenet5_mnist.py:quik: unknown config variant 'quik'; use '' or 'quick'"),
     ("finetune.py", ["--config", "configs/lenet5_mnistt.py", "--workdir", "W"],
      "error: config file 'configs/lenet5_mnistt.py' not found (--config)"),
-    ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", "W", "--config.data.limt=3"],
-     "error: config has no key 'data.limt' (did you mean 'data.limit'?)"),
-    ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", "W", "--config.data.limit=x"],
-     "error: config key 'data.limit' takes an int (default 0), got 'x'"),
+    ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", "W", "--config.data.val_limt=3"],
+     "error: config has no key 'data.val_limt' (did you mean 'data.val_limit'?)"),
+    ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", "W", "--config.data.val_limit=x"],
+     "error: config key 'data.val_limit' takes an int (default 0), got 'x'"),
     ("sweep.py", ["--config", "configs/workbench_lsq.py", "--workdir", "W", "--config.train.epoch=1"],
      "error: config has no key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("compare_tflite.py", ["--out", "W/results.json", "--config.data.val_dri=/images"],  # its default --config
+     "error: config has no key 'data.val_dri' (did you mean 'data.val_dir'?)"),
 ])
 def test_entry_points_report_a_bad_config_in_one_line(tmp_path, script, args, message):
   """Every entry point with a --config (fatq.cli.run): one line, exit status 2, nothing written."""
-  args = [str(tmp_path / "w") if a == "W" else a for a in args]
+  args = [a.replace("W", str(tmp_path / "w"), 1) if a.startswith("W") else a for a in args]
   out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
   assert out.returncode == 2, out.stderr[-2000:]

@@ -108,6 +108,22 @@ def test_sources_name_the_folders_read(tmp_path, monkeypatch):
   assert imagenet.unlabeled_source(d) == str(tmp_path / "root" / "imagenet" / "unlabeled")
 
 
+def test_data_config_is_the_section_the_readers_use(tmp_path, monkeypatch):
+  """The model configs' ``data`` section: every source at its default, the model's preprocessing, extra keys."""
+  import ml_collections
+
+  monkeypatch.setenv("FATQ_DATA", str(tmp_path))
+  d = ml_collections.ConfigDict(imagenet.data_config("crop0875", 192, num_holdout=7, val_limit=3))
+  assert (d.preprocessing, d.image_size, d.num_holdout, d.val_limit, d.cache_dir) == ("crop0875", 192, 7, 3, "")
+  assert imagenet.evaluation_source(d) == str(tmp_path / "imagenet" / "val")
+  assert imagenet.unlabeled_source(d) == str(tmp_path / "imagenet" / "unlabeled")
+  d.tfds_name = "imagenet2012"
+  assert imagenet.evaluation_source(d) == "tfds imagenet2012 validation"
+  assert imagenet.unlabeled_source(d) == "tfds imagenet2012 train[:1000]"
+  with pytest.raises(ValueError, match="unknown preprocessing 'inception'; choose one of"):
+    imagenet.data_config("inception")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # tfds imagenet2012 through manual_dir: a miniature ILSVRC2012 in the layout of the real tars, from the real images.
 

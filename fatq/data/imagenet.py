@@ -12,8 +12,10 @@ source a config's ``data`` section names.
     - ``'fat'``: central square crop of 0.85 of the short side (the FAT reference code);
     - ``'crop0875'``: central crop of 0.875 of each side (TF-slim's ``central_crop(0.875)`` evaluation);
     - ``'none'``: resize the whole image.
-* Decoded and resized arrays are cached as ``.npy`` (float16; returned rounded to float16 also when computed) per (folder contents, preprocessing, size, limit)
-  in ``cache_dir`` so that they are not recomputed every run.
+* Decoded and resized arrays are cached as ``.npy`` (float16; returned rounded to float16 also when computed) per
+  (folder contents, preprocessing, size, limit) in ``cache_dir`` so that they are not recomputed every run.
+
+:func:`data_config` writes the ``data`` section itself, for the model configs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,26 @@ import numpy as np
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 PREPROCESSING = {"fat": 0.85, "crop0875": 0.875, "none": 1.0}
 VAL_FOLDER, UNLABELED_FOLDER = "imagenet/val", "imagenet/unlabeled"  # the embedded defaults, under the data root
+EVAL_SPLIT, UNLABELED_SPLIT = "validation", "train[:1000]"  # tfds splits read when tfds_name is set
+
+
+def data_config(preprocessing: str = "fat", image_size: int = 224, **extra) -> dict:
+  """A config's ``data`` section, every source at its default (what :func:`evaluation_set`, :func:`unlabeled_pool`
+  and the ``*_source`` functions read):
+
+  * ``val_dir`` / ``unlabeled_dir``: a labeled folder (with ``labels.txt``) and an unlabeled one; ``''`` is
+    ``<data_root>/imagenet/val`` / ``imagenet/unlabeled``;
+  * ``tfds_name``: read tfds instead (e.g. ``imagenet2012``) from ``tfds_data_dir``, with ``manual_dir`` for its
+    archives; ``tfds_eval_split`` (default ``validation``) and ``tfds_unlabeled_split`` (``train[:1000]``);
+  * ``preprocessing`` and ``image_size``: the model's (:func:`preprocess`);
+  * ``cache_dir``: the decoded-image cache (``''``: :func:`default_cache_dir`);
+  * ``val_limit``: evaluate on the first N labeled images only (0: all).
+
+  ``extra`` adds or replaces keys (e.g. the fine-tuning configs' unlabeled split sizes)."""
+  _check_preprocessing(preprocessing)
+  return dict(dict(val_dir="", unlabeled_dir="", tfds_name="", tfds_data_dir="", manual_dir="",
+                   tfds_eval_split=EVAL_SPLIT, tfds_unlabeled_split=UNLABELED_SPLIT, preprocessing=preprocessing,
+                   image_size=int(image_size), cache_dir="", val_limit=0), **extra)
 
 
 @dataclasses.dataclass
@@ -317,11 +339,11 @@ def _common(d) -> dict:
 
 
 def _eval_split(d) -> str:
-  return d.get("tfds_eval_split", "validation")
+  return d.get("tfds_eval_split", EVAL_SPLIT)
 
 
 def _unlabeled_split(d) -> str:
-  return d.get("tfds_unlabeled_split", "train[:1000]")
+  return d.get("tfds_unlabeled_split", UNLABELED_SPLIT)
 
 
 def _tfds_dirs(d) -> dict:

@@ -1,0 +1,68 @@
+"""experiments/compare_tflite.py end to end on a small model and a dozen real images: TFLite's own post-training
+quantization and fatq's export of the same float model, read from the folders the config's data section names."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+from fatq import models
+from fatq.data import imagenet
+from fatq.data.paths import data_root
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _folders(tmp_path, n_val=12, n_unlabeled=110):
+  """A labeled folder (the first ``n_val`` validation images and their labels) and an unlabeled one."""
+  val, unlabeled = tmp_path / "val", tmp_path / "unlabeled"
+  val.mkdir()
+  unlabeled.mkdir()
+  src = data_root() / "imagenet"
+  lines = [line for line in (src / "val" / "labels.txt").read_text().splitlines() if not line.startswith("#")]
+  for line in lines[:n_val]:
+    shutil.copy(src / "val" / line.split(",")[0], val)
+  (val / "labels.txt").write_text("\n".join(lines[:n_val]) + "\n")
+  for f in sorted(os.listdir(src / "unlabeled"))[:n_unlabeled]:
+    shutil.copy(src / "unlabeled" / f, unlabeled)
+  return val, unlabeled
+
+
+def test_compare_tflite_on_user_folders(tmp_path):
+  val, unlabeled = _folders(tmp_path)
+  out = tmp_path / "out" / "results.json"
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "compare_tflite.py"), "--v1_workdir=",
+         f"--config={os.path.join(ROOT, 'configs', 'mobilenet_v1_0.25_tflite.py')}",
+         f"--config.data.val_dir={val}", f"--config.data.unlabeled_dir={unlabeled}",
+         f"--config.data.cache_dir={tmp_path / 'cache'}", "--calib=8", "--threads=1", "--noqat", f"--out={out}"]
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  assert run.returncode == 0, run.stderr[-3000:]
+  res = json.loads(out.read_text())
+  name = "mobilenet_v1_0.25_tflite"
+  assert res["images"] == {name: dict(evaluation=str(val), unlabeled=str(unlabeled), num_evaluation=12,
+                                      num_calibration=8)}
+  rows = {r["model"]: r for r in res["rows"]}
+  assert list(rows) == [f"{name} float32", f"{name} TFLite PTQ int8", f"{name} fatq int8"]
+  fl, ptq, fatq = rows.values()
+  assert fl["input"] == "float32" and ptq["input"] == fatq["input"] == "int8"
+  assert ptq["calibration_images"] == 8
+
+  # the float row is the JAX model on the same images: same top-1
+  cfg = ml_collections.ConfigDict(res["args"]["config"])
+  model, params, _ = models.load(cfg.model)
+  images = imagenet.evaluation_set(cfg.data, label_offset=1, progress=False)
+  logits = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(images.images))
+  assert fl["top1"] == np.mean(logits.argmax(1) == images.labels)
+
+  # fatq's int8 file: every tensor read back as exported, the interpreter agrees with the JAX fake-quant model
+  matched, tensors = map(int, fatq["readback"].split("/"))
+  assert matched == tensors > 50
+  assert fatq["agreement_with_jax"] >= 11 / 12 and abs(fatq["top1"] - fatq["jax_fake_quant_top1"]) <= 1 / 12
+  # int8 weights: both quantized files are under a third of the float one
+  assert max(ptq["size_bytes"], fatq["size_bytes"]) < fl["size_bytes"] / 3
+  assert "1 thr ms" in run.stdout and f"{name} fatq int8" in run.stdout
