@@ -24,8 +24,11 @@ The formulas (TFLite ``kernels/internal/common.h``, ``reference_integer_ops``; `
   2^(30 - e)) >> (31 - e)``.
 * ADD: each input ``(x - z) 2^20`` is scaled by ``MBQM(., QM(s / (2 max(s1, s2))))``, the sum by
   ``MBQM(., QM(2 max(s1, s2) / (2^20 sy))) + zy``.
-* AVERAGE_POOL_2D: ``y = round(sum x / n)`` (same scale and zero point); MAX_POOL_2D, MINIMUM, MAXIMUM, RESHAPE and
-  PAD act on the codes; RELU, RELU6, RELU_N1_TO_1: ``clamp(MBQM(x - zx, QM(sx / sy)) + zy)``.
+* AVERAGE_POOL_2D: ``y = round(sum x / n)`` (same scale and zero point); MEAN over the spatial axes (a scale of its
+  own): ``y = MBQM(sum (x - zx), M', e - f) + zy`` with ``(M, e) = QM(sx / sy)``, ``f = min(floor(log2 n), 32,
+  31 + e)`` and ``M' = (M 2^f) / n``: the division by ``n`` folded into the multiplier (measured equal to the
+  reference kernel; dividing ``MBQM(sum, M, e)`` by ``n`` afterwards is not). MAX_POOL_2D, MINIMUM, MAXIMUM, RESHAPE
+  and PAD act on the codes; RELU, RELU6, RELU_N1_TO_1: ``clamp(MBQM(x - zx, QM(sx / sy)) + zy)``.
 * QUANTIZE: float ``round(x / s) + z``, or ``MBQM(x - z1, QM(s1 / s2)) + z2`` between integer types; DEQUANTIZE:
   ``(q - z) s``.
 
@@ -35,8 +38,9 @@ the LeNet-5 and MobileNet v1/v2 exports; ``kernels='xnnpack'``):
 * CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED: ``y = clamp(rint(float32(acc) * s) + zy)``, ``s = float32(sx sw) / sy``
   in float32, ``rint`` ties to even; QUANTIZE from float: ``rint(x * float32(1 / s)) + z``. ADD: XNNPACK's 21-bit
   multipliers of ``float32(s1 / sy)``, ``float32(s2 / sy)`` and a shift, rounding ties up (:func:`add_codes`; it
-  differs from the reference ADD on ~3e-5 of the codes, measured on the MobileNet v2 PTQ int8 file). The pools as
-  above (AVERAGE_POOL_2D is not delegated: TFLite's own kernel runs it).
+  differs from the reference ADD on ~3e-5 of the codes, measured on the MobileNet v2 PTQ int8 file). MEAN: the sum
+  requantized once, ``rint(float32(sum (x - zx)) * (float32(sx) / (n float32(sy)))) + zy``. The other pools as above
+  (AVERAGE_POOL_2D is not delegated: TFLite's own kernel runs it).
 
 Accumulators are computed by float64 convolutions of integer values (exact below 2^53, and as fast as float32 on
 XLA:CPU where its int32 convolution is not), the fixed-point steps in int64.
@@ -332,6 +336,23 @@ def _pool(x, tensors, op, kind: str):
   return jnp.clip(y, lo, hi)
 
 
+def _mean(x, tensors, op, kernels: str = "reference"):
+  """MEAN over the spatial axes of NHWC codes (a global average pool with an output grid of its own)."""
+  t_in, t_out = tensors[op.inputs[0]], tensors[op.outputs[0]]
+  n = x.shape[1] * x.shape[2]
+  total = jnp.sum(x - int(t_in.zero_point[0]), axis=(1, 2))
+  if kernels == "xnnpack":  # the sum requantized in float32, ties to even
+    scale = np.float32(t_in.scale[0]) / (np.float32(n) * np.float32(t_out.scale[0]))
+    y = jnp.round(total.astype(jnp.float32) * scale).astype(jnp.int64)
+  else:  # QuantizeMultiplier(sx / sy) with the division by n folded into it, as the reference kernel does
+    mult, shift = (int(v) for v in quantize_multiplier(np.float64(t_in.scale[0]) / np.float64(t_out.scale[0])))
+    fold = min(n.bit_length() - 1, 32, 31 + shift)
+    y = multiply_by_quantized_multiplier(total, (mult << fold) // n, shift - fold)
+  info = _info(t_out)
+  y = jnp.clip(y + int(t_out.zero_point[0]), int(info.min), int(info.max))
+  return y.reshape((x.shape[0],) + tuple(t_out.shape[1:]))
+
+
 def _quantize(x, t_in, t_out, kernels: str = "reference"):
   z = int(t_out.zero_point[0])
   info = _info(t_out)
@@ -419,6 +440,12 @@ def _check_integer_op(op: _Op, tensors: dict[int, _Tensor]) -> None:
       raise UnsupportedOpError(f"{op.name} tensor {t.name!r} is {t.dtype.__name__}"
                                + (" without quantization parameters" if t.dtype != np.float32 else "")
                                + ": not a full-integer model (export one with fatq.export)")
+  if op.name == "MEAN":
+    axes = sorted({int(a) % 4 for a in np.ravel(tensors[op.inputs[1]].value)})
+    if len(tensors[op.inputs[0]].shape) != 4 or axes != [1, 2]:
+      raise UnsupportedOpError(f"MEAN {tensors[op.outputs[0]].name!r} over axes {axes} of a "
+                               f"{len(tensors[op.inputs[0]].shape)}-D tensor: IntegerModel computes the spatial "
+                               "mean of NHWC tensors (axes 1 and 2) only")
   if op.name in ("MINIMUM", "MAXIMUM", "MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "PAD"):
     a, y = tensors[op.inputs[0]], tensors[op.outputs[0]]
     if not (np.array_equal(a.scale, y.scale) and np.array_equal(a.zero_point, y.zero_point)):
@@ -443,8 +470,8 @@ class IntegerModel:
   """
 
   KERNELS = ("reference", "xnnpack")
-  SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D", "RESHAPE",
-               "MINIMUM", "MAXIMUM", "PAD", "QUANTIZE", "DEQUANTIZE", "RELU", "RELU6", "RELU_N1_TO_1")
+  SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN",
+               "RESHAPE", "MINIMUM", "MAXIMUM", "PAD", "QUANTIZE", "DEQUANTIZE", "RELU", "RELU6", "RELU_N1_TO_1")
 
   def __init__(self, model: str | os.PathLike | bytes, batch_size: int = 50, output: int | str | None = None,
                kernels: str = "reference"):
@@ -500,6 +527,8 @@ class IntegerModel:
         y = _add(ins[0], ins[1], self.tensors, op, self.kernels)
       elif op.name in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
         y = _pool(ins[0], self.tensors, op, "avg" if op.name == "AVERAGE_POOL_2D" else "max")
+      elif op.name == "MEAN":
+        y = _mean(ins[0], self.tensors, op, self.kernels)
       elif op.name == "RESHAPE":
         y = ins[0].reshape((ins[0].shape[0],) + t_out.shape[1:])
       elif op.name in ("MINIMUM", "MAXIMUM"):  # the converter keeps one grid on inputs and output

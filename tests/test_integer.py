@@ -84,9 +84,9 @@ def reference_interpreter(blob):
   return it
 
 
-def assert_bit_exact(blob, codes):
-  """IntegerModel's codes of every tensor equal the reference interpreter's, image by image."""
-  ours = IntegerModel(blob).raw(codes, keep=True)
+def assert_bit_exact(blob, codes, output=None):
+  """IntegerModel's codes of every tensor equal the reference interpreter's, image by image (up to ``output``)."""
+  ours = IntegerModel(blob, output=output).raw(codes, keep=True)
   it = reference_interpreter(blob)
   inp = it.get_input_details()[0]["index"]
   computed = [i for i in ours if i != inp]
@@ -155,6 +155,42 @@ def test_mobilenet_v2_bit_exact_with_reference_kernels():
     assert_equal_to_xnnpack(blob, im.quantize_input(images), output=add.outputs[0])
   with pytest.raises(ValueError, match="output='nothing': no such tensor"):
     E.TFLiteModel(blob, output="nothing")
+
+
+def test_google_ptq_int8_mobilenet_v2_to_the_logits():
+  """A file fatq did not write: Google's int8 post-training-quantized MobileNet v2 (TF2 converter; a MEAN with a
+  scale of its own as the global pool), up to the logits before its SOFTMAX, on 8 real ImageNet images: every tensor
+  equal to the reference kernels', the MEAN's output and the logits equal to the default (XNNPACK) kernels'."""
+  from fatq.data import imagenet
+  from fatq.data.paths import data_root
+  blob = (data_root() / "models" / "mobilenet_v2_1.0_224_ptq_int8.tflite").read_bytes()
+  logits = "MobileNetV2/top/SpatialSqueeze/Reshape;StatefulPartitionedCall/MobileNetV2/top/SpatialSqueeze/Reshape"
+  with pytest.raises(UnsupportedOpError, match=r"does not implement the TFLite op\(s\) \['SOFTMAX'\]"):
+    IntegerModel(blob)
+  im = IntegerModel(blob, output=logits)
+  mean = next(o for o in im.ops if o.name == "MEAN")
+  codes = im.quantize_input(imagenet.val_set("fat", 224, 1, limit=8).images)
+  ours = assert_bit_exact(blob, codes, output=logits)
+  assert len(np.unique(ours[mean.outputs[0]])) > 50  # a real spread of pooled codes, not a saturated tensor
+  assert_equal_to_xnnpack(blob, codes, output=mean.outputs[0])
+  assert_equal_to_xnnpack(blob, codes, output=logits)
+
+
+def test_refuses_a_mean_over_channels():
+  """MEAN is computed over the spatial axes of NHWC tensors only; any other is refused with its axes."""
+  import tensorflow as tf
+  module = tf.Module()
+  module.f = tf.function(lambda x: tf.reduce_mean(x, axis=3, keepdims=True),
+                         input_signature=[tf.TensorSpec([1, 4, 4, 3], tf.float32)])
+  conv = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
+  conv.optimizations = [tf.lite.Optimize.DEFAULT]
+  conv.representative_dataset = lambda: ([np.random.default_rng(i).normal(size=(1, 4, 4, 3)).astype(np.float32)]
+                                         for i in range(8))
+  conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+  conv.inference_input_type = conv.inference_output_type = tf.int8
+  with pytest.raises(UnsupportedOpError, match=r"MEAN .* over axes \[3\] of a 4-D tensor: IntegerModel computes the "
+                                               r"spatial mean of NHWC tensors \(axes 1 and 2\) only"):
+    IntegerModel(conv.convert())
 
 
 def test_refuses_what_it_cannot_compute(mnist, lenet_params, tmp_path):
