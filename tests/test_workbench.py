@@ -399,3 +399,35 @@ def test_quick_configs_run(tmp_path, name):
   results, _ = experiments.run(mod.get_config("quick"), str(tmp_path), log=lambda s: None)
   assert results["rows"] and os.path.exists(tmp_path / "results.json")
   assert any(f.endswith(".png") for f in os.listdir(tmp_path))
+
+
+def test_mobilenet_task_reads_the_folders_it_names(tmp_path, monkeypatch):
+  """A MobileNet task takes a config data section's keys (val_dir, unlabeled_dir, tfds_name, ...): its images come
+  from there, and results.json's ``dataset`` names them; without them, the embedded folders."""
+  import shutil
+
+  from fatq.data.paths import data_root
+  from fatq.workbench import experiments as X
+
+  src = data_root() / "imagenet"
+  val, unlabeled = tmp_path / "val", tmp_path / "unlabeled"
+  val.mkdir()
+  unlabeled.mkdir()
+  lines = [line for line in (src / "val" / "labels.txt").read_text().splitlines() if not line.startswith("#")][:6]
+  for line in lines:
+    shutil.copy(src / "val" / line.split(",")[0], val)
+  (val / "labels.txt").write_text("\n".join(lines) + "\n")
+  for f in sorted(os.listdir(src / "unlabeled"))[:12]:
+    shutil.copy(src / "unlabeled" / f, unlabeled)
+  t = dict(model="mobilenet_v1_0.75", val_dir=str(val), unlabeled_dir=str(unlabeled), cache_dir=str(tmp_path / "c"),
+           num_train=4, num_calibration=4, num_holdout=2, num_eval=0, image_size=96)  # image_size: the model's, 224
+  task = X.load_task(t, str(tmp_path / "w"), log=lambda *_: None)
+  assert task.data.eval_images.shape == (6, 224, 224, 3)
+  assert task.data.eval_labels.tolist() == [int(line.split(",")[1]) for line in lines]
+  assert (len(task.data.train), len(task.data.calibration), len(task.data.holdout)) == (4, 4, 2)
+  assert task.data.sources == dict(unlabeled=str(unlabeled), evaluation=str(val))
+  assert X._dataset(t) == str(val)
+  assert X._dataset(dict(model="mobilenet_v1_0.75", tfds_name="imagenet2012")) == "tfds imagenet2012 validation"
+  monkeypatch.setenv("FATQ_DATA", str(tmp_path / "root"))
+  assert X._dataset(dict(model="mobilenet_v1_0.75")) == str(tmp_path / "root" / "imagenet" / "val")
+  assert X._dataset(dict(model="lenet5", dataset="fashion_mnist")) == "fashion_mnist"

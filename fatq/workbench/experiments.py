@@ -4,7 +4,9 @@ each returns ``(results, table_text)`` after writing its plot(s) beside ``result
 Tasks (``cfg.tasks``: a list of dicts): ``{'model': 'lenet5', 'dataset': 'mnist' | 'fashion_mnist'}`` trains the
 float LeNet-5 once (cached in ``<workdir>/<task>/float_checkpoint``, or ``checkpoint``) on ``float_limit`` labeled
 images; ``{'model': 'mobilenet_v1_0.75'}`` loads the Keras/tfjs checkpoint in ../shared/data/models and uses
-``num_eval`` ImageNet validation images (and the unlabeled pool for calibration / fine-tuning).
+``num_eval`` ImageNet validation images (and the unlabeled pool for calibration / fine-tuning): the embedded folders,
+or those the task names with the keys of a config's data section (``val_dir``, ``unlabeled_dir``, ``tfds_name``,
+...: :func:`imagenet_data`).
 """
 
 from __future__ import annotations
@@ -99,15 +101,35 @@ def _mobilenet(t, seed, log, need_data):
   model, params, _ = models.load(cfg)
   if not need_data:
     return Task(task_name(t), model, params, None, input_shape=(224, 224, 3))
-  val = imagenet.val_set("fat", 224, 0, limit=t.get("num_eval", 500) or None)
-  pool = imagenet.unlabeled_set("fat", 224).images
+  d = imagenet_data(t)
+  val = imagenet.evaluation_set(d, limit=t.get("num_eval", 500) or None, progress=False)
+  pool = imagenet.unlabeled_pool(d, progress=False).images
   cfg_data = ml_collections.ConfigDict(dict(num_train=t.get("num_train", 400),
                                             num_calibration=t.get("num_calibration", 100),
                                             num_holdout=t.get("num_holdout", 100)))
   tr, cal, hold = split_unlabeled(pool, cfg_data, seed)
   log(f"{task_name(t)}: {len(val.images)} validation images, {len(tr)} unlabeled training images")
+  sources = dict(unlabeled=imagenet.unlabeled_source(d), evaluation=imagenet.evaluation_source(d))
   return Task(task_name(t), model, params, Data(train=tr, calibration=cal, holdout=hold, eval_images=val.images,
-                                                eval_labels=val.labels), input_shape=(224, 224, 3))
+                                                eval_labels=val.labels, sources=sources), input_shape=(224, 224, 3))
+
+
+def imagenet_data(t) -> ml_collections.ConfigDict:
+  """A MobileNet task's ``data`` section: the embedded folders, or the task's own keys of
+  :func:`fatq.data.imagenet.data_config` (``val_dir``, ``unlabeled_dir``, ``tfds_name``, ``cache_dir``, ...)."""
+  from fatq.data import imagenet
+
+  keys = set(imagenet.data_config()) - {"preprocessing", "image_size"}  # fixed by the model: 'fat' at 224 px
+  return ml_collections.ConfigDict(imagenet.data_config("fat", 224, **{k: v for k, v in t.items() if k in keys}))
+
+
+def _dataset(t) -> str:
+  """What results.json names as a task's data: its ``dataset``, or where a MobileNet task's evaluation images are."""
+  from fatq.data import imagenet
+
+  if t.get("dataset"):
+    return t["dataset"]
+  return "-" if t["model"] == "lenet5" else imagenet.evaluation_source(imagenet_data(t))
 
 
 def _batches(x, bs):
@@ -579,8 +601,7 @@ def run(cfg, workdir: str, log=print) -> tuple[dict, str]:
   tasks = cfg.get("tasks") or [dict(model=m) for m in cfg.get("models", [])]
   results = dict(experiment=cfg.experiment,
                  model=", ".join(dict.fromkeys(t["model"] for t in tasks)),
-                 dataset=", ".join(dict.fromkeys(t.get("dataset", "imagenet/val" if t["model"] != "lenet5" else "-")
-                                                 for t in tasks)),
+                 dataset=", ".join(dict.fromkeys(_dataset(t) for t in tasks)),
                  **{k: v for k, v in out.items() if k != "timings"},
                  config=cfg.to_dict(), timings={**out.get("timings", {}),
                                                 "total": round(time.perf_counter() - t0, 1)})
