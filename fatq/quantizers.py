@@ -74,7 +74,8 @@ class QuantParams(NamedTuple):
 
 def exact_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
   """``a / b`` correctly rounded in float32 (as numpy and TFLite compute it), for normal (or zero) ``a`` and normal
-  ``b`` with a normal quotient: quantization scales, zero points and multipliers.
+  ``b`` with a normal quotient: quantization scales, zero points and multipliers. Elsewhere (a subnormal, infinite or
+  NaN operand, a quotient that underflows or overflows) it is XLA's ``a / b``.
 
   XLA rewrites float divisions under jit (by a constant: times its rounded reciprocal; ``a / (r / c)``: ``a c / r``)
   and then rounds differently by one ulp, ~5% of the time (measured); a quantization scale or requantization
@@ -94,10 +95,13 @@ def exact_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
 def _exact_divide(a, b):
   negative, zero = (a < 0) ^ (b < 0), a == 0
   ia, ib = (jax.lax.bitcast_convert_type(jnp.abs(v), jnp.int32) for v in (a, b))
+  ea, eb = (ia >> 23) & 0xFF, (ib >> 23) & 0xFF
   ma, mb = (ia & 0x7FFFFF) | 0x800000, (ib & 0x7FFFFF) | 0x800000  # a = ma 2^(ea - 150), b likewise
   big = ma >= mb
   d = jnp.where(big, 2 * mb, mb)  # ma / d in [1/2, 1)
-  exponent = ((ia >> 23) & 0xFF) - ((ib >> 23) & 0xFF) + 126 + big.astype(jnp.int32)
+  exponent = ea - eb + 126 + big.astype(jnp.int32)
+  # subnormal, infinite or NaN operands, and quotients that underflow to subnormals or overflow: XLA's division
+  other = (ea == 0) | (eb == 0) | (ea == 255) | (eb == 255) | (exponent <= 0) | (exponent >= 255)
 
   def step(_, qr):  # one bit of q = floor(ma 2^24 / d); r < d < 2^25
     q, r = qr
@@ -112,7 +116,7 @@ def _exact_divide(a, b):
   carry = q == 2**24
   q, exponent = jnp.where(carry, 2**23, q), exponent + carry.astype(jnp.int32)
   y = jax.lax.bitcast_convert_type((exponent << 23) | (q - 2**23), jnp.float32)
-  return jnp.where(zero, 0.0, jnp.where(negative, -y, y))
+  return jnp.where(zero, 0.0, jnp.where(other, a / b, jnp.where(negative, -y, y)))
 
 
 @_exact_divide.defjvp

@@ -6,12 +6,13 @@ most half a step, quantizing twice changes nothing, and every gradient (input, r
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fatq import quantizers as Q
@@ -22,7 +23,9 @@ EPS = float(np.finfo(np.float32).eps)
 # Eager JAX compiles every operation once per shape: shapes come from a short list (ranks 1 to 4, channel counts
 # 1 to 5) so that compiled operations are reused across examples, which keeps the file under ~30 s.
 SHAPES = [(1,), (7,), (3, 5), (4, 1), (2, 3, 4), (2, 2, 3, 2)]
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# FATQ_PROPERTY_EXAMPLES=400 explores further (a few minutes) than the default run.
+SETTINGS = settings(max_examples=int(os.environ.get("FATQ_PROPERTY_EXAMPLES", 30)), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 # Properties checked under jit compile once per example (the bit width and the shapes are static): fewer examples.
 JIT_SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -109,19 +112,25 @@ def test_fake_quant_grid_range_zero_error_idempotent(data, bits, narrow):
 
 @SETTINGS
 @given(tensor_and_ranges(), bits_st, st.booleans())
+# every value on a rounding tie: 0.4 / (0.8 / 3) = 1.5 (found by hypothesis in a CI run)
+@example((np.array([0.0] + [0.4] * 6, np.float32), np.float32(0.0), np.float32(0.8)), 2, False)
 def test_quantize_codes_are_integers_that_dequantize_to_fake_quant(data, bits, narrow):
   x, lo, hi = data
   p = Q.nudge(jnp.asarray(lo), jnp.asarray(hi), bits, narrow)
   codes = np.asarray(Q.quantize(jnp.asarray(x), p))
   np.testing.assert_array_equal(codes, np.round(codes))
   assert codes.min() >= np.min(p.qmin) and codes.max() <= p.qmax
-  deq = (codes - np.asarray(p.zero_point, np.float64)) * np.asarray(p.scale, np.float64)
+  scale = np.asarray(p.scale, np.float64)
+  deq = (codes - np.asarray(p.zero_point, np.float64)) * scale
   y = np.asarray(Q.fake_quant(jnp.asarray(x), lo, hi, bits, narrow), np.float64)
   span = float(np.max(np.maximum(np.abs(p.nudged_min), np.abs(p.nudged_max))))
-  # the same rounding up to float32 error on a value sitting exactly on a rounding boundary (one step, rarely)
+  # The same value up to float32 error, except on a rounding tie, where the two float32 computations may round to
+  # the neighbouring codes: then one step apart, and only there.
   off = np.abs(deq - y) > 8 * EPS * span + 1e-12
-  assert off.mean() <= 0.05
-  assert np.all(np.abs(deq - y) <= np.broadcast_to(np.asarray(p.scale), y.shape) * 1.001 + 8 * EPS * span)
+  v = x.astype(np.float64) / scale  # position on the grid, in steps
+  near_tie = np.abs(np.abs(v - np.floor(v)) - 0.5) <= 8 * EPS * (np.abs(v) + 1)
+  assert np.all(near_tie[off]), f"off the tie points: x = {x[off & ~near_tie]}"
+  assert np.all(np.abs(deq - y) <= np.broadcast_to(scale, y.shape) * 1.001 + 8 * EPS * span)
 
 
 # Under jit XLA:CPU would fuse code * scale + nudged_min into one multiply-add (0 came out 2.98e-8); fake_quant

@@ -179,3 +179,21 @@ def test_exact_divide_is_correctly_rounded_under_jit():
   np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: quantizers.exact_divide(a, 254))(a)), want)
   np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: quantizers.nudge(-a, a, 8, True).scale)(a)),
                                 (a + a) / np.float32(254))
+
+
+def test_exact_divide_outside_normal_numbers():
+  """Subnormal, infinite and NaN operands and quotients that underflow or overflow: numpy's float32 quotient (XLA
+  flushes subnormal results to zero on CPU, so those compare as 0), never a wrong exponent. Quantizing the smallest
+  normal float32 on a coarse grid gave NaN codes before (found by the property tests)."""
+  tiny, sub, big = np.finfo(np.float32).tiny, np.float32(1e-40), np.finfo(np.float32).max
+  a = np.array([tiny, tiny, sub, 1.0, 1.0, big, np.inf, -np.inf, np.nan, 3.0, -tiny], np.float32)
+  b = np.array([2.3, 3e5, 1.0, sub, 2e-38, 0.5, 2.0, 2.0, 1.0, 7.0, 2.3], np.float32)
+  with np.errstate(all="ignore"):
+    want = a / b
+  want = np.where(np.abs(want) < np.finfo(np.float32).tiny, 0, want)  # flushed to zero either way
+  got = np.asarray(jax.jit(quantizers.exact_divide)(a, b))
+  got = np.where(np.abs(got) < np.finfo(np.float32).tiny, 0, got)
+  np.testing.assert_array_equal(got, want)
+  p = Q.nudge(jnp.float32(0.0), jnp.float32(7.0), 2)
+  codes = np.asarray(Q.quantize(jnp.array([0.0, tiny, 2.0, 6.9], jnp.float32), p))
+  np.testing.assert_array_equal(codes, [0, 0, 1, 3])
