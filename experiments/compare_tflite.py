@@ -190,7 +190,8 @@ def post_training_rows(args):
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:  # e.g. '--threads 1 2': absl takes one value per flag
+    sys.exit(f"error: unexpected arguments {argv[1:]}; repeat a flag for several values (--threads=1 --threads=2)")
   args = FLAGS
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   record = dict(rows=[], images={}, args=dict(

@@ -66,3 +66,15 @@ def test_compare_tflite_on_user_folders(tmp_path):
   # int8 weights: both quantized files are under a third of the float one
   assert max(ptq["size_bytes"], fatq["size_bytes"]) < fl["size_bytes"] / 3
   assert "1 thr ms" in run.stdout and f"{name} fatq int8" in run.stdout
+
+
+def test_compare_tflite_argument_mistakes_are_one_line(tmp_path):
+  script = os.path.join(ROOT, "experiments", "compare_tflite.py")
+  for args, message in (
+      (["--threads", "1", "2"], "error: unexpected arguments ['2']; repeat a flag for several values "
+                                "(--threads=1 --threads=2)"),
+      ([f"--v1_workdir={tmp_path / 'none'}"], f"error: --v1_workdir={tmp_path / 'none'}: no finetune.py run there")):
+    run = subprocess.run([sys.executable, script, f"--out={tmp_path / 'out' / 'results.json'}", *args],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(message), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
