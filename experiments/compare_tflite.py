@@ -185,8 +185,7 @@ def post_training_rows(args):
                                args.threads, dict(method="reference: Google's quantization-aware-trained model "
                                                   "(its own float weights and training)"))
       rows.append(row)
-  return title, rows, dict(evaluation=imagenet.evaluation_source(d), unlabeled=imagenet.unlabeled_source(d),
-                           num_evaluation=len(val.images), num_calibration=len(calib))
+  return title, rows, dict(imagenet.sources(d), num_evaluation=len(val.images), num_calibration=len(calib))
 
 
 def main(argv):

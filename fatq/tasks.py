@@ -109,6 +109,5 @@ def _imagenet(cfg):
   train, cal, hold = split_unlabeled(pool.images, d, cfg.seed)
   print(f"images: {len(train)} train, {len(cal)} calibration, {len(hold)} held-out (unlabeled); "
         f"{len(val.images)} labeled validation")
-  sources = {"unlabeled": imagenet.unlabeled_source(d), "evaluation": imagenet.evaluation_source(d)}
   return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=val.images,
-                             eval_labels=val.labels, sources=sources)
+                             eval_labels=val.labels, sources=imagenet.sources(d))

@@ -3,7 +3,6 @@ quantization and fatq's export of the same float model, read from the folders th
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,28 +12,12 @@ import numpy as np
 
 from fatq import models
 from fatq.data import imagenet
-from fatq.data.paths import data_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _folders(tmp_path, n_val=12, n_unlabeled=110):
-  """A labeled folder (the first ``n_val`` validation images and their labels) and an unlabeled one."""
-  val, unlabeled = tmp_path / "val", tmp_path / "unlabeled"
-  val.mkdir()
-  unlabeled.mkdir()
-  src = data_root() / "imagenet"
-  lines = [line for line in (src / "val" / "labels.txt").read_text().splitlines() if not line.startswith("#")]
-  for line in lines[:n_val]:
-    shutil.copy(src / "val" / line.split(",")[0], val)
-  (val / "labels.txt").write_text("\n".join(lines[:n_val]) + "\n")
-  for f in sorted(os.listdir(src / "unlabeled"))[:n_unlabeled]:
-    shutil.copy(src / "unlabeled" / f, unlabeled)
-  return val, unlabeled
-
-
-def test_compare_tflite_on_user_folders(tmp_path):
-  val, unlabeled = _folders(tmp_path)
+def test_compare_tflite_on_user_folders(tmp_path, imagenet_folders):
+  val, unlabeled = imagenet_folders(12, 110)
   out = tmp_path / "out" / "results.json"
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "compare_tflite.py"), "--v1_workdir=",
          f"--config={os.path.join(ROOT, 'configs', 'mobilenet_v1_0.25_tflite.py')}",

@@ -102,6 +102,7 @@ def test_sources_name_the_folders_read(tmp_path, monkeypatch):
 
   d = ml_collections.ConfigDict(dict(val_dir=str(tmp_path / "v"), unlabeled_dir=str(tmp_path / "u"), tfds_name=""))
   assert (imagenet.evaluation_source(d), imagenet.unlabeled_source(d)) == (str(tmp_path / "v"), str(tmp_path / "u"))
+  assert imagenet.sources(d) == {"unlabeled": str(tmp_path / "u"), "evaluation": str(tmp_path / "v")}
   monkeypatch.setenv("FATQ_DATA", str(tmp_path / "root"))
   d.val_dir = d.unlabeled_dir = ""
   assert imagenet.evaluation_source(d) == str(tmp_path / "root" / "imagenet" / "val")

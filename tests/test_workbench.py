@@ -401,24 +401,13 @@ def test_quick_configs_run(tmp_path, name):
   assert any(f.endswith(".png") for f in os.listdir(tmp_path))
 
 
-def test_mobilenet_task_reads_the_folders_it_names(tmp_path, monkeypatch):
+def test_mobilenet_task_reads_the_folders_it_names(tmp_path, monkeypatch, imagenet_folders):
   """A MobileNet task takes a config data section's keys (val_dir, unlabeled_dir, tfds_name, ...): its images come
   from there, and results.json's ``dataset`` names them; without them, the embedded folders."""
-  import shutil
-
-  from fatq.data.paths import data_root
   from fatq.workbench import experiments as X
 
-  src = data_root() / "imagenet"
-  val, unlabeled = tmp_path / "val", tmp_path / "unlabeled"
-  val.mkdir()
-  unlabeled.mkdir()
-  lines = [line for line in (src / "val" / "labels.txt").read_text().splitlines() if not line.startswith("#")][:6]
-  for line in lines:
-    shutil.copy(src / "val" / line.split(",")[0], val)
-  (val / "labels.txt").write_text("\n".join(lines) + "\n")
-  for f in sorted(os.listdir(src / "unlabeled"))[:12]:
-    shutil.copy(src / "unlabeled" / f, unlabeled)
+  val, unlabeled = imagenet_folders(6, 12)
+  lines = (val / "labels.txt").read_text().splitlines()
   t = dict(model="mobilenet_v1_0.75", val_dir=str(val), unlabeled_dir=str(unlabeled), cache_dir=str(tmp_path / "c"),
            num_train=4, num_calibration=4, num_holdout=2, num_eval=0, image_size=96)  # image_size: the model's, 224
   task = X.load_task(t, str(tmp_path / "w"), log=lambda *_: None)

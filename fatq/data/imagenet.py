@@ -315,6 +315,11 @@ def unlabeled_source(d) -> str:
   return _source(d, _unlabeled_split(d), "unlabeled_dir", UNLABELED_FOLDER)
 
 
+def sources(d) -> dict[str, str]:
+  """``{'unlabeled': ..., 'evaluation': ...}``: where a config's ``data`` section reads each set (results files)."""
+  return {"unlabeled": unlabeled_source(d), "evaluation": evaluation_source(d)}
+
+
 def _source(d, split: str, folder_key: str, default: str) -> str:
   from fatq.data.paths import resolve
 

@@ -109,9 +109,9 @@ def _mobilenet(t, seed, log, need_data):
                                             num_holdout=t.get("num_holdout", 100)))
   tr, cal, hold = split_unlabeled(pool, cfg_data, seed)
   log(f"{task_name(t)}: {len(val.images)} validation images, {len(tr)} unlabeled training images")
-  sources = dict(unlabeled=imagenet.unlabeled_source(d), evaluation=imagenet.evaluation_source(d))
   return Task(task_name(t), model, params, Data(train=tr, calibration=cal, holdout=hold, eval_images=val.images,
-                                                eval_labels=val.labels, sources=sources), input_shape=(224, 224, 3))
+                                                eval_labels=val.labels, sources=imagenet.sources(d)),
+              input_shape=(224, 224, 3))
 
 
 def imagenet_data(t) -> ml_collections.ConfigDict:
