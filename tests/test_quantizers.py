@@ -106,6 +106,38 @@ def test_threshold_gradient_matches_hand_derivation():
   np.testing.assert_allclose(np.asarray(jac), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_hand_written_gradient_equals_the_formula(per_channel):
+  # The STE gradient of floor((clip(x, nmin, nmax) - nmin) / scale + 0.5) * scale + nmin, evaluated directly: u and
+  # the rounding residual r - u in float32 as the forward pass computes them, the sums in float64. (JAX's own
+  # autodiff of the formula is further off: d(u * scale)/d scale = u - (c - nmin) / scale leaves ~ulp(u) per element.)
+  # Values below, above and exactly at the ends of the range, and rounding ties (r - u = 1/2, also at u = 1/2 - 2^-25,
+  # where u + 0.5 rounds up to 1): the backward pass decodes the one array it saves correctly at all of them.
+  rng = np.random.default_rng(3)
+  channels = 5
+  scale = 2.0 ** np.arange(-2, 3, dtype=np.float32) if per_channel else np.full(channels, 1, np.float32)
+  nmin = np.zeros(channels, np.float32)
+  nmax = nmin + 255 * scale
+  special = np.array([np.nextafter(np.float32(0.5), np.float32(0)), 0.5, 1.5, -2.5, 0.0], np.float32)
+  x = np.concatenate([rng.normal(0, 150, (400, channels)).astype(np.float32), special[:, None] * scale, nmin[None],
+                      nmax[None]])
+  assert (x < nmin).any() and (x > nmax).any()
+  g = rng.normal(size=x.shape).astype(np.float32)
+  u = ((np.clip(x, nmin, nmax) - nmin) / scale).astype(np.float32)
+  residual = (np.floor(u + np.float32(0.5)) - u).astype(np.float64)
+  assert residual.max() == 0.5
+  axis = 0 if per_channel else None
+  expected = [np.where((x >= nmin) & (x <= nmax), g, 0), np.sum(np.where(x < nmin, g, 0.0), axis),
+              np.sum(np.where(x > nmax, g, 0.0), axis), np.sum(g * residual, axis)]
+
+  params = [jnp.asarray(v if per_channel else v[0]) for v in (nmin, nmax, scale)]
+  offset = jnp.round(-params[0] / params[2])
+  ours = jax.vjp(lambda *a: Q._fake_quant_nudged(*a, offset), jnp.asarray(x), *params)[1](jnp.asarray(g))
+  np.testing.assert_array_equal(np.asarray(ours[0]), expected[0])
+  for name, a, b in zip(["nmin", "nmax", "scale"], ours[1:], expected[1:]):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_threshold_gradient_matches_finite_differences_of_expected_loss():
   # The rounding makes the loss piecewise; on a dense sample its STE gradient matches the finite difference of a
   # smooth surrogate only in expectation. Check the clip part exactly: for x beyond T, the loss is smooth in T.
