@@ -208,12 +208,12 @@ def _fake_quant_fwd(x, nmin, nmax, scale, offset):
 def _fake_quant_bwd(res, g):
   w, nmin, nmax, scale, offset = res
   # no subexpression of w is shared between the sums: XLA:CPU would write a shared one out as a full-size array
-  twice_difference = _sum_to(g * jnp.round(w), nmin.shape)  # 2 (S_above - S_below)
-  four_times_total = _sum_to(g * jnp.round(w * w), nmin.shape)  # 4 (S_above + S_below)
-  residual = _sum_to(g * w, scale.shape) - twice_difference  # sum of g (r - u) inside the range
+  difference = _sum_to(g * jnp.round(w), nmin.shape) / 2  # S_above - S_below
+  total = _sum_to(g * jnp.round(w * w), nmin.shape) / 4  # S_above + S_below
+  residual = _sum_to(g * w, scale.shape) - 2 * difference  # sum of g (r - u) inside the range
   return (jnp.where(jnp.abs(w) > 1, jnp.zeros_like(g), g),
-          (four_times_total / 2 - twice_difference) / 4,
-          (four_times_total / 2 + twice_difference) / 4,
+          (total - difference) / 2,
+          (total + difference) / 2,
           residual,
           jnp.zeros_like(offset))
 
