@@ -84,6 +84,9 @@ def test_build_from_config():
   assert isinstance(m, models.MnasNet) and m.width == 1.3
   with pytest.raises(ValueError, match="unknown model"):
     models.build(dict(name="resnet"))
-  with pytest.raises(FileNotFoundError, match="mnasnet_1.0_224.tflite"):
+  with pytest.raises(FileNotFoundError, match="checkpoint is empty: mnasnet needs .*; mnasnet_1.0_224.tflite"):
     models.load(dict(name="mnasnet", width=1.0, num_classes=1001, checkpoint="",
                      checkpoint_hint="mnasnet_1.0_224.tflite"))
+  with pytest.raises(FileNotFoundError, match=r"checkpoint /no/such \(config.model.checkpoint\) does not exist; "
+                                              "pass --config.model.checkpoint="):
+    models.load(dict(name="mobilenet_v2", width=1.0, num_classes=1001, checkpoint="/no/such"))

@@ -11,6 +11,7 @@ import pytest
 
 from fatq import calibration, quantizers
 from fatq.config import QuantConfig, QuantRule, QuantSpec
+from fatq.data.paths import data_root
 from fatq.layers import STATS, THRESHOLDS, FakeQuant, QConv, QDense
 from fatq.workbench import analysis
 from fatq.workbench import quantizers as wq
@@ -369,6 +370,9 @@ def test_datafree_sweep_on_a_slice_of_mnist_writes_results(tmp_path):
   with open(tmp_path / "results.json") as f:
     saved = json.load(f)
   assert saved["model"] == "lenet5" and saved["dataset"] == "mnist" and "total" in saved["timings"]
+  mnist = str(data_root() / "mnist")
+  assert saved["sources"] == {"lenet5_mnist": {"unlabeled": f"{mnist} train (labels not read)",
+                                               "evaluation": f"{mnist} test"}}
   assert [(r["method"], r["bits"]) for r in saved["rows"]] == [("float", 32), ("asym", 4), ("pot", 4)]
   assert all(0 <= r["top1"] <= 1 and r["size"]["lzma"] > 0 for r in saved["rows"])
   assert saved["rows"][1]["size"]["raw"] < saved["rows"][0]["size"]["raw"]
@@ -383,6 +387,7 @@ def test_memory_sweep_writes_results_and_plot(tmp_path):
   results, _ = experiments.run(cfg, str(tmp_path), log=lambda s: None)
   assert [r["act_bits"] for r in results["rows"]] == [32, 4]
   assert os.path.exists(tmp_path / "memory.png") and os.path.exists(tmp_path / "results.json")
+  assert results["sources"] == {}  # synthetic inputs: no data read
 
 
 @pytest.mark.slow
@@ -414,9 +419,11 @@ def test_mobilenet_task_reads_the_folders_it_names(tmp_path, monkeypatch, imagen
   assert task.data.eval_images.shape == (6, 224, 224, 3)
   assert task.data.eval_labels.tolist() == [int(line.split(",")[1]) for line in lines]
   assert (len(task.data.train), len(task.data.calibration), len(task.data.holdout)) == (4, 4, 2)
-  assert task.data.sources == dict(unlabeled=str(unlabeled), evaluation=str(val))
+  assert task.data.sources == dict(unlabeled=str(unlabeled), evaluation=str(val)) == X._sources(t)
   assert X._dataset(t) == str(val)
   assert X._dataset(dict(model="mobilenet_v1_0.75", tfds_name="imagenet2012")) == "tfds imagenet2012 validation"
   monkeypatch.setenv("FATQ_DATA", str(tmp_path / "root"))
   assert X._dataset(dict(model="mobilenet_v1_0.75")) == str(tmp_path / "root" / "imagenet" / "val")
   assert X._dataset(dict(model="lenet5", dataset="fashion_mnist")) == "fashion_mnist"
+  assert X._sources(dict(model="lenet5", dataset="fashion_mnist", data_dir=str(tmp_path / "f"))) == dict(
+      unlabeled=f"{tmp_path / 'f'} train (labels not read)", evaluation=f"{tmp_path / 'f'} test")

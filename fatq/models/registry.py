@@ -45,13 +45,11 @@ def load(cfg, quant=None):
   """``(module, params, LoadReport)``; raises FileNotFoundError naming the file needed when there is none."""
   model = build(cfg, quant)
   ckpt = _get(cfg, "checkpoint", "")
+  fix = _get(cfg, "checkpoint_hint", "") or "pass --config.model.checkpoint=/path/to/the/file"
   if not ckpt:
-    hint = _get(cfg, "checkpoint_hint", "")
-    raise FileNotFoundError(f"config.model.checkpoint is empty: {cfg['name']} needs a pre-trained checkpoint"
-                            + (f" ({hint})" if hint else "") + "; pass --config.model.checkpoint=/path/to/file")
+    raise FileNotFoundError(f"config.model.checkpoint is empty: {cfg['name']} needs a pre-trained checkpoint; {fix}")
   if not os.path.exists(ckpt):
-    hint = _get(cfg, "checkpoint_hint", "")
-    raise FileNotFoundError(f"checkpoint {ckpt} does not exist" + (f": {hint}" if hint else ""))
+    raise FileNotFoundError(f"checkpoint {ckpt} (config.model.checkpoint) does not exist; {fix}")
   params, report = loaders.load_checkpoint(model, ckpt, _get(cfg, "checkpoint_format", "") or None,
                                            int(_get(cfg, "image_size", 224)))
   return model, params, report

@@ -84,7 +84,7 @@ def _lenet5(t, workdir, seed, log):
   tr, cal, hold = split_unlabeled(np.arange(len(train_x)), cfg_data, seed)
   n_eval = t.get("num_eval", 0) or len(test_x)
   data = Data(train=train_x[tr], calibration=train_x[cal], holdout=train_x[hold], eval_images=test_x[:n_eval],
-              eval_labels=test_y[:n_eval])
+              eval_labels=test_y[:n_eval], sources=_sources(t))
   return Task(task_name(t), model, params, data, train_labels=train_y[tr])
 
 
@@ -110,7 +110,7 @@ def _mobilenet(t, seed, log, need_data):
   tr, cal, hold = split_unlabeled(pool, cfg_data, seed)
   log(f"{task_name(t)}: {len(val.images)} validation images, {len(tr)} unlabeled training images")
   return Task(task_name(t), model, params, Data(train=tr, calibration=cal, holdout=hold, eval_images=val.images,
-                                                eval_labels=val.labels, sources=imagenet.sources(d)),
+                                                eval_labels=val.labels, sources=_sources(t)),
               input_shape=(224, 224, 3))
 
 
@@ -130,6 +130,18 @@ def _dataset(t) -> str:
   if t.get("dataset"):
     return t["dataset"]
   return "-" if t["model"] == "lenet5" else imagenet.evaluation_source(imagenet_data(t))
+
+
+def _sources(t) -> dict[str, str]:
+  """``{'unlabeled': ..., 'evaluation': ...}``: where a task reads each set, as the main experiment records them."""
+  from fatq.data import imagenet
+  from fatq.data.paths import resolve
+
+  if t["model"] != "lenet5":
+    return imagenet.sources(imagenet_data(t))
+  ds = t.get("dataset", "mnist")
+  folder = resolve(t.get("data_dir") or None, ds)  # as idx.load resolves it
+  return {"unlabeled": f"{folder} train (labels not read)", "evaluation": f"{folder} test"}
 
 
 def _batches(x, bs):
@@ -592,7 +604,8 @@ RUNNERS: dict[str, Callable] = dict(datafree=run_datafree, fixed_point=run_fixed
 
 
 def run(cfg, workdir: str, log=print) -> tuple[dict, str]:
-  """Run ``cfg.experiment``; write ``workdir/results.json`` (model, dataset, rows, config, timings) and the plot."""
+  """Run ``cfg.experiment``; write ``workdir/results.json`` (model, dataset, sources, rows, config, timings) and
+  the plot."""
   if cfg.experiment not in RUNNERS:
     raise ValueError(f"unknown experiment {cfg.experiment!r}; choose one of {sorted(RUNNERS)}")
   os.makedirs(workdir, exist_ok=True)
@@ -602,6 +615,7 @@ def run(cfg, workdir: str, log=print) -> tuple[dict, str]:
   results = dict(experiment=cfg.experiment,
                  model=", ".join(dict.fromkeys(t["model"] for t in tasks)),
                  dataset=", ".join(dict.fromkeys(_dataset(t) for t in tasks)),
+                 sources={task_name(t): _sources(t) for t in cfg.get("tasks") or []},  # 'memory' reads no data
                  **{k: v for k, v in out.items() if k != "timings"},
                  config=cfg.to_dict(), timings={**out.get("timings", {}),
                                                 "total": round(time.perf_counter() - t0, 1)})
