@@ -89,4 +89,18 @@ def test_config_typo_is_reported(tmp_path):
 def test_scores():
   logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
   s = experiment.scores(logits, np.array([1, 1]), np.array([[0, 1, 0], [0, 1, 0]]))
-  assert s == {"top1": 0.5, "agreement": 0.5}
+  assert s["top1"] == 0.5 and s["agreement"] == 0.5
+  assert s["vs_float"] == {"gained": 0, "lost": 1, "stderr": np.sqrt((1 / 2 - 1 / 4) / 2)}
+  # 10 images, labels 0..9; the float model is right on the first 6, the quantized one on images 2..8:
+  # gained {6, 7, 8}, lost {0, 1}, the difference in top-1 (3 - 2) / 10.
+  labels = np.arange(10)
+  float_logits, q_logits = np.eye(10)[[0, 1, 2, 3, 4, 5, 0, 0, 0, 0]], np.eye(10)[[9, 9, 2, 3, 4, 5, 6, 7, 8, 0]]
+  s = experiment.scores(q_logits, labels, float_logits)
+  f = experiment.scores(float_logits, labels, float_logits)
+  assert (s["vs_float"]["gained"], s["vs_float"]["lost"]) == (3, 2)
+  assert np.isclose(s["top1"] - f["top1"], (3 - 2) / 10)
+  d = np.array([-1, -1, 0, 0, 0, 0, 1, 1, 1, 0])  # per image: quantized right minus float right
+  assert np.isclose(s["vs_float"]["stderr"], d.std() / np.sqrt(10))  # the paired difference's standard error
+  assert f["vs_float"] == {"gained": 0, "lost": 0, "stderr": 0.0}
+  assert "+3 -2" in experiment.format_row(dict(s, name="r", method="fat", weight_bits=4, act_bits=4,
+                                               granularity="tensor", symmetric=True, seconds=1.0))
