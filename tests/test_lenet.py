@@ -58,7 +58,10 @@ def test_finetune_entry_point_on_real_mnist(tmp_path):
   assert res["sources"] == {"unlabeled": f"{mnist} train (labels not read)", "evaluation": f"{mnist} test"}
   rows = {(r["name"], r["method"]): r for r in res["rows"]}
   for r in res["rows"]:
-    assert set(r) >= {"method", "weight_bits", "act_bits", "granularity", "symmetric", "top1", "agreement"}
+    assert set(r) >= {"method", "weight_bits", "act_bits", "granularity", "symmetric", "top1", "agreement",
+                      "vs_float"}
+    v = r["vs_float"]  # the 10 000 test images: top-1's difference from float is (gained - lost) / 10 000
+    assert np.isclose(r["top1"] - res["rows"][0]["top1"], (v["gained"] - v["lost"]) / 10000, atol=1e-9)
   fl = rows[("float", "float")]["top1"]
   assert fl > 0.95  # one epoch of LeNet-5
   w8 = rows[("W8A8-tensor-symW-asymA", "ptq")]
