@@ -208,15 +208,16 @@ def scores(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | No
   ``top1 - float top1 = (gained - lost) / n``, and on a test set of ``n`` images that difference has the standard
   error ``stderr = sqrt(((gained + lost) / n - ((gained - lost) / n)^2) / n)`` (paired outcomes, McNemar): on 1000
   images with 20 changed answers about 0.45 points, the scale of a difference that one run can show."""
+  labels = labels + label_offset
   pred = logits.argmax(-1)
-  right = pred == labels + label_offset
+  right = pred == labels
   out = {"top1": float(np.mean(right))}
   if logits.shape[-1] > 5:
     top5 = np.argsort(-logits, axis=-1)[:, :5]
-    out["top5"] = float(np.mean(np.any(top5 == (labels + label_offset)[:, None], axis=-1)))
+    out["top5"] = float(np.mean(np.any(top5 == labels[:, None], axis=-1)))
   if float_logits is not None:
     float_pred = float_logits.argmax(-1)
-    float_right = float_pred == labels + label_offset
+    float_right = float_pred == labels
     out["agreement"] = float(np.mean(pred == float_pred))
     gained, lost, n = int(np.sum(right & ~float_right)), int(np.sum(float_right & ~right)), len(pred)
     stderr = np.sqrt(max((gained + lost) / n - ((gained - lost) / n) ** 2, 0.0) / n)

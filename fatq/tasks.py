@@ -61,7 +61,6 @@ def split_unlabeled(images: np.ndarray, cfg_data, seed: int) -> tuple[np.ndarray
 
 def _lenet5(cfg, workdir: str, progress: bool):
   from fatq.data import idx
-  from fatq.data.paths import resolve
   from fatq.models import LeNet5
   from fatq.training import train_classifier
 
@@ -87,10 +86,8 @@ def _lenet5(cfg, workdir: str, progress: bool):
                               progress=progress)
     save_variables(ckpt, {"params": params})
   train, cal, hold = split_unlabeled(train_x, cfg.data, cfg.seed)  # labels of these are never used
-  folder = resolve(cfg.data.dir or None, cfg.data.name)  # as idx.load resolves it
-  sources = {"unlabeled": f"{folder} train (labels not read)", "evaluation": f"{folder} test"}
   return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=test_x, eval_labels=test_y,
-                             sources=sources)
+                             sources=idx.sources(cfg.data.name, cfg.data.dir or None))
 
 
 def _imagenet(cfg):

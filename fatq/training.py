@@ -171,8 +171,12 @@ def predict(model, variables: Tree, images: np.ndarray, batch_size: int = 256, m
 
 def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_logits: np.ndarray,
              holdout: tuple[np.ndarray, np.ndarray], cfg, workdir: str | None = None, resume: bool = False,
-             log: Callable[[str], None] = print, progress: bool = True, mesh=None) -> tuple[Tree, list[dict]]:
+             log: Callable[[str], None] = print, progress: bool = True, mesh=None,
+             loss_fn: Callable | None = None) -> tuple[Tree, list[dict]]:
   """Train the FAT factors on unlabeled ``images`` against cached ``teacher_logits``.
+
+  The loss is ``LOSSES[cfg.loss]``, or ``loss_fn(student_logits, targets)`` where a caller trains against other
+  targets (the workbench's LSQ rows: one-hot labels), without adding it to the losses that configs can name.
 
   Every ``cfg.eval_every`` steps (and at the end) the distillation loss on the held-out images is measured; the
   thresholds returned are those of the best held-out loss, not the last step. A non-finite threshold restores the
@@ -196,7 +200,7 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
     return thresholds, []
   mesh = parallel.make_mesh() if mesh is None else mesh
   n_dev = parallel.num_devices(mesh)
-  loss_fn = LOSSES[cfg.loss]
+  loss_fn = LOSSES[cfg.loss] if loss_fn is None else loss_fn
   optimizer, schedule = make_optimizer(cfg)
   step_fn = make_train_step(model, optimizer, loss_fn, mesh)
   eval_fn = make_eval_loss(model, loss_fn, mesh)

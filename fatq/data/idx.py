@@ -66,6 +66,13 @@ class IdxImages(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": image[..., None], "label": int(label)}
 
 
+def sources(name: str, directory: str | os.PathLike | None = None) -> dict[str, str]:
+  """``{'unlabeled': ..., 'evaluation': ...}`` for results files: the training split (its labels unread) is the
+  unlabeled pool, the test split the evaluation set, in the folder :func:`load` reads."""
+  directory = resolve(directory, name)
+  return {"unlabeled": f"{directory} train (labels not read)", "evaluation": f"{directory} test"}
+
+
 def load(name: str, split: str, directory: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
   """``(images float32 in [0, 1] of shape (N, 28, 28, 1), labels int32)`` of one split.
 

@@ -110,7 +110,7 @@ def _mobilenet(t, seed, log, need_data):
   tr, cal, hold = split_unlabeled(pool, cfg_data, seed)
   log(f"{task_name(t)}: {len(val.images)} validation images, {len(tr)} unlabeled training images")
   return Task(task_name(t), model, params, Data(train=tr, calibration=cal, holdout=hold, eval_images=val.images,
-                                                eval_labels=val.labels, sources=_sources(t)),
+                                                eval_labels=val.labels, sources=imagenet.sources(d)),
               input_shape=(224, 224, 3))
 
 
@@ -134,14 +134,11 @@ def _dataset(t) -> str:
 
 def _sources(t) -> dict[str, str]:
   """``{'unlabeled': ..., 'evaluation': ...}``: where a task reads each set, as the main experiment records them."""
-  from fatq.data import imagenet
-  from fatq.data.paths import resolve
+  from fatq.data import idx, imagenet
 
   if t["model"] != "lenet5":
     return imagenet.sources(imagenet_data(t))
-  ds = t.get("dataset", "mnist")
-  folder = resolve(t.get("data_dir") or None, ds)  # as idx.load resolves it
-  return {"unlabeled": f"{folder} train (labels not read)", "evaluation": f"{folder} test"}
+  return idx.sources(t.get("dataset", "mnist"), t.get("data_dir") or None)
 
 
 def _batches(x, bs):
@@ -300,8 +297,6 @@ def label_cross_entropy(student, onehot):
   return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(student), axis=-1))
 
 
-training.LOSSES.setdefault("label_ce", label_cross_entropy)
-
 
 def _input_rule():
   return QuantRule("input", QuantSpec(bits=8, symmetric=False, trainable=False))
@@ -346,18 +341,18 @@ def run_lsq(cfg, workdir, log=print):
           train_cfg.update(dict(t.get("train", {})))
           if method == "lsq":
             train_cfg.update(dict(cfg.lsq_train))
-          targets, hold_targets = teacher_train, teacher_hold
+          targets, hold_targets, loss_fn = teacher_train, teacher_hold, None
           if method == "lsq" and cfg.lsq_labels and task.train_labels is not None:
             # Labels instead of distillation: cross-entropy with one-hot labels; the held-out loss (which picks the
             # best thresholds) uses the teacher's predicted classes, so no extra labels are needed.
             eye = np.eye(task.model.num_classes, dtype=np.float32)
             targets, hold_targets = eye[task.train_labels], eye[teacher_hold.argmax(-1)]
-            train_cfg.loss = "label_ce"
+            train_cfg.loss, loss_fn = "label_ce", label_cross_entropy  # the name: what results.json records
           th = calibration.init_thresholds(qmodel, task.params, stats, d.calibration[:1])
           row_dir = os.path.join(workdir, "rows", task.name, f"{setting}_{method}")
           os.makedirs(row_dir, exist_ok=True)
           best, history = training.finetune(qmodel, frozen, th, d.train, targets, (d.holdout, hold_targets),
-                                            train_cfg, workdir=row_dir, log=log, progress=False)
+                                            train_cfg, workdir=row_dir, log=log, progress=False, loss_fn=loss_fn)
           variables = {**frozen, THRESHOLDS: best}
           extra = dict(steps=history[-1]["step"] if history else 0,
                        holdout_loss=dict(initial=history[0]["holdout_loss"],
