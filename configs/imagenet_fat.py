@@ -40,7 +40,8 @@ def default_rows():
   w4a8 = dict(weight_bits=4, act_bits=8, per_channel=True, symmetric=True, act_symmetric=False, fat=True)
   rows = [dict(row, bias_correction="tracked", learn_biases=True)
           for row in paper_rows() + [w4a8, dict(w4a8, weight_calibration="mse")]]
-  # scalar mode after cross-layer equalization and bias correction, the correction tracked through fine-tuning
+  # scalar mode after cross-layer equalization and bias correction, the correction tracked through fine-tuning;
+  # learned offsets here lowered the held-out RMSE by 8-15 % but moved top-1 only within its noise (README)
   rows += [dict(weight_bits=8, act_bits=8, per_channel=False, symmetric=symmetric, equalize=True,
                 bias_correction="tracked", fat=True) for symmetric in (True, False)]
   return rows
