@@ -263,14 +263,42 @@ class FakeQuant(nn.Module):
 
     return fake_quant(self._factor) - fake_quant(_initial_factor)
 
+  def _factor_names(self) -> tuple[str, ...]:
+    return ("scale",) if self.spec.symmetric else ("shift", "width")
+
+  def _linearized(self, x: jax.Array) -> quantizers.Linearized:
+    """``x`` fake-quantized as :class:`fatq.quantizers.Linearized` in this quantizer's FAT factors. Exact in value
+    and gradient: each entry of a factor moves one slice's range (the whole tensor's, or one channel's)."""
+    t_left, t_right = self.get_variable(STATS, "min"), self.get_variable(STATS, "max")
+    factors = {name: self.get_variable(THRESHOLDS, name) for name in self._factor_names()}
+    fixed = jax.lax.stop_gradient(factors)
+    shape = self._slice_shape(x)
+
+    def grid(values):
+      lo, hi, _ = self.range(t_left, t_right, factor=lambda name, init, _shape: values[name])
+      return lo.reshape(shape), hi.reshape(shape)
+
+    narrow = self.range(t_left, t_right, factor=lambda name, init, _shape: fixed[name])[2]
+    lo, hi = grid(fixed)
+    directions, probes = [], []
+    for name in factors:
+      along = {other: (jnp.ones_like if other == name else jnp.zeros_like)(v) for other, v in fixed.items()}
+      _, (lo_dot, hi_dot) = jax.jvp(grid, (fixed,), (along,))
+      directions.append(quantizers.fake_quant_tangent(x, lo, hi, lo_dot, hi_dot, self.spec.bits, narrow))
+      probes.append((factors[name] - fixed[name]).reshape(shape))
+    return quantizers.Linearized(quantizers.fake_quant(x, lo, hi, self.spec.bits, narrow), tuple(directions),
+                                 tuple(probes))
+
   @nn.compact
-  def __call__(self, x: jax.Array, requantize=None, activation=None, grid_shift: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, requantize=None, activation=None, grid_shift: bool = False,
+               linearize: bool = False) -> jax.Array | quantizers.Linearized:
     """Fake-quantize ``x``. With ``requantize`` (integer arithmetic, :func:`integer_arithmetic`): an integer op's
     output, ``requantize(scale)`` giving its codes (relative to the zero point) on this quantizer's grid of
     ``scale``; then ``activation`` (a monotone clamp: its bounds' codes, as TFLite's fused activations) and the
     grid's clip. ``grid_shift``: instead, ``Q(x) - Q0(x)``, how far the current thresholds move ``x`` from where
     the calibrated ones (the FAT factors at their initial values) put it, in float arithmetic; zero uncalibrated
-    (``QuantConfig.track_bias_correction``)."""
+    (``QuantConfig.track_bias_correction``). ``linearize``: where the FAT factors are being trained (present, not
+    being created), return :class:`fatq.quantizers.Linearized` instead of an array (same value, same gradient)."""
     axes = self._reduce_axes(x)
     if self.is_mutable_collection(STATS):
       keep = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
@@ -311,6 +339,9 @@ class FakeQuant(nn.Module):
         self.put_variable(RANGES, key, jnp.squeeze(jnp.asarray(value, jnp.float32)))
     layers = _GRIDS.get()
     if layers is None:
+      if linearize and self.spec.trainable and not self.is_mutable_collection(THRESHOLDS) and all(
+          self.has_variable(THRESHOLDS, name) for name in self._factor_names()):
+        return self._linearized(x)
       return quantizers.fake_quant(x, lo, hi, self.spec.bits, narrow)
     # evaluation in integer arithmetic: the values on the grid, divisions correctly rounded (the file's codes)
     exported = layers.exported.get(name)
@@ -508,6 +539,47 @@ def _depthwise_bwd(strides, pads, res, g):
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _depthwise_linearized(x, kernel, directions, probes, strides, pads):
+  """``_depthwise_by_slices(x, kernel + sum_i probes[i] * directions[i])`` (a :class:`fatq.quantizers.Linearized`
+  kernel; probes of shape ``()`` or ``(1, 1, 1, C)``), with the probes' gradient taken forward:
+
+      d/dp_i[c] = sum_{n,h,w} g[n,h,w,c] * depthwise(x, directions[i])[n,h,w,c]
+
+  one more depthwise pass and one product-sum per direction (a symmetric quantizer has one). The kernel's gradient,
+  through which the factors' would otherwise go, writes out the 9 shifted inputs and reduces each against ``g``:
+  the largest piece of MobileNet v2's threshold gradient (README, Benchmarks). The kernel's and directions'
+  gradients are still returned, for other uses; XLA drops them when nothing uses them (FAT's training step).
+  """
+  return _depthwise_linearized_fwd(x, kernel, directions, probes, strides, pads)[0]
+
+
+def _materialized(a: jax.Array) -> jax.Array:
+  """``a`` (finite, channels last), computed once: as its product with the identity matrix, exact, which XLA does
+  not fuse into its users. A kernel's quantization and its tangents are small element-wise chains that XLA:CPU
+  otherwise fuses into each full-size consumer, recomputing them for every output pixel: MobileNet v2's threshold
+  gradient at batch 32 took 2.6-3.6 s that way, 1.4-1.5 s with this (one-off A/B runs)."""
+  c = a.shape[-1]
+  return jnp.dot(a.reshape(-1, c), jnp.eye(c, dtype=a.dtype), precision=lax.Precision.HIGHEST).reshape(a.shape)
+
+
+def _depthwise_linearized_fwd(x, kernel, directions, probes, strides, pads):
+  kernel = _materialized(quantizers.Linearized(kernel, directions, probes).dense())
+  directions = tuple(_materialized(d) for d in directions)
+  return _depthwise_slices(x, kernel, strides, pads), (x, kernel, directions, probes)
+
+
+def _depthwise_linearized_bwd(strides, pads, res, g):
+  x, kernel, directions, probes = res
+  dx, dk = _depthwise_bwd(strides, pads, (x, kernel), g)
+  dprobes = tuple(quantizers.sum_to(jnp.sum(g * _depthwise_slices(x, d, strides, pads), (0, 1, 2), keepdims=True),
+                                    p.shape) for d, p in zip(directions, probes))
+  return dx, dk, tuple(p * dk for p in probes), dprobes
+
+
+_depthwise_linearized.defvjp(_depthwise_linearized_fwd, _depthwise_linearized_bwd)
+
+
 def _tap(xp, i, j, strides, out_hw):
   """The input pixels that tap ``(i, j)`` of the kernel meets, one per output pixel."""
   (sh, sw), (ho, wo) = strides, out_hw
@@ -552,17 +624,28 @@ def _pointwise_bwd(res, g):
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME", groups: int = 1,
-           impl: str = "lax") -> jax.Array:
-  """NHWC x HWIO convolution. ``impl='fast'`` rewrites depthwise and 1x1 convolutions (same numbers)."""
+def is_fast_depthwise(x_channels: int, kernel_shape: Sequence[int], groups: int, impl: str) -> bool:
+  """Whether :func:`conv2d` computes this convolution as ``impl='fast'``'s depthwise sum of slices."""
+  return impl == "fast" and groups == x_channels and kernel_shape[2] == 1 and kernel_shape[3] == groups
+
+
+def conv2d(x: jax.Array, kernel: jax.Array | quantizers.Linearized, strides=(1, 1), padding="SAME",
+           groups: int = 1, impl: str = "lax") -> jax.Array:
+  """NHWC x HWIO convolution. ``impl='fast'`` rewrites depthwise and 1x1 convolutions (same numbers). A
+  :class:`fatq.quantizers.Linearized` kernel gives a fast depthwise convolution the gradient of its factors
+  without the kernel's (:func:`_depthwise_linearized`)."""
   strides = tuple(strides)
-  kh, kw, cin_per_group, cout = kernel.shape
+  kh, kw, cin_per_group, cout = kernel.value.shape if isinstance(kernel, quantizers.Linearized) else kernel.shape
   if impl not in ("lax", "fast"):
     raise ValueError(f"unknown convolution impl {impl!r}; choose 'lax' or 'fast'")
   pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
+  if is_fast_depthwise(x.shape[-1], (kh, kw, cin_per_group, cout), groups, impl):
+    if isinstance(kernel, quantizers.Linearized):
+      return _depthwise_linearized(x, *kernel, strides, tuple(tuple(p) for p in pads))
+    return _depthwise_by_slices(x, kernel, strides, pads)
+  if isinstance(kernel, quantizers.Linearized):
+    kernel = kernel.dense()
   if impl == "fast":
-    if groups == x.shape[-1] and cin_per_group == 1 and cout == groups:
-      return _depthwise_by_slices(x, kernel, strides, pads)
     if groups == 1 and (kh, kw) == (1, 1) and all(p == (0, 0) for p in pads):
       return _pointwise(x[:, ::strides[0], ::strides[1]], kernel[0, 0])
   return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -690,7 +773,9 @@ class QConv(nn.Module):
     float_kernel = self.param("kernel", nn.initializers.lecun_normal(),
                               (*self.kernel_size, cin // self.groups, self.features))
     quantizer = quantizer_for(self, self.quant, "kernel")
-    kernel = float_kernel if quantizer is None else quantizer(float_kernel)
+    # a fast depthwise layer takes its kernel linearized in the FAT factors: their gradient without the kernel's
+    linearize = is_fast_depthwise(cin, float_kernel.shape, self.groups, self.impl)
+    kernel = float_kernel if quantizer is None else quantizer(float_kernel, linearize=linearize)
     bias = layer_bias(self, x, float_kernel, quantizer) if self.use_bias else None
     intrinsic = _intrinsic_spec(self)
     if intrinsic is not None:  # fixed point quantized after every multiply / add (fatq.workbench.quantizers)

@@ -208,9 +208,9 @@ def _fake_quant_fwd(x, nmin, nmax, scale, offset):
 def _fake_quant_bwd(res, g):
   w, nmin, nmax, scale, offset = res
   # no subexpression of w is shared between the sums: XLA:CPU would write a shared one out as a full-size array
-  difference = _sum_to(g * jnp.round(w), nmin.shape) / 2  # S_above - S_below
-  total = _sum_to(g * jnp.round(w * w), nmin.shape) / 4  # S_above + S_below
-  residual = _sum_to(g * w, scale.shape) - 2 * difference  # sum of g (r - u) inside the range
+  difference = sum_to(g * jnp.round(w), nmin.shape) / 2  # S_above - S_below
+  total = sum_to(g * jnp.round(w * w), nmin.shape) / 4  # S_above + S_below
+  residual = sum_to(g * w, scale.shape) - 2 * difference  # sum of g (r - u) inside the range
   return (jnp.where(jnp.abs(w) > 1, jnp.zeros_like(g), g),
           (total - difference) / 2,
           (total + difference) / 2,
@@ -221,7 +221,47 @@ def _fake_quant_bwd(res, g):
 _fake_quant_nudged.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-def _sum_to(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def fake_quant_tangent(x: jax.Array, lo: jax.Array, hi: jax.Array, lo_dot: jax.Array, hi_dot: jax.Array,
+                       num_bits: int, narrow_range: bool | jax.Array = False) -> jax.Array:
+  """The straight-through derivative of ``fake_quant(x, lo, hi)`` along ``(lo_dot, hi_dot)``, ``x`` held fixed:
+  with ``(nmin', nmax', scale')`` the derivative of the nudged range (``jax.jvp`` of :func:`nudge`),
+
+      y' = nmin' below the range,   nmax' above it,   + (r - u) scale'   (the rounding residual, clipped to 1/2)
+
+  term by term what :func:`fake_quant`'s backward pass sums (``r - u`` is exactly 0 below and within rounding of 0
+  above). ``_fake_quant_nudged`` has a custom VJP, which ``jax.jvp`` cannot go through; this is its forward mode.
+  """
+  def nudged(lo, hi):
+    p = nudge(lo, hi, num_bits, narrow_range)
+    return p.nudged_min, p.nudged_max, p.scale
+
+  (nmin, nmax, scale), (nmin_dot, nmax_dot, scale_dot) = jax.jvp(nudged, (lo, hi), (lo_dot, hi_dot))
+  u = (jnp.clip(x, nmin, nmax) - nmin) / scale
+  residual = jnp.clip(jnp.floor(u + 0.5) - u, -0.5, 0.5)
+  return jnp.where(x < nmin, nmin_dot, jnp.where(x > nmax, nmax_dot, 0.0)) + residual * scale_dot
+
+
+class Linearized(NamedTuple):
+  """A fake-quantized tensor as a function of its range's factors, to first order:
+  ``value + sum_i probes[i] * directions[i]``.
+
+  ``value`` is the tensor with the factors held fixed, ``directions[i]`` its derivative along factor ``i`` (all of
+  that factor's entries moved by 1: :func:`fake_quant_tangent`) and ``probes[i] = f_i - stop_gradient(f_i)``, zero
+  in value with gradient 1 to the factor. The value is exact and so is the gradient, where each entry of a factor
+  moves only its own slice of the tensor (one factor per tensor, or per channel along the axis the probes
+  broadcast on). A layer that consumes a tensor this way can compute the factors' gradient without the tensor's own
+  (``fatq.layers`` does, for depthwise kernels: the kernel's gradient is what is slow there)."""
+
+  value: jax.Array
+  directions: tuple[jax.Array, ...]
+  probes: tuple[jax.Array, ...]
+
+  def dense(self) -> jax.Array:
+    """The tensor, with its gradient to the factors, as a plain array."""
+    return sum((p * d for p, d in zip(self.probes, self.directions)), self.value)
+
+
+def sum_to(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Sum ``t`` over the axes along which an array of ``shape`` was broadcast to ``t.shape``."""
   lead = t.ndim - len(shape)
   axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1 and t.shape[lead + i] != 1)

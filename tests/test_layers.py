@@ -50,6 +50,50 @@ def test_fast_pointwise_equals_lax(stride):
   _assert_same_gradients(lambda x, k, impl: conv2d(x, k, (stride, stride), "SAME", impl=impl), x, k)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fast_depthwise_threshold_gradients_equal_lax(per_channel, symmetric, stride, monkeypatch):
+  # a fast depthwise layer takes its quantized kernel linearized in the FAT factors and computes their gradient
+  # forward (layers._depthwise_linearized): the same output and threshold gradients as the plain convolution
+  spec = fatq.QuantSpec.fat(8, per_channel=per_channel, symmetric=symmetric)
+  quant = dataclasses.replace(fatq.QuantConfig.uniform(spec, fatq.QuantSpec.fat(8, symmetric=False)),
+                              learn_biases=".*")
+  x = _rand(6, (3, 9, 9, 6))
+  taken, linearized = [], layers._depthwise_linearized
+  monkeypatch.setattr(layers, "_depthwise_linearized", lambda *args: taken.append(1) or linearized(*args))
+  outputs, grads = {}, {}
+  for impl in ("fast", "lax"):
+    model = layers.QConv(6, (3, 3), (stride, stride), groups=6, activation="relu6", quant=quant, impl=impl)
+    params = model.init(jax.random.key(1), x)["params"]
+    stats = fatq.calibrate(model, params, [x])
+    thresholds = fatq.init_thresholds(model, params, stats, x[:1])
+    # factors off their initial values and bounds, where every term of the gradient is non-zero
+    thresholds = jax.tree.map(lambda t: t * 0.83 + 0.07, thresholds)
+    variables = {"params": params, "quant_stats": stats}
+
+    def loss(t):
+      y = model.apply({**variables, "quant": t}, x)
+      return jnp.sum(jnp.sin(3 * y) * jnp.arange(y.size).reshape(y.shape) / y.size)
+
+    outputs[impl] = model.apply({**variables, "quant": thresholds}, x)
+    grads[impl] = jax.grad(loss)(thresholds)
+  assert taken, "the fast layer did not take the linearized kernel"
+  np.testing.assert_allclose(outputs["fast"], outputs["lax"], atol=1e-5, rtol=1e-5)
+  flat_fast, flat_lax = (jax.tree_util.tree_leaves_with_path(grads[impl]) for impl in ("fast", "lax"))
+  assert len(flat_fast) == len(flat_lax) == (4 if symmetric else 5)  # kernel factors, output factors, bias offset
+  for (path, g_fast), (_, g_lax) in zip(flat_fast, flat_lax):
+    if "kernel_quant" in str(path):  # the gradient that takes the new route
+      assert np.abs(g_lax).min() > 1e-3, path
+    np.testing.assert_allclose(g_fast, g_lax, atol=1e-5 * np.abs(g_lax).max(), rtol=1e-4, err_msg=str(path))
+
+
+def test_materialized_is_exact():
+  # the product with the identity that keeps XLA from recomputing a kernel per pixel changes no bit
+  a = _rand(7, (3, 3, 1, 40)) * jnp.logspace(-30, 30, 40)
+  np.testing.assert_array_equal(jax.jit(layers._materialized)(a), a)
+
+
 def test_fast_depthwise_5x5_gradients_equal_lax():
   x = _rand(4, (1, 10, 10, 3))
   k = _rand(5, (5, 5, 1, 3))

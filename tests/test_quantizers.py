@@ -138,6 +138,47 @@ def test_hand_written_gradient_equals_the_formula(per_channel):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_fake_quant_tangent_is_the_forward_mode_of_the_backward_pass(per_channel, narrow):
+  # <g, tangent along (lo', hi')> = <vjp(g), (lo', hi')>, the pairing that defines a derivative, with the hand-written
+  # backward pass as the VJP: a per-channel range moved channel by channel (each channel's tangent its own column)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(0, 1.5, (300, 4)).astype(np.float32))
+  g = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  shape = (4,) if per_channel else ()
+  lo = jnp.float32(-1.2) + (0.1 * jnp.arange(4.0) if per_channel else 0.0)
+  hi = jnp.full(shape, 2.1, jnp.float32)
+  lo_dot = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  hi_dot = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  tangent = Q.fake_quant_tangent(x, lo, hi, lo_dot, hi_dot, 4, narrow)
+  assert ((x < lo) | (x > hi)).any()
+  _, vjp = jax.vjp(lambda lo, hi: Q.fake_quant(x, lo, hi, 4, narrow), lo, hi)
+  d_lo, d_hi = vjp(g)
+  axis = 0 if per_channel else None
+  np.testing.assert_allclose(np.sum(np.asarray(g * tangent), axis), d_lo * lo_dot + d_hi * hi_dot, rtol=1e-5,
+                             atol=1e-5)
+  # no move of the range, no move of the output
+  np.testing.assert_array_equal(Q.fake_quant_tangent(x, lo, hi, jnp.zeros(shape), jnp.zeros(shape), 4, narrow), 0)
+
+
+def test_linearized_value_and_gradient():
+  # value + sum_i p_i d_i with p_i = f_i - stop_gradient(f_i): the same array as the dense tensor, and the gradient of
+  # the factor through the direction
+  x = jnp.linspace(-2, 2, 24).reshape(2, 3, 4)
+  f = jnp.float32(0.7)
+
+  def linearized(f):
+    direction = Q.fake_quant_tangent(x, -f, f, -1.0, 1.0, 8, True)
+    return Q.Linearized(Q.fake_quant(x, -jax.lax.stop_gradient(f), jax.lax.stop_gradient(f), 8, True), (direction,),
+                        (f - jax.lax.stop_gradient(f),))
+
+  np.testing.assert_array_equal(linearized(f).dense(), Q.fake_quant(x, -f, f, 8, True))
+  g = jnp.cos(3 * x) + x  # an odd part: the gradient of a symmetric range to a symmetric loss would cancel
+  np.testing.assert_allclose(jax.grad(lambda f: jnp.sum(g * linearized(f).dense()))(f),
+                             jax.grad(lambda f: jnp.sum(g * Q.fake_quant(x, -f, f, 8, True)))(f), rtol=1e-5)
+
+
 def test_threshold_gradient_matches_finite_differences_of_expected_loss():
   # The rounding makes the loss piecewise; on a dense sample its STE gradient matches the finite difference of a
   # smooth surrogate only in expectation. Check the clip part exactly: for x beyond T, the loss is smooth in T.
