@@ -266,20 +266,20 @@ class FakeQuant(nn.Module):
   def _factor_names(self) -> tuple[str, ...]:
     return ("scale",) if self.spec.symmetric else ("shift", "width")
 
-  def _linearized(self, x: jax.Array) -> quantizers.Linearized:
-    """``x`` fake-quantized as :class:`fatq.quantizers.Linearized` in this quantizer's FAT factors. Exact in value
-    and gradient: each entry of a factor moves one slice's range (the whole tensor's, or one channel's)."""
+  def _linearized(self, x: jax.Array, lo: jax.Array, hi: jax.Array, narrow) -> quantizers.Linearized:
+    """``x`` fake-quantized on ``[lo, hi]`` (this quantizer's range, broadcast against ``x``) as
+    :class:`fatq.quantizers.Linearized` in its FAT factors. Exact in value and gradient: each entry of a factor
+    moves one slice's range (the whole tensor's, or one channel's)."""
     t_left, t_right = self.get_variable(STATS, "min"), self.get_variable(STATS, "max")
     factors = {name: self.get_variable(THRESHOLDS, name) for name in self._factor_names()}
     fixed = jax.lax.stop_gradient(factors)
+    lo, hi = jax.lax.stop_gradient((lo, hi))
     shape = self._slice_shape(x)
 
     def grid(values):
       lo, hi, _ = self.range(t_left, t_right, factor=lambda name, init, _shape: values[name])
       return lo.reshape(shape), hi.reshape(shape)
 
-    narrow = self.range(t_left, t_right, factor=lambda name, init, _shape: fixed[name])[2]
-    lo, hi = grid(fixed)
     directions, probes = [], []
     for name in factors:
       along = {other: (jnp.ones_like if other == name else jnp.zeros_like)(v) for other, v in fixed.items()}
@@ -341,7 +341,7 @@ class FakeQuant(nn.Module):
     if layers is None:
       if linearize and self.spec.trainable and not self.is_mutable_collection(THRESHOLDS) and all(
           self.has_variable(THRESHOLDS, name) for name in self._factor_names()):
-        return self._linearized(x)
+        return self._linearized(x, lo, hi, narrow)
       return quantizers.fake_quant(x, lo, hi, self.spec.bits, narrow)
     # evaluation in integer arithmetic: the values on the grid, divisions correctly rounded (the file's codes)
     exported = layers.exported.get(name)
