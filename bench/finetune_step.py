@@ -3,7 +3,7 @@
     python bench/finetune_step.py [--model mobilenet_v2] [--width 1.0] [--batch 32] [--size 224] [--steps 3]
     python bench/finetune_step.py --breakdown   # where the fast step's time goes
     python bench/finetune_step.py --tracked     # the cost of a tracked bias correction (bias_correction='tracked')
-    python bench/finetune_step.py --pages       # 4 KiB pages against huge pages (fatq.cli.use_huge_pages)
+    python bench/finetune_step.py --malloc      # malloc as tuned (fatq.cli.tune_malloc) against glibc's default
 
 A training step is the quantized student's forward and backward w.r.t. the thresholds plus the Adam update, with
 cached teacher logits (as experiments/finetune.py runs it). Weights are random: speed does not depend on them.
@@ -18,9 +18,12 @@ arithmetic as its forward.
 ``--tracked`` times the fast step without and with a tracked bias correction (each layer re-quantizes its kernel at
 the calibrated thresholds and contracts the grid shift with its mean input patch) and prints the ratio.
 
-Like the experiments, the benchmark runs with transparent huge pages where the system offers them
-(:func:`fatq.cli.use_huge_pages`; ``FATQ_HUGE_PAGES=0`` for 4 KiB pages). ``--pages`` runs the fast measurement
-in two child processes, one each way, and prints the speed-up.
+Like the experiments, the benchmark runs with glibc's malloc tuned for XLA:CPU (:func:`fatq.cli.tune_malloc`):
+transparent huge pages where the system offers them (``FATQ_HUGE_PAGES=0`` for 4 KiB pages) and each program's
+temporaries kept mapped between calls (``FATQ_KEEP_MAPPED=0`` to unmap them). ``--malloc`` runs the fast
+measurement in three child processes: glibc's default, huge pages, huge pages with buffers kept mapped.
+
+Each call waits for the one before, as in the training loop (it reads every step's loss).
 """
 
 from __future__ import annotations
@@ -47,12 +50,11 @@ from fatq.models import registry
 
 
 def timed(fn, *args, steps: int) -> float:
-  """Seconds per call after one warm-up (compilation) call."""
+  """Seconds per call after one warm-up (compilation) call, each call waited for (not queued behind the last)."""
   jax.block_until_ready(fn(*args))
   t0 = time.perf_counter()
   for _ in range(steps):
-    out = fn(*args)
-  jax.block_until_ready(out)
+    jax.block_until_ready(fn(*args))
   return (time.perf_counter() - t0) / steps
 
 
@@ -133,22 +135,24 @@ def main():
   ap.add_argument("--impl", default="fast,lax", help="convolutions to measure, comma-separated ('fast', 'lax')")
   ap.add_argument("--tracked", action="store_true",
                   help="compare the fast step with and without a tracked bias correction instead")
-  ap.add_argument("--pages", action="store_true", help="compare 4 KiB pages with huge pages (fast step) instead")
+  ap.add_argument("--malloc", action="store_true",
+                  help="compare glibc's default malloc with huge pages and kept-mapped buffers (fast step) instead")
   a = ap.parse_args()
-  pages = "huge" if cli.huge_pages_enabled() else "4 KiB"
-  if a.pages:
-    rows = [measure_in_child(a, huge) for huge in (False, True)]
+  pages = malloc_label()
+  if a.malloc:
+    rows = [measure_in_child(a, huge, kept) for huge, kept in ((False, False), (True, False), (True, True))]
     print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions")
-    print_rows("pages", [(r["pages"], r) for r in rows])
-    if rows[1]["pages"] != "huge":
-      print("huge pages are not available here (see fatq.cli.use_huge_pages)")
-    print(f"training step speed-up from huge pages: {rows[1]['step_img_s'] / rows[0]['step_img_s']:.2f}x, "
-          f"float forward: {rows[1]['forward_img_s'] / rows[0]['forward_img_s']:.2f}x")
+    print_rows("malloc", [(r["pages"], r) for r in rows])
+    if rows[2]["pages"] != malloc_label(True, True):
+      print("huge pages or kept-mapped buffers are not available here (see fatq.cli.tune_malloc)")
+    for r in rows[1:]:
+      print(f"{r['pages']}: training step {r['step_img_s'] / rows[0]['step_img_s']:.2f}x, "
+            f"float forward {r['forward_img_s'] / rows[0]['forward_img_s']:.2f}x glibc's default")
     write_json(a, rows=rows)
     return
   if a.tracked:
     rows = [measure(a.model, a.width, "fast", a.batch, a.size, a.steps, tracked) for tracked in (False, True)]
-    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {pages} pages")
+    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {pages}")
     print_rows("bias correction", [("tracked" if r["tracked"] else "none", r) for r in rows])
     print(f"tracked step time / plain step time: {rows[0]['step_img_s'] / rows[1]['step_img_s']:.3f}")
     write_json(a, rows=rows)
@@ -156,7 +160,7 @@ def main():
   if a.breakdown:
     t = breakdown(a.model, a.width, a.batch, a.size, a.steps)
     base = t["float forward"]
-    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {pages} pages")
+    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {pages}")
     print(f"{'piece':<36} {'ms':>8} {'img/s':>7} {'x forward':>10} {'GFLOP':>8} {'x forward':>10}")
     for label, r in t.items():
       print(f"{label:<36} {r['seconds'] * 1e3:>8.0f} {a.batch / r['seconds']:>7.1f} "
@@ -168,7 +172,7 @@ def main():
     ap.error(f"--impl takes 'fast', 'lax' or both, comma-separated; got {a.impl!r}")
   rows = [dict(measure(a.model, a.width, impl, a.batch, a.size, a.steps), pages=pages) for impl in impls]
   print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, {jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s), {pages} pages")
+        f"device(s), {pages}")
   print_rows("impl", [(r["impl"], r) for r in rows])
   by_impl = {r["impl"]: r for r in rows}
   speedup = by_impl["fast"]["step_img_s"] / by_impl["lax"]["step_img_s"] if len(by_impl) == 2 else None
@@ -186,10 +190,17 @@ def write_json(a, **figures) -> None:
       json.dump(dict(args=vars(a), **figures), f, indent=2)
 
 
-def measure_in_child(a, huge: bool) -> dict:
-  """The fast row of this benchmark run in a fresh process, with huge pages or with 4 KiB pages (glibc reads its
-  tunables only at start-up, so one process cannot measure both)."""
-  env = cli.page_environment(huge)
+def malloc_label(huge: bool | None = None, kept: bool | None = None) -> str:
+  """How malloc runs: this process's (arguments None) or the one named."""
+  huge = cli.huge_pages_enabled() if huge is None else huge
+  kept = cli.buffers_kept_mapped() if kept is None else kept
+  return f"{'huge' if huge else '4 KiB'} pages{', kept mapped' if kept else ''}"
+
+
+def measure_in_child(a, huge: bool, kept: bool) -> dict:
+  """The fast row of this benchmark run in a fresh process, with huge pages or 4 KiB pages, with buffers kept
+  mapped or not (glibc reads its tunables only at start-up, so one process cannot measure more than one way)."""
+  env = cli.malloc_environment(huge, kept)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "rows.json")
     subprocess.run([sys.executable, __file__, "--impl", "fast", "--json", out, "--model", a.model,
@@ -200,5 +211,5 @@ def measure_in_child(a, huge: bool) -> dict:
 
 
 if __name__ == "__main__":
-  cli.use_huge_pages()
+  cli.tune_malloc()
   main()

@@ -67,5 +67,5 @@ def main():
 
 if __name__ == "__main__":
   from fatq import cli
-  cli.use_huge_pages()  # restarts the process with huge pages where they help
+  cli.tune_malloc()  # restarts the process with malloc tuned for XLA:CPU (huge pages, buffers kept mapped)
   main()

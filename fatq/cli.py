@@ -14,10 +14,10 @@ and absl. With it::
 
 All of this happens while parsing flags: before any data is read or anything is compiled.
 
-:func:`run` (and the benchmarks, through :func:`use_huge_pages`) first restarts the process with glibc's malloc
-asking for transparent huge pages: XLA:CPU's large buffers then take 2 MiB pages instead of 4 KiB ones, and a
-training step of MobileNet v2 at batch 32 ran 1.84x faster (``python bench/finetune_step.py --pages``, README).
-``FATQ_HUGE_PAGES=0`` turns it off.
+:func:`run` (and the benchmarks, through :func:`tune_malloc`) first restarts the process with glibc's malloc tuned
+for XLA:CPU's large buffers: transparent huge pages (2 MiB instead of 4 KiB; ``FATQ_HUGE_PAGES=0`` turns them off),
+and each compiled program's temporaries kept mapped from one call to the next instead of page-faulted in again at
+every training step (``FATQ_KEEP_MAPPED=0``). ``python bench/finetune_step.py --malloc`` measures each (README).
 """
 
 from __future__ import annotations
@@ -33,35 +33,48 @@ from absl import app, flags
 from ml_collections import ConfigDict
 from ml_collections.config_flags import config_flags, config_path
 
-__all__ = ["run", "parse_flags", "flat_keys", "missing_key_message", "use_huge_pages", "huge_pages_enabled",
-           "page_environment"]
+__all__ = ["run", "parse_flags", "flat_keys", "missing_key_message", "tune_malloc", "huge_pages_enabled",
+           "buffers_kept_mapped", "malloc_environment"]
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# One arena (the main one, the only one that grows in place: another thread's arena serves a block over 64 MiB
+# with a fresh mmap that free unmaps), no mmap for large blocks, and no trimming of the heap's free top.
+KEEP_MAPPED_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+                        "glibc.malloc.trim_threshold=1099511627776")
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def run(main, argv: Sequence[str] | None = None) -> None:
-  """``absl.app.run(main)`` with :func:`parse_flags`; from the command line (``argv`` None), in a process that uses
-  huge pages (:func:`use_huge_pages`)."""
+  """``absl.app.run(main)`` with :func:`parse_flags`; from the command line (``argv`` None), in a process whose
+  malloc is tuned for XLA:CPU (:func:`tune_malloc`)."""
   if argv is None:
-    use_huge_pages()
+    tune_malloc()
   app.run(main, argv=argv, flags_parser=parse_flags)
 
 
-def use_huge_pages() -> None:
-  """Restart this process (same interpreter, same arguments) with ``GLIBC_TUNABLES`` asking malloc for transparent
-  huge pages, where that helps: Linux with glibc >= 2.35 and the kernel's THP mode ``madvise``.
+def tune_malloc(keep_mapped: bool = True) -> None:
+  """Restart this process (same interpreter, same arguments) with ``GLIBC_TUNABLES`` set for XLA:CPU's large
+  buffers, on Linux with glibc. Two settings, each with its own opt-out:
 
-  Why: with 4 KiB pages an element-wise pass over one of MobileNet's 150 MB activations ran at a third of the speed it
-  has on huge pages (page faults and TLB misses; 41 against 12 ms here), and a training step is mostly such passes.
-  The numbers computed are the same. glibc reads its tunables only at start-up, hence the restart; the environment
-  variable it sets keeps the restarted process from restarting again. Nothing happens when ``FATQ_HUGE_PAGES=0``,
-  when the tunable is already set, or on other systems.
+  * huge pages (``FATQ_HUGE_PAGES=0`` turns it off): ``glibc.malloc.hugetlb=1``, where glibc is 2.35 or newer and
+    the kernel's THP mode is ``madvise``. With 4 KiB pages an element-wise pass over one of MobileNet's 150 MB
+    activations ran at a third of the speed it has on huge pages (page faults and TLB misses; 41 against 12 ms).
+  * buffers kept mapped (``keep_mapped``; ``FATQ_KEEP_MAPPED=0`` turns it off): :data:`KEEP_MAPPED_TUNABLES`.
+    Every call of a compiled program allocates its temporaries as one block (5.2 GB for MobileNet v2's training
+    step at batch 32). By default malloc maps such a block afresh and unmaps it on free, so each step page-faults
+    and zeroes it again, and with huge pages the kernel compacts memory on every other step (system time 0.5 and
+    1.6-2.3 s in turn). With one arena, no mmap and no trimming, the block is mapped once and reused; the process
+    keeps its peak resident set (bench/memory.py, which measures each call's, turns this off).
+
+  The numbers computed are the same. glibc reads its tunables only at start-up, hence the restart; a tunable
+  already in ``GLIBC_TUNABLES`` is left as it is, and a process that has all it would add does not restart.
   """
-  if (os.environ.get("FATQ_HUGE_PAGES", "1") == "0" or _tunable_set() or _thp_mode() != "madvise"
-      or not _glibc_hugetlb()):
+  wanted = _wanted_tunables(os.environ, keep_mapped)
+  names = {t.split("=", 1)[0] for t in _tunables(os.environ)}
+  added = [t for t in wanted if t.split("=", 1)[0] not in names]
+  if not added:
     return
-  os.environ["GLIBC_TUNABLES"] = ":".join(_tunables(os.environ) + [HUGE_PAGES_TUNABLE])
+  os.environ["GLIBC_TUNABLES"] = ":".join(_tunables(os.environ) + added)
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
@@ -69,32 +82,50 @@ def use_huge_pages() -> None:
 
 def huge_pages_enabled() -> bool:
   """Whether malloc hands this process transparent huge pages: THP mode ``always``, or ``madvise`` with glibc's
-  tunable set at start-up (:func:`use_huge_pages`)."""
+  tunable set at start-up (:func:`tune_malloc`)."""
   mode = _thp_mode()
-  return mode == "always" or (mode == "madvise" and _tunable_set() and _glibc_hugetlb())
+  return mode == "always" or (mode == "madvise" and _tunable_set(HUGE_PAGES_TUNABLE) and _glibc_at_least(2, 35))
 
 
-def page_environment(huge: bool) -> dict[str, str]:
-  """This process's environment for a child that runs with huge pages (it restarts itself, :func:`use_huge_pages`)
-  or with 4 KiB pages: the malloc tunable this process may have been started with is left out either way."""
-  env = dict(os.environ, FATQ_HUGE_PAGES="1" if huge else "0")
-  env["GLIBC_TUNABLES"] = ":".join(t for t in _tunables(env) if not t.startswith("glibc.malloc.hugetlb="))
+def buffers_kept_mapped() -> bool:
+  """Whether this process started with :data:`KEEP_MAPPED_TUNABLES` (:func:`tune_malloc`)."""
+  return _glibc_at_least(2, 26) and all(_tunable_set(t) for t in KEEP_MAPPED_TUNABLES)
+
+
+def malloc_environment(huge: bool, keep_mapped: bool = True) -> dict[str, str]:
+  """This process's environment for a child that tunes its malloc (it restarts itself, :func:`tune_malloc`) with
+  or without huge pages and kept-mapped buffers: the tunables this process may have been started with are left
+  for the child to set."""
+  env = dict(os.environ, FATQ_HUGE_PAGES="1" if huge else "0", FATQ_KEEP_MAPPED="1" if keep_mapped else "0")
+  ours = {t.split("=", 1)[0] for t in (HUGE_PAGES_TUNABLE, *KEEP_MAPPED_TUNABLES)}
+  env["GLIBC_TUNABLES"] = ":".join(t for t in _tunables(env) if t.split("=", 1)[0] not in ours)
   return env
+
+
+def _wanted_tunables(env, keep_mapped: bool) -> list[str]:
+  if not _glibc_at_least(2, 26):  # the first glibc with tunables
+    return []
+  wanted = []
+  if keep_mapped and env.get("FATQ_KEEP_MAPPED", "1") != "0":
+    wanted += KEEP_MAPPED_TUNABLES
+  if env.get("FATQ_HUGE_PAGES", "1") != "0" and _thp_mode() == "madvise" and _glibc_at_least(2, 35):
+    wanted.append(HUGE_PAGES_TUNABLE)
+  return wanted
 
 
 def _tunables(env) -> list[str]:
   return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
 
 
-def _tunable_set() -> bool:
-  return any(t.startswith("glibc.malloc.hugetlb=") and t != "glibc.malloc.hugetlb=0" for t in _tunables(os.environ))
+def _tunable_set(tunable: str) -> bool:
+  return tunable in _tunables(os.environ)
 
 
-def _glibc_hugetlb() -> bool:
-  """Linux with glibc >= 2.35, the first with the ``glibc.malloc.hugetlb`` tunable."""
+def _glibc_at_least(major: int, minor: int) -> bool:
+  """Linux with glibc ``major.minor`` or newer."""
   libc, version = platform.libc_ver()
   try:
-    return sys.platform == "linux" and libc == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
+    return sys.platform == "linux" and libc == "glibc" and tuple(map(int, version.split(".")[:2])) >= (major, minor)
   except ValueError:
     return False
 
