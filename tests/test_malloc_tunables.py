@@ -39,6 +39,10 @@ def _huge_pages_apply() -> bool:
   return cli._thp_mode() == "madvise" and cli._glibc_at_least(2, 35)  # noqa: SLF001 - the condition under test
 
 
+# what huge_pages_enabled() says in a process without the tunable: THP mode "always" needs none
+ALWAYS = cli._thp_mode() == "always"  # noqa: SLF001
+
+
 needs_glibc = pytest.mark.skipif(not cli._glibc_at_least(2, 26), reason="no glibc tunables here")  # noqa: SLF001
 
 
@@ -47,20 +51,21 @@ def test_restarts_once_with_the_tunables_and_the_same_arguments(tmp_path):
   lines = _run(tmp_path, {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=4"})
   huge = ":glibc.malloc.hugetlb=1" if _huge_pages_apply() else ""
   # "started" twice: the first process printed it, then exec'd itself; the second one did not restart
-  assert lines == ["started", "started", f"{ARGS} glibc.malloc.tcache_count=4:{KEEP}{huge} {_huge_pages_apply()} True"]
+  enabled = ALWAYS or _huge_pages_apply()
+  assert lines == ["started", "started", f"{ARGS} glibc.malloc.tcache_count=4:{KEEP}{huge} {enabled} True"]
 
 
 @needs_glibc
 def test_opt_outs_and_already_set(tmp_path):
   lines = _run(tmp_path, {"FATQ_HUGE_PAGES": "0", "FATQ_KEEP_MAPPED": "0"})
-  assert lines == ["started", f"{ARGS}  False False"]  # nothing to add: no restart
+  assert lines == ["started", f"{ARGS}  {ALWAYS} False"]  # nothing to add: no restart
   lines = _run(tmp_path, {"FATQ_HUGE_PAGES": "0", "TEST_KEEP_MAPPED_ARG": "0"})
-  assert lines == ["started", f"{ARGS}  False False"]
+  assert lines == ["started", f"{ARGS}  {ALWAYS} False"]
   lines = _run(tmp_path, {"FATQ_HUGE_PAGES": "0"})
-  assert lines == ["started", "started", f"{ARGS} {KEEP} False True"]
+  assert lines == ["started", "started", f"{ARGS} {KEEP} {ALWAYS} True"]
   # a tunable the user set is left as it is, and nothing is added twice
   lines = _run(tmp_path, {"FATQ_HUGE_PAGES": "0", "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
-  assert lines[-1] == f"{ARGS} glibc.malloc.arena_max=4:{KEEP.split(':', 1)[1]} False False"
+  assert lines[-1] == f"{ARGS} glibc.malloc.arena_max=4:{KEEP.split(':', 1)[1]} {ALWAYS} False"
   tunables = lines[-1].removeprefix(ARGS + " ").split()[0]
   lines = _run(tmp_path, {"GLIBC_TUNABLES": tunables})
   if _huge_pages_apply():  # restarts only to add the huge-page tunable
