@@ -62,9 +62,10 @@ def tune_malloc(keep_mapped: bool = True) -> None:
   * buffers kept mapped (``keep_mapped``; ``FATQ_KEEP_MAPPED=0`` turns it off): :data:`KEEP_MAPPED_TUNABLES`.
     Every call of a compiled program allocates its temporaries as one block (5.2 GB for MobileNet v2's training
     step at batch 32). By default malloc maps such a block afresh and unmaps it on free, so each step page-faults
-    and zeroes it again, and with huge pages the kernel compacts memory on every other step (system time 0.5 and
-    1.6-2.3 s in turn). With one arena, no mmap and no trimming, the block is mapped once and reused; the process
-    keeps its peak resident set (bench/memory.py, which measures each call's, turns this off).
+    and zeroes it again; with huge pages every other step spent three times the system time (0.5 and 1.6-2.3 s in
+    turn, likely the kernel compacting memory). With one arena, no mmap and no trimming, the block is mapped once
+    and reused; the process keeps its peak resident set (bench/memory.py, which measures each call's, turns this
+    off).
 
   The numbers computed are the same. glibc reads its tunables only at start-up, hence the restart; a tunable
   already in ``GLIBC_TUNABLES`` is left as it is, and a process that has all it would add does not restart.
