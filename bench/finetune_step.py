@@ -138,7 +138,7 @@ def main():
   ap.add_argument("--malloc", action="store_true",
                   help="compare glibc's default malloc with huge pages and kept-mapped buffers (fast step) instead")
   a = ap.parse_args()
-  pages = malloc_label()
+  memory = malloc_label()
   if a.malloc:
     rows = [measure_in_child(a, huge, kept) for huge, kept in ((False, False), (True, False), (True, True))]
     print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions")
@@ -152,7 +152,7 @@ def main():
     return
   if a.tracked:
     rows = [measure(a.model, a.width, "fast", a.batch, a.size, a.steps, tracked) for tracked in (False, True)]
-    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {pages}")
+    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {memory}")
     print_rows("bias correction", [("tracked" if r["tracked"] else "none", r) for r in rows])
     print(f"tracked step time / plain step time: {rows[0]['step_img_s'] / rows[1]['step_img_s']:.3f}")
     write_json(a, rows=rows)
@@ -160,7 +160,7 @@ def main():
   if a.breakdown:
     t = breakdown(a.model, a.width, a.batch, a.size, a.steps)
     base = t["float forward"]
-    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {pages}")
+    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {memory}")
     print(f"{'piece':<36} {'ms':>8} {'img/s':>7} {'x forward':>10} {'GFLOP':>8} {'x forward':>10}")
     for label, r in t.items():
       print(f"{label:<36} {r['seconds'] * 1e3:>8.0f} {a.batch / r['seconds']:>7.1f} "
@@ -170,9 +170,9 @@ def main():
   impls = a.impl.split(",")
   if not set(impls) <= {"fast", "lax"}:
     ap.error(f"--impl takes 'fast', 'lax' or both, comma-separated; got {a.impl!r}")
-  rows = [dict(measure(a.model, a.width, impl, a.batch, a.size, a.steps), pages=pages) for impl in impls]
+  rows = [dict(measure(a.model, a.width, impl, a.batch, a.size, a.steps), pages=memory) for impl in impls]
   print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, {jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s), {pages}")
+        f"device(s), {memory}")
   print_rows("impl", [(r["impl"], r) for r in rows])
   by_impl = {r["impl"]: r for r in rows}
   speedup = by_impl["fast"]["step_img_s"] / by_impl["lax"]["step_img_s"] if len(by_impl) == 2 else None

@@ -71,8 +71,8 @@ def tune_malloc(keep_mapped: bool = True) -> None:
   already in ``GLIBC_TUNABLES`` is left as it is, and a process that has all it would add does not restart.
   """
   wanted = _wanted_tunables(os.environ, keep_mapped)
-  names = {t.split("=", 1)[0] for t in _tunables(os.environ)}
-  added = [t for t in wanted if t.split("=", 1)[0] not in names]
+  names = {_name(t) for t in _tunables(os.environ)}
+  added = [t for t in wanted if _name(t) not in names]
   if not added:
     return
   os.environ["GLIBC_TUNABLES"] = ":".join(_tunables(os.environ) + added)
@@ -98,8 +98,8 @@ def malloc_environment(huge: bool, keep_mapped: bool = True) -> dict[str, str]:
   or without huge pages and kept-mapped buffers: the tunables this process may have been started with are left
   for the child to set."""
   env = dict(os.environ, FATQ_HUGE_PAGES="1" if huge else "0", FATQ_KEEP_MAPPED="1" if keep_mapped else "0")
-  ours = {t.split("=", 1)[0] for t in (HUGE_PAGES_TUNABLE, *KEEP_MAPPED_TUNABLES)}
-  env["GLIBC_TUNABLES"] = ":".join(t for t in _tunables(env) if t.split("=", 1)[0] not in ours)
+  ours = {_name(t) for t in (HUGE_PAGES_TUNABLE, *KEEP_MAPPED_TUNABLES)}
+  env["GLIBC_TUNABLES"] = ":".join(t for t in _tunables(env) if _name(t) not in ours)
   return env
 
 
@@ -116,6 +116,11 @@ def _wanted_tunables(env, keep_mapped: bool) -> list[str]:
 
 def _tunables(env) -> list[str]:
   return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
+def _name(tunable: str) -> str:
+  """``glibc.malloc.arena_max`` of ``glibc.malloc.arena_max=1``."""
+  return tunable.split("=", 1)[0]
 
 
 def _tunable_set(tunable: str) -> bool:

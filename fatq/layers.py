@@ -270,14 +270,13 @@ class FakeQuant(nn.Module):
     """``x`` fake-quantized on ``[lo, hi]`` (this quantizer's range, broadcast against ``x``) as
     :class:`fatq.quantizers.Linearized` in its FAT factors. Exact in value and gradient: each entry of a factor
     moves one slice's range (the whole tensor's, or one channel's)."""
-    t_left, t_right = self.get_variable(STATS, "min"), self.get_variable(STATS, "max")
     factors = {name: self.get_variable(THRESHOLDS, name) for name in self._factor_names()}
     fixed = jax.lax.stop_gradient(factors)
     lo, hi = jax.lax.stop_gradient((lo, hi))
     shape = self._slice_shape(x)
 
     def grid(values):
-      lo, hi, _ = self.range(t_left, t_right, factor=lambda name, init, _shape: values[name])
+      lo, hi, _ = self.range(factor=lambda name, init, _shape: values[name])
       return lo.reshape(shape), hi.reshape(shape)
 
     directions, probes = [], []
