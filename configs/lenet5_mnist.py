@@ -12,7 +12,7 @@ import ml_collections
 
 # Below 8 bits the logits stay at 8 bits, as the input image does (the last rows keep the whole first and last layers
 # at 8 bits, the usual convention for low-bit rows). 16 logit levels tie the top classes: with 4-bit logits FAT
-# W4A4 loses a further 1.0 point of Fashion-MNIST top-1 (README, Results).
+# W4A4 loses a further 1.0 point of Fashion-MNIST top-1 (docs/results.md).
 LOGITS_AT_8_BITS = [("fc3/output", dict(bits=8, symmetric=False))]
 
 

@@ -547,7 +547,7 @@ def _depthwise_linearized(x, kernel, directions, probes, strides, pads):
 
   one more depthwise pass and one product-sum per direction (a symmetric quantizer has one). The kernel's gradient,
   through which the factors' would otherwise go, writes out the 9 shifted inputs and reduces each against ``g``:
-  the largest piece of MobileNet v2's threshold gradient (README, Benchmarks). The kernel's and directions'
+  the largest piece of MobileNet v2's threshold gradient (docs/speed.md). The kernel's and directions'
   gradients are still returned, for other uses; XLA drops them when nothing uses them (FAT's training step).
   """
   return _depthwise_linearized_fwd(x, kernel, directions, probes, strides, pads)[0]

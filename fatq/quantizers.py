@@ -190,7 +190,7 @@ def _fake_quant_nudged(x, nmin, nmax, scale, offset):
   layer's 9-tap backward pass) inside each such pass; products of ``g`` with ``round(w)``, ``round(w * w)`` and ``w``
   fuse into the reduction itself. On MobileNet v2's largest activation (batch 32) the forward and backward pass of
   this quantizer alone took 128-134 ms with three masks and 92-96 ms written this way; the whole threshold gradient
-  of MobileNet v2 went from a median of 2.73-2.93 s to 1.73-1.94 s (README, Benchmarks).
+  of MobileNet v2 went from a median of 2.73-2.93 s to 1.73-1.94 s (docs/speed.md).
   """
   return _fake_quant_fwd(x, nmin, nmax, scale, offset)[0]
 

@@ -386,7 +386,7 @@ def train_classifier(model, images: np.ndarray, labels: np.ndarray, *, epochs: i
   pre-trained weights. Returns ``params``.
 
   ``weight_decay`` is AdamW's decoupled decay, ``w <- w - lr_t * weight_decay * w`` each step (biases included).
-  A LeNet-5 trained with it loses less at 4 and 3 bits (README, Results, measures it)."""
+  A LeNet-5 trained with it loses less at 4 and 3 bits (docs/results.md measures it)."""
   rng = np.random.default_rng(seed)
   params = model.init(jax.random.key(seed), images[:1])["params"]
   steps_per_epoch = len(images) // batch_size
