@@ -10,7 +10,7 @@ Variants (``--config configs/<model>_fat.py:VARIANT``):
               over the 800 training images per row;
   ``cpu``     the same rows with one epoch (25 steps of 32 images per row);
   ``paper``   the paper's rows as the paper trains them, thresholds alone, two epochs (with
-              ``--config.fat.epochs=1``, the thresholds-alone rows of the README's ``cpu`` tables);
+              ``--config.fat.epochs=1``, the thresholds-alone ``cpu`` tables of docs/results.md);
   ``quick``   one row, thresholds alone (TFLite's int8 scheme), one epoch.
 """
 
