@@ -84,8 +84,7 @@ def tune_malloc(keep_mapped: bool = True) -> None:
 def huge_pages_enabled() -> bool:
   """Whether malloc hands this process transparent huge pages: THP mode ``always``, or ``madvise`` with glibc's
   tunable set at start-up (:func:`tune_malloc`)."""
-  mode = _thp_mode()
-  return mode == "always" or (mode == "madvise" and _tunable_set(HUGE_PAGES_TUNABLE) and _glibc_at_least(2, 35))
+  return _thp_mode() == "always" or (_huge_page_tunable_applies() and _tunable_set(HUGE_PAGES_TUNABLE))
 
 
 def buffers_kept_mapped() -> bool:
@@ -109,9 +108,15 @@ def _wanted_tunables(env, keep_mapped: bool) -> list[str]:
   wanted = []
   if keep_mapped and env.get("FATQ_KEEP_MAPPED", "1") != "0":
     wanted += KEEP_MAPPED_TUNABLES
-  if env.get("FATQ_HUGE_PAGES", "1") != "0" and _thp_mode() == "madvise" and _glibc_at_least(2, 35):
+  if env.get("FATQ_HUGE_PAGES", "1") != "0" and _huge_page_tunable_applies():
     wanted.append(HUGE_PAGES_TUNABLE)
   return wanted
+
+
+def _huge_page_tunable_applies() -> bool:
+  """Whether :data:`HUGE_PAGES_TUNABLE` changes anything here: THP mode ``madvise`` (``always`` needs no tunable)
+  and glibc 2.35 or newer, the first with it."""
+  return _thp_mode() == "madvise" and _glibc_at_least(2, 35)
 
 
 def _tunables(env) -> list[str]:

@@ -36,7 +36,7 @@ def _run(tmp_path, env_updates, script=SCRIPT):
 
 
 def _huge_pages_apply() -> bool:
-  return cli._thp_mode() == "madvise" and cli._glibc_at_least(2, 35)  # noqa: SLF001 - the condition under test
+  return cli._huge_page_tunable_applies()  # noqa: SLF001 - the condition under test
 
 
 # what huge_pages_enabled() says in a process without the tunable: THP mode "always" needs none
