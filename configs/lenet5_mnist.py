@@ -3,7 +3,8 @@
     python experiments/finetune.py --config configs/lenet5_mnist.py --workdir runs/lenet5_mnist
 
 Override any value on the command line, e.g. ``--config.fat.epochs=2``; ``configs/lenet5_mnist.py:quick`` is a
-one-minute smoke run (1 float epoch, 3000 FAT images, two rows). Data: ``$FATQ_DATA/mnist`` (default
+one-minute smoke run (1 float epoch, 3000 FAT images, two rows); ``:actmse`` runs the FAT rows below 8 bits twice,
+activation ranges by min/max and by MSE (``act_calibration='mse'``). Data: ``$FATQ_DATA/mnist`` (default
 ``../shared/data/mnist``) or ``--config.data.dir=/path/to/idx/files``.
 """
 
@@ -49,8 +50,8 @@ def rows():
 
 
 def get_config(arg: str | None = None, dataset: str = "mnist"):
-  if arg not in (None, "", "quick"):
-    raise ValueError(f"unknown config variant {arg!r}; use '' or 'quick'")
+  if arg not in (None, "", "quick", "actmse"):
+    raise ValueError(f"unknown config variant {arg!r}; use '', 'quick' or 'actmse'")
   c = ml_collections.ConfigDict()
   c.seed = 0
   # AdamW's weight decay makes a float model that loses less at low bits: on Fashion-MNIST, 0.05 gave float 90.84
@@ -65,6 +66,9 @@ def get_config(arg: str | None = None, dataset: str = "mnist"):
                restart_period=100, eval_every=50, seed=0, per_device_batch_size=0)
   c.rows = rows()
   c.eval_batch_size = 1000
+  if arg == "actmse":
+    low = [r for r in c.rows if r.get("fat") and r["weight_bits"] < 8]
+    c.rows = [r for row in low for r in (row, dict(row, act_calibration="mse", name=row["name"] + "-actmse"))]
   if arg == "quick":
     c.model.float_epochs = 1
     c.data.num_train, c.data.num_holdout = 3000, 300

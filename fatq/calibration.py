@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fatq.layers import RANGES, STATS, THRESHOLDS
+from fatq import quantizers
+from fatq.layers import MSE_CANDIDATES, RANGES, SEARCH, STATS, THRESHOLDS
 
 Tree = Any
 
@@ -17,8 +18,12 @@ Tree = Any
 def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
   """Running min/max of every quantization point over ``batches`` (unlabeled images), as the ``quant_stats`` tree.
 
-  Weights are recorded too (their statistics are those of the frozen tensor); activations over all batches.
+  Weights are recorded too (their statistics are those of the frozen tensor); activations over all batches. Points
+  calibrated with ``'mse'``: a kernel's range is searched on the first batch (it is the same on every batch); an
+  activation's min/max is clipped afterwards to ``alpha* (min, max)``, ``alpha*`` the factor of least squared
+  quantization error summed over all batches, in a second pass over them (:func:`clip_activation_ranges`).
   """
+  batches = list(batches)  # read twice where a second pass searches activation ranges
 
   # params are arguments, not closed-over constants: XLA would otherwise constant-fold every weight statistic
   @jax.jit
@@ -34,11 +39,42 @@ def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
     stats = first(params, x) if stats is None else update(params, stats, x)
   if stats is None:
     raise ValueError("calibration got no images: the calibration set is empty")
+  _check_finite(stats)
+  return clip_activation_ranges(model, params, stats, batches)
+
+
+def clip_activation_ranges(model, params: Tree, stats: Tree, batches: Sequence[np.ndarray]) -> Tree:
+  """``stats`` with the range of each activation point calibrated with ``'mse'`` scaled by its ``alpha*``, the
+  candidate of :data:`fatq.layers.MSE_CANDIDATES` (1.0 first, kept on ties) of least ``sum (Q_a(x) - x)^2`` over
+  ``batches``, per slice; ``stats`` itself where there is none (found by tracing, without running)."""
+
+  def search(params, stats, errors, x):
+    variables = {"params": params, STATS: stats, **({SEARCH: errors} if errors is not None else {})}
+    return model.apply(variables, x, mutable=[SEARCH])[1].get(SEARCH, {})
+
+  shapes = jax.eval_shape(search, params, stats, None, batches[0])
+  if not jax.tree.leaves(shapes):
+    return stats
+  accumulate = jax.jit(search)
+  errors = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  for x in batches:
+    errors = accumulate(params, stats, errors, x)
+  candidates = jnp.asarray(MSE_CANDIDATES, jnp.float32)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(stats))
+  for path, error in flax.traverse_util.flatten_dict(flax.core.unfreeze(errors)).items():
+    alpha = quantizers.mse_clip(error, candidates)
+    for leaf in ("min", "max"):
+      flat[(*path[:-1], leaf)] = alpha * flat[(*path[:-1], leaf)]
+  stats = flax.traverse_util.unflatten_dict(flat)
+  _check_finite(stats)
+  return stats
+
+
+def _check_finite(stats: Tree) -> None:
   bad = [name for name, s in points(stats).items() if not all(np.all(np.isfinite(v)) for v in s.values())]
   if bad:
     raise ValueError(f"calibration statistics are not finite at {bad[:5]}: the model produced NaN/Inf on the "
                      "calibration images (check the weights and the input preprocessing)")
-  return stats
 
 
 def init_thresholds(model, params: Tree, stats: Tree, sample: np.ndarray) -> Tree:

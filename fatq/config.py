@@ -40,9 +40,10 @@ class QuantSpec:
     placement: fixed point on a layer's ``output`` point only: ``'extrinsic'`` quantizes the layer output,
       ``'intrinsic'`` quantizes every product and every partial sum inside the layer (TensorQuant).
     calibration: how the range ``[T_l, T_r]`` (the FAT factors' reference) is calibrated: ``'minmax'``, the values'
-      range, or ``'mse'`` (weights only, uniform grids): that range scaled by the factor ``alpha*`` in
-      ``[0.2, 1]`` (step 0.01) of least squared error ``sum (Q(x) - x)^2``, per channel where ``per_channel``. At 4
-      bits a weight range clipped to ``alpha* < 1`` trades a few clipped outliers for a finer grid everywhere else.
+      range, or ``'mse'`` (uniform grids): that range scaled by the factor ``alpha*`` in ``[0.2, 1]`` (step 0.01) of
+      least squared error ``sum (Q(x) - x)^2``, per channel where ``per_channel``; for a kernel on the kernel, for
+      an activation summed over the calibration images (a second pass over them). At 4 bits a range clipped to
+      ``alpha* < 1`` trades a few clipped outliers for a finer grid everywhere else.
   """
 
   bits: int = 8
@@ -106,9 +107,6 @@ class QuantRule:
       re.compile(self.pattern)
     except re.error as e:
       raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
-    if self.spec is not None and self.spec.calibration == "mse" and not self.pattern.endswith("kernel"):
-      raise ValueError(f"QuantRule {self.pattern!r}: calibration='mse' is for weights, so the pattern must end in "
-                       "'kernel' (e.g. 'conv2/kernel', '.*kernel'); activations are calibrated with 'minmax'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,13 +173,13 @@ class QuantConfig:
   @classmethod
   def from_dict(cls, cfg) -> "QuantConfig":
     """Build from a config dict: ``weight_bits``, ``act_bits`` (0 or None = float), ``per_channel``, ``symmetric``,
-    ``variant``, ``act_symmetric`` (defaults to ``symmetric``), ``trainable``, ``weight_calibration`` (the weights'
-    ``QuantSpec.calibration``, default ``'minmax'``), optional ``rules``
-    (a list of ``(pattern, spec-dict or None)`` that take precedence) and ``learn_biases`` (True: every layer, or a
-    pattern of layer names; False / None: none)."""
+    ``variant``, ``act_symmetric`` (defaults to ``symmetric``), ``trainable``, ``weight_calibration`` and
+    ``act_calibration`` (the weights' and the activations' ``QuantSpec.calibration``, default ``'minmax'``), optional
+    ``rules`` (a list of ``(pattern, spec-dict or None)`` that take precedence) and ``learn_biases`` (True: every
+    layer, or a pattern of layer names; False / None: none)."""
     cfg = dict(cfg)
     known = {"weight_bits", "act_bits", "per_channel", "symmetric", "act_symmetric", "variant", "trainable", "rules",
-             "learn_biases", "weight_calibration"}
+             "learn_biases", "weight_calibration", "act_calibration"}
     unknown = set(cfg) - known
     if unknown:
       raise ValueError(f"unknown quantization option(s) {sorted(unknown)}; known options: {sorted(known)}")
@@ -190,7 +188,8 @@ class QuantConfig:
     wb, ab = cfg.get("weight_bits", 8), cfg.get("act_bits", 8)
     weight = QuantSpec.fat(wb, symmetric=symmetric, per_channel=cfg.get("per_channel", False),
                            calibration=cfg.get("weight_calibration", "minmax"), **common) if wb else None
-    act = QuantSpec.fat(ab, symmetric=cfg.get("act_symmetric", symmetric), **common) if ab else None
+    act = QuantSpec.fat(ab, symmetric=cfg.get("act_symmetric", symmetric),
+                        calibration=cfg.get("act_calibration", "minmax"), **common) if ab else None
     extra = [QuantRule(p, None if s is None else QuantSpec(**s)) for p, s in cfg.get("rules", ())]
     learn = cfg.get("learn_biases", None)
     if not (learn is None or isinstance(learn, (bool, str))):

@@ -251,7 +251,8 @@ def row_name(row) -> str:
   a_sym = row.get("act_symmetric", w_sym)
   sym = ("sym" if w_sym else "asym") if w_sym == a_sym or not row.get("act_bits", 8) else \
       f"{'sym' if w_sym else 'asym'}W-{'sym' if a_sym else 'asym'}A"
-  mse = "-mse" if row.get("weight_calibration", "minmax") == "mse" else ""
+  mse = ("-mse" if row.get("weight_calibration", "minmax") == "mse" else "") + \
+      ("-actmse" if row.get("act_calibration", "minmax") == "mse" else "")
   learned = "-learnbias" if row.get("learn_biases", False) else ""
   tuned = "".join(f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"  # the row's own settings
                   for key, value in fat_overrides(row).items())

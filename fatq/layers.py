@@ -5,7 +5,8 @@ One model definition serves three roles, chosen by the variable collections it i
 * float teacher:  ``model.apply({'params': p}, x)``
 * calibration:    ``model.apply({'params': p, ...}, x, mutable=['quant_stats'])`` records min/max of every
   quantization point (weights and activations) into ``quant_stats`` (and, with ``QuantConfig.track_bias_correction``,
-  each layer's mean input patch);
+  each layer's mean input patch); a second pass with ``mutable=['quant_search']`` sums, for activations calibrated
+  with ``'mse'``, the squared error of each clipping factor (fatq.calibration.calibrate runs both);
 * quantized:      ``model.apply({'params': p, 'quant_stats': s, 'quant': t}, x)`` fake-quantizes every point whose
   rule gives a spec, with ranges from the statistics scaled by the FAT factors in ``quant`` (the only trainable
   variables, with the bias offsets of layers that ``QuantConfig.learn_biases`` names: :func:`layer_bias`). Without
@@ -47,6 +48,15 @@ from fatq.config import QuantConfig, QuantSpec
 STATS = "quant_stats"
 THRESHOLDS = "quant"
 RANGES = "quant_ranges"
+# Calibration's second pass (fatq.calibration.calibrate), for activations with calibration='mse': each quantizer
+# sums, over the calibration batches, the squared error of every clipping factor of MSE_CANDIDATES.
+SEARCH = "quant_search"
+
+
+def calibrating(module: nn.Module) -> bool:
+  """True while ``module`` is applied for calibration (either pass): quantizers pass their input through."""
+  return module.is_mutable_collection(STATS) or module.is_mutable_collection(SEARCH)
+
 
 # Export mode (used by fatq.export): while ``export_markers()`` is active, a calibrated FakeQuant emits the identity
 # primitive ``quant_marker_p`` carrying its point name instead of the fake-quant arithmetic, so that a traced jaxpr
@@ -232,14 +242,10 @@ class FakeQuant(nn.Module):
     shape[self.spec.channel_axis % x.ndim] = -1
     return shape
 
-  def _mse_statistics(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """``calibration='mse'``: ``alpha* (min x, max x)`` with ``alpha*`` of least squared error on this quantizer's
-    grid (the FAT factors at their initial values), per slice. Weights only: their range is the same on every
-    calibration batch, so it is searched on the first and kept."""
-    if not self.weights:
-      raise ValueError(f"{self._point()}: calibration='mse' is for weights (a constant tensor); calibrate "
-                       "activations with 'minmax' (a rule of its own for '.*kernel' can set it on the weights alone)")
-    t_left, t_right = jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+  def _clip_errors(self, x: jax.Array, t_left: jax.Array, t_right: jax.Array,
+                   axes: tuple[int, ...]) -> jax.Array:
+    """``sum (Q_a(x) - x)^2`` per slice for each clipping factor ``a`` of MSE_CANDIDATES, ``Q_a`` this quantizer's
+    grid (the FAT factors at their initial values) on the range ``a (t_left, t_right)``."""
     shape = self._slice_shape(x)
 
     def error(alpha):
@@ -247,7 +253,15 @@ class FakeQuant(nn.Module):
       q = quantizers.fake_quant(x, lo.reshape(shape), hi.reshape(shape), self.spec.bits, narrow)
       return jnp.sum(jnp.square(q - x), axis=axes)
 
-    alpha = quantizers.mse_clip(error, jnp.asarray(MSE_CANDIDATES, jnp.float32))
+    return quantizers.clip_errors(error, jnp.asarray(MSE_CANDIDATES, jnp.float32))
+
+  def _mse_statistics(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``calibration='mse'`` on weights: ``alpha* (min x, max x)`` with ``alpha*`` of least squared error, per slice.
+    A kernel is the same on every calibration batch, so its range is searched on the first and kept. (Activations
+    are searched over all batches: ``__call__``'s SEARCH pass.)"""
+    t_left, t_right = jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+    errors = self._clip_errors(x, t_left, t_right, axes)
+    alpha = quantizers.mse_clip(errors, jnp.asarray(MSE_CANDIDATES, jnp.float32))
     return alpha * t_left, alpha * t_right
 
   def _grid_shift(self, x: jax.Array) -> jax.Array:
@@ -304,13 +318,19 @@ class FakeQuant(nn.Module):
       searched = self.has_variable(STATS, "min")  # a later batch: the weights, and so their MSE range, are the same
       lo = self.variable(STATS, "min", lambda: jnp.full(keep, jnp.inf, jnp.float32))
       hi = self.variable(STATS, "max", lambda: jnp.full(keep, -jnp.inf, jnp.float32))
-      if self.spec.calibration == "mse":
+      if self.spec.calibration == "mse" and self.weights:
         if not searched:
           lo.value, hi.value = self._mse_statistics(x, axes)
-      else:
+      else:  # activations with 'mse' too: their min/max first, the SEARCH pass clips it
         lo.value = jnp.minimum(lo.value, jnp.min(x, axis=axes))
         hi.value = jnp.maximum(hi.value, jnp.max(x, axis=axes))
       return x
+    if self.is_mutable_collection(SEARCH):  # calibration's second pass: float, as the first
+      if self.spec.calibration == "mse" and not self.weights and self.has_variable(STATS, "min"):
+        errors = self._clip_errors(x, self.get_variable(STATS, "min"), self.get_variable(STATS, "max"), axes)
+        total = self.variable(SEARCH, "error", lambda: jnp.zeros(errors.shape, jnp.float32))
+        total.value = total.value + errors
+      return jnp.zeros_like(x) if grid_shift else x
     if not self.has_variable(STATS, "min"):
       return jnp.zeros_like(x) if grid_shift else x  # float: not calibrated
     if grid_shift:

@@ -275,22 +275,20 @@ def quantize(x: jax.Array, params: QuantParams) -> jax.Array:
   return jnp.floor(exact_divide(clamped - params.nudged_min, params.scale) + 0.5) + params.qmin
 
 
-def mse_clip(error: Callable[[jax.Array], jax.Array], candidates: jax.Array) -> jax.Array:
-  """The clipping factor of least quantization error, per slice: ``alpha* = argmin_{a in candidates} error(a)``.
+def clip_errors(error: Callable[[jax.Array], jax.Array], candidates: jax.Array) -> jax.Array:
+  """``error(a)`` for each clipping factor ``a`` of ``candidates``, stacked: shape ``(len(candidates), *slices)``.
 
   ``error(a)`` gives the squared error ``sum (Q_a(x) - x)^2`` of each slice (a scalar per tensor, a vector per
-  channel) on the grid whose range is the calibrated one scaled by ``a``. Candidates are tried in order and a later
-  one must be strictly better, so listing 1.0 first keeps the full range on ties. A scan, not a batch: memory stays
+  channel) on the grid whose range is the calibrated one scaled by ``a``. A sequential map, not a batch: memory stays
   that of one fake-quantized copy of the tensor."""
-  first = error(candidates[0])
+  return jax.lax.map(error, candidates)
 
-  def better(carry, a):
-    best, best_err = carry
-    err = error(a)
-    return (jnp.where(err < best_err, a, best), jnp.minimum(err, best_err)), None
 
-  (best, _), _ = jax.lax.scan(better, (jnp.full(first.shape, candidates[0]), first), candidates[1:])
-  return best
+def mse_clip(errors: jax.Array, candidates: jax.Array) -> jax.Array:
+  """The clipping factor of least quantization error, per slice: ``alpha* = argmin_{a in candidates} errors[a]``,
+  ``errors`` as :func:`clip_errors` gives them (summed over calibration batches for activations). The first of equal
+  errors wins, so listing 1.0 first keeps the full range on ties."""
+  return candidates[jnp.argmin(errors, axis=0)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

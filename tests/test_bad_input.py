@@ -60,7 +60,7 @@ def test_bad_config_flag_stops_before_any_work(tmp_path, flag, message):
 
 @pytest.mark.parametrize("script,args,message", [
     ("finetune.py", ["--config", "configs/lenet5_mnist.py:quik", "--workdir", "W"],
-     "error: --config=configs/lenet5_mnist.py:quik: unknown config variant 'quik'; use '' or 'quick'"),
+     "error: --config=configs/lenet5_mnist.py:quik: unknown config variant 'quik'; use '', 'quick' or 'actmse'"),
     ("finetune.py", ["--config", "configs/lenet5_mnistt.py", "--workdir", "W"],
      "error: config file 'configs/lenet5_mnistt.py' not found (--config)"),
     ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", "W", "--config.data.val_limt=3"],
@@ -101,11 +101,11 @@ def _load_config(name, arg=None):
 
 
 def test_shipped_configs_pass_the_checks():
-  configs = [_load_config("lenet5_mnist.py"), _load_config("lenet5_mnist.py", "quick")]
+  configs = [_load_config("lenet5_mnist.py", variant) for variant in ("", "quick", "actmse")]
   configs += [_load_config(f) for f in sorted(os.listdir(os.path.join(ROOT, "configs")))
               if f.endswith("_fat.py") and f != "imagenet_fat.py"]  # imagenet_fat.py: their shared layout
-  configs += [_load_config("mobilenet_v1_0.75_fat.py", variant) for variant in ("cpu", "paper", "quick")]
-  assert len(configs) >= 9
+  configs += [_load_config("mobilenet_v1_0.75_fat.py", variant) for variant in ("cpu", "paper", "quick", "actmse")]
+  assert len(configs) >= 11
   for cfg in configs:
     experiment.check_config(cfg)
 
@@ -122,9 +122,10 @@ def test_shipped_configs_pass_the_checks():
      r"fine-tuning; set fat=True on this row"),
     (lambda c: c.rows.append(dict(weight_bits=4, weight_calibration="l2")),
      r"config.rows\[13\].*QuantSpec.calibration must be one of \('minmax', 'mse'\), got 'l2'"),
-    (lambda c: c.rows.append(dict(weight_bits=4, rules=[("fc2/output", dict(bits=4, calibration="mse"))])),
-     r"config.rows\[13\].*QuantRule 'fc2/output': calibration='mse' is for weights, so the pattern must end in "
-     r"'kernel'"),
+    (lambda c: c.rows.append(dict(weight_bits=4, act_calibration="l2")),
+     r"config.rows\[13\].*QuantSpec.calibration must be one of \('minmax', 'mse'\), got 'l2'"),
+    (lambda c: c.rows.append(dict(weight_bits=4, rules=[("fc2/output", dict(bits=4, kind="pot", calibration="mse"))])),
+     r"config.rows\[13\].*calibration='mse' searches a uniform grid's range; kind='pot' has its own"),
     (lambda c: c.rows.append(dict(weight_bits=4, fat=True, learn_biases=1)),
      r"config.rows\[13\].*learn_biases must be True, False or a pattern of layer names, got 1"),
     (lambda c: c.rows.append(dict(weight_bits=4, fat=True, learn_biases="fc[")),

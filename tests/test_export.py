@@ -319,13 +319,14 @@ def test_learned_bias_offsets_and_tracked_corrections_are_exported_in_the_biases
   assert m["max_logit_diff_steps"] <= 2.0 + 1e-6 and m["agreement_tie_aware"] >= 0.99, m
 
 
-def test_mse_calibrated_4_bit_weights_export_with_their_clipped_ranges(mnist, lenet_params, tmp_path):
-  """calibration='mse' on 4-bit per-tensor weights (8-bit activations) on real MNIST: the clipped ranges are what
-  the file holds (weight scales alpha* max|w| / 7 with alpha* < 1) and the interpreter computes what the JAX model
-  computes."""
+def test_mse_calibrated_ranges_export_with_their_clipped_ranges(mnist, lenet_params, tmp_path):
+  """calibration='mse' on 4-bit per-tensor weights and on 8-bit activations, on real MNIST: the clipped ranges are
+  what the file holds (weight scales alpha* max|w| / 7, activation ranges within their min/max, some clipped) and
+  the interpreter computes what the JAX model computes."""
   xtr, _, xte, yte = mnist
   act = fatq.QuantSpec.fat(8, symmetric=False)
-  mse = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, calibration="mse"), act)
+  mse = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, calibration="mse"),
+                                 dataclasses.replace(act, calibration="mse"))
   model, variables = quantized(LeNet5, mse, lenet_params, xtr[:100], perturb=False)
   E.export_tflite(model, variables, xte[:1], tmp_path, log=lambda *_: None)
   exported = {e["name"]: e for e in json.loads((tmp_path / "thresholds.json").read_text())["tensors"]}
@@ -334,6 +335,12 @@ def test_mse_calibrated_4_bit_weights_export_with_their_clipped_ranges(mnist, le
     t_max = float(np.max(np.abs(lenet_params[layer]["kernel"])))
     alphas.append(float(np.asarray(exported[f"{layer}/kernel"]["scale"]).item()) * 7 / t_max)
   assert all(0.2 - 1e-6 <= a <= 1 + 1e-6 for a in alphas) and min(alphas) < 0.9, alphas
+  minmax = fatq.points(fatq.calibrate(LeNet5(quant=fatq.QuantConfig.uniform(None, act)), lenet_params, [xtr[:100]]))
+  widths = {}
+  for name, s in minmax.items():
+    lo, hi = min(float(s["min"]), 0.0), max(float(s["max"]), 0.0)
+    widths[name] = float(np.asarray(exported[name]["scale"]).item()) * 255 / (hi - lo)
+  assert all(0.2 - 1e-6 <= w <= 1 + 1e-5 for w in widths.values()) and min(widths.values()) < 0.97, widths
   lite = E.TFLiteModel(tmp_path / "model.tflite")
   jax_logits = np.asarray(jax.jit(lambda x: model.apply(variables, x))(xte))
   m = E.compare_logits(jax_logits, lite(xte), yte, lite.output_step)

@@ -291,17 +291,73 @@ def test_mse_calibration_picks_the_weight_clip_of_least_squared_error(per_channe
   mm_err = float(jnp.sum((minmax.apply(minmax.apply({}, w, mutable=["quant_stats"])[1], w) - w) ** 2))
   np.testing.assert_allclose(fq_err, errors.min(axis=0).sum(), rtol=1e-4)
   assert fq_err < 0.85 * mm_err
-  with pytest.raises(ValueError, match="QuantRule '.*': calibration='mse' is for weights, so the pattern must end"):
-    fatq.QuantRule(".*", spec)
-  m = LeNet5(quant=fatq.QuantConfig((fatq.QuantRule("input|.*kernel", spec),)))  # a pattern the rule check lets by
-  x = np.zeros((1, 28, 28, 1), np.float32)
-  with pytest.raises(ValueError, match="^input: calibration='mse' is for weights"):
-    fatq.calibrate(m, m.init(jax.random.key(0), x)["params"], [x])
 
 
-def test_mse_calibration_option_reaches_the_weights_and_is_validated():
+def _numpy_unsigned_errors(batches, t_max, bits, axes):
+  """``sum (Q_a(x) - x)^2`` over ``batches`` for a = 1.0, 0.99, ..., 0.2 on the unsigned grid [0, a t_max]."""
+  errors = []
+  for a in np.linspace(1.0, 0.2, 81):
+    step = np.float32(a) * t_max / (2 ** bits - 1)
+    errors.append(sum(np.sum((np.clip(np.round(x / step), 0, 2 ** bits - 1) * step - x) ** 2, axis=axes)
+                      for x in batches))
+  return np.array(errors)
+
+
+class _Activation(nn.Module):
+  """One quantized activation point, ``act``."""
+  spec: fatq.QuantSpec
+
+  @nn.compact
+  def __call__(self, x):
+    return fatq.FakeQuant(self.spec, name="act_quant")(x)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_mse_calibration_of_activations_clips_the_range_of_least_error_over_all_batches(per_channel):
+  """calibration='mse' on a 4-bit activation (ReLU of a heavy tail, so unsigned): the range is alpha* times the
+  min/max over all calibration batches, alpha* the argmin of the squared error summed over all of them (a numpy
+  reference). The first batch alone would pick another alpha*: the search sees every batch."""
+  key = jax.random.key(5)
+  scales = (1.0, 0.3, 0.3)  # a first batch with a wider spread than the others
+  batches = [np.maximum(np.asarray(jax.random.t(k, 3.0, (6, 8, 8, 8)), np.float32) * s, 0)
+             for k, s in zip(jax.random.split(key, 3), scales)]
+  spec = fatq.QuantSpec.fat(4, per_channel=per_channel, calibration="mse")
+  model = _Activation(spec)
+  stats = fatq.calibrate(model, {}, batches)["act_quant"]
+  axes = (0, 1, 2) if per_channel else None
+  t_max = np.max([x.max(axis=axes) for x in batches], axis=0)
+  candidates = np.linspace(1.0, 0.2, 81)
+  errors = _numpy_unsigned_errors(batches, t_max, 4, axes)
+  alpha = candidates[np.argmin(errors, axis=0)]
+  np.testing.assert_allclose(stats["max"], alpha * t_max, rtol=1e-5)
+  np.testing.assert_array_equal(stats["min"], np.zeros_like(t_max))
+  assert np.all(alpha < 1.0) and errors.min(axis=0).sum() < 0.95 * errors[0].sum()
+  first_only = candidates[np.argmin(_numpy_unsigned_errors(batches[:1], t_max, 4, axes), axis=0)]
+  assert np.any(first_only != alpha)
+  minmax = fatq.calibrate(_Activation(dataclasses.replace(spec, calibration="minmax")), {}, batches)["act_quant"]
+  np.testing.assert_allclose(minmax["max"], t_max)
+  quantized = sum(float(jnp.sum((model.apply({"quant_stats": {"act_quant": stats}}, x) - x) ** 2)) for x in batches)
+  np.testing.assert_allclose(quantized, errors.min(axis=0).sum(), rtol=1e-4)
+
+
+def test_mse_calibration_option_reaches_the_weights_and_activations_and_is_validated(mnist, lenet_params):
   cfg = fatq.QuantConfig.from_dict(dict(weight_bits=4, act_bits=4, weight_calibration="mse"))
   assert cfg.spec_for("conv1/kernel").calibration == "mse" and cfg.spec_for("conv1/output").calibration == "minmax"
+  both = fatq.QuantConfig.from_dict(dict(weight_bits=4, act_bits=4, act_calibration="mse"))
+  assert both.spec_for("conv1/kernel").calibration == "minmax" and both.spec_for("conv1/output").calibration == "mse"
+  # on LeNet-5: only the activation ranges move (each to at most its min/max), the kernels' stay their min/max
+  xtr = mnist[0]
+  batches = [xtr[i:i + 100] for i in range(0, 300, 100)]
+  plain, clipped = (fatq.points(fatq.calibrate(LeNet5(quant=c), lenet_params, batches))
+                    for c in (fatq.QuantConfig.from_dict(dict(weight_bits=4, act_bits=4)), both))
+  assert plain.keys() == clipped.keys()
+  for name in plain:
+    ratio = np.asarray(clipped[name]["max"]) / np.asarray(plain[name]["max"])
+    if name.endswith("kernel"):
+      np.testing.assert_array_equal(ratio, 1.0)
+    else:
+      assert np.all((ratio >= 0.2 - 1e-6) & (ratio <= 1.0)), (name, ratio)
+  assert any(np.all(np.asarray(clipped[n]["max"]) < np.asarray(plain[n]["max"])) for n in plain if "output" in n)
   with pytest.raises(ValueError, match=r"QuantSpec.calibration must be one of \('minmax', 'mse'\), got 'l2'"):
     fatq.QuantSpec(calibration="l2")
   with pytest.raises(ValueError, match="calibration='mse' searches a uniform grid's range; kind='pot'"):

@@ -239,9 +239,9 @@ def intrinsic_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, stri
 def intrinsic_spec(module):
   """The fixed-point spec of ``module``'s ``output`` point if it asks for intrinsic placement (and the model is not
   being calibrated), else None."""
-  from fatq.layers import STATS, point_name
+  from fatq.layers import calibrating, point_name
 
-  if module.quant is None or module.is_mutable_collection(STATS):
+  if module.quant is None or calibrating(module):
     return None
   spec = module.quant.spec_for(point_name(module, "output"))
   if spec is not None and spec.kind == "fixed_point" and spec.placement == "intrinsic":
