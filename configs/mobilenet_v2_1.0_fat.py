@@ -23,5 +23,5 @@ def get_config(variant=None):
 
 
 def _scalar_symmetric_corrected(row):
-  return (not row.get("per_channel") and row.get("symmetric") and row.get("bias_correction")
+  return (row.get("fat") and not row.get("per_channel") and row.get("symmetric") and row.get("bias_correction")
           and not row.get("equalize"))
