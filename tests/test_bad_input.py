@@ -110,6 +110,20 @@ def test_shipped_configs_pass_the_checks():
     experiment.check_config(cfg)
 
 
+def test_activation_calibration_variants_pair_their_rows():
+  """``:actmse``: each row twice, min/max then MSE activation ranges, and only the W8A4 pair fine-tunes (a model
+  config's own per-row settings must not turn a PTQ row into a FAT row)."""
+  files = [f for f in sorted(os.listdir(os.path.join(ROOT, "configs"))) if f.endswith("_fat.py")
+           and f != "imagenet_fat.py"]
+  assert len(files) >= 4
+  for f in files:
+    rows = [dict(r) for r in _load_config(f, "actmse").rows]
+    assert [r.get("act_calibration", "minmax") for r in rows] == ["minmax", "mse"] * (len(rows) // 2), f
+    assert all({**a, "act_calibration": "mse"} == b for a, b in zip(rows[::2], rows[1::2])), f
+    assert [experiment.row_name(r) for r in rows if r.get("fat")] == [
+        "W8A4-channel-symW-asymA-bc-tracked-learnbias", "W8A4-channel-symW-asymA-actmse-bc-tracked-learnbias"], f
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c.rows.append(dict(weight_bits=33, act_bits=8)),
      r"config.rows\[13\] \(W33A8-tensor-sym\): QuantSpec.bits must be an integer in 2..16, got 33"),
