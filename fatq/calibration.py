@@ -59,10 +59,9 @@ def clip_activation_ranges(model, params: Tree, stats: Tree, batches: Sequence[n
   errors = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   for x in batches:
     errors = accumulate(params, stats, errors, x)
-  candidates = jnp.asarray(MSE_CANDIDATES, jnp.float32)
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(stats))
   for path, error in flax.traverse_util.flatten_dict(flax.core.unfreeze(errors)).items():
-    alpha = quantizers.mse_clip(error, candidates)
+    alpha = quantizers.mse_clip(error, MSE_CANDIDATES)
     for leaf in ("min", "max"):
       flat[(*path[:-1], leaf)] = alpha * flat[(*path[:-1], leaf)]
   stats = flax.traverse_util.unflatten_dict(flat)

@@ -185,7 +185,7 @@ ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "relu6": nn.relu6, "tanh": 
 # Optional ``params`` leaf of a QConv with ReLU6: the upper bound per output channel (default 6 for all).
 RELU6_BOUND = "relu6_bound"
 # calibration='mse': the clipping factors tried, 1.0 first (kept on ties), then down to 0.2 in steps of 0.01.
-MSE_CANDIDATES = np.linspace(1.0, 0.2, 81)
+MSE_CANDIDATES = np.linspace(1.0, 0.2, 81, dtype=np.float32)
 
 
 def _initial_factor(name: str, init: float, shape) -> jax.Array:
@@ -253,7 +253,7 @@ class FakeQuant(nn.Module):
       q = quantizers.fake_quant(x, lo.reshape(shape), hi.reshape(shape), self.spec.bits, narrow)
       return jnp.sum(jnp.square(q - x), axis=axes)
 
-    return quantizers.clip_errors(error, jnp.asarray(MSE_CANDIDATES, jnp.float32))
+    return quantizers.clip_errors(error, MSE_CANDIDATES)
 
   def _mse_statistics(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """``calibration='mse'`` on weights: ``alpha* (min x, max x)`` with ``alpha*`` of least squared error, per slice.
@@ -261,7 +261,7 @@ class FakeQuant(nn.Module):
     are searched over all batches: ``__call__``'s SEARCH pass.)"""
     t_left, t_right = jnp.min(x, axis=axes), jnp.max(x, axis=axes)
     errors = self._clip_errors(x, t_left, t_right, axes)
-    alpha = quantizers.mse_clip(errors, jnp.asarray(MSE_CANDIDATES, jnp.float32))
+    alpha = quantizers.mse_clip(errors, MSE_CANDIDATES)
     return alpha * t_left, alpha * t_right
 
   def _grid_shift(self, x: jax.Array) -> jax.Array:
@@ -326,7 +326,7 @@ class FakeQuant(nn.Module):
         hi.value = jnp.maximum(hi.value, jnp.max(x, axis=axes))
       return x
     if self.is_mutable_collection(SEARCH):  # calibration's second pass: float, as the first
-      if self.spec.calibration == "mse" and not self.weights and self.has_variable(STATS, "min"):
+      if self.spec.calibration == "mse" and not self.weights:
         errors = self._clip_errors(x, self.get_variable(STATS, "min"), self.get_variable(STATS, "max"), axes)
         total = self.variable(SEARCH, "error", lambda: jnp.zeros(errors.shape, jnp.float32))
         total.value = total.value + errors

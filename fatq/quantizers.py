@@ -288,7 +288,7 @@ def mse_clip(errors: jax.Array, candidates: jax.Array) -> jax.Array:
   """The clipping factor of least quantization error, per slice: ``alpha* = argmin_{a in candidates} errors[a]``,
   ``errors`` as :func:`clip_errors` gives them (summed over calibration batches for activations). The first of equal
   errors wins, so listing 1.0 first keeps the full range on ties."""
-  return candidates[jnp.argmin(errors, axis=0)]
+  return jnp.asarray(candidates)[jnp.argmin(errors, axis=0)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
