@@ -246,9 +246,9 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
       with open(ckpt.metrics_path, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
-  if best_loss is None:
-    if ckpt and os.path.exists(ckpt.metrics_path):
-      os.remove(ckpt.metrics_path)  # a fresh run: no stale metrics from an earlier one
+  if best_loss is None:  # a fresh run: nothing of an earlier run in this workdir is left for a later --resume
+    if ckpt:
+      ckpt.clear()
     # the replicated copy: the same argument types as every later evaluation, so eval_loss compiles once
     best_loss = holdout_loss(state.thresholds)
     record(dict(step=0, holdout_loss=best_loss, factors=factor_summary(thresholds)))
@@ -342,6 +342,15 @@ class _TrainCheckpoints:
 
   def latest(self):
     return self.manager.latest_step()
+
+  def clear(self):
+    """Deletes every checkpoint and the metrics file, as a fresh run in the workdir of an earlier one must: orbax
+    keeps the newest saves by time, so after the fresh run's first save the earlier run's last step would still be
+    the latest, and a ``--resume`` after an interruption would restore it."""
+    for step in self.manager.all_steps():
+      self.manager.delete(step)
+    if os.path.exists(self.metrics_path):
+      os.remove(self.metrics_path)
 
   def save(self, step: int, tree, reason: str):
     if step in self.manager.all_steps():

@@ -1,5 +1,5 @@
 """Crash safety: a fine-tuning run killed (SIGKILL), interrupted (Ctrl-C) or left with a damaged newest checkpoint
-resumes and ends exactly like an uninterrupted run (tests/scripts/finetune_tiny.py: a two-layer MLP, 21 steps, a
+resumes and ends exactly like an uninterrupted run, and a fresh run leaves nothing of an earlier one to resume (tests/scripts/finetune_tiny.py: a two-layer MLP, 21 steps, a
 checkpoint every 2 steps and at every evaluation)."""
 
 import json
@@ -43,12 +43,13 @@ def _steps(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(workdir / "train_state") if d.isdigit())
 
 
-def _start_and_wait(env, workdir, line="waiting before step 10"):
-  """Start a run that pauses 2 s before each step after 9, and return it once it reports the pause before step 10:
-  its state is then at step 9, of which no checkpoint exists (the last is step 8)."""
+def _start_and_wait(env, workdir, after=9, extra=()):
+  """Start a run that pauses 2 s before each step after ``after``, and return it once it reports the first pause:
+  its state is then at step ``after`` (for 9: of which no checkpoint exists, the last is step 8)."""
+  line = f"waiting before step {after + 1}"
   err = open(workdir.parent / f"{workdir.name}.stderr", "w")
-  proc = subprocess.Popen([sys.executable, SCRIPT, str(workdir), "--slow-after", "9"], stdout=subprocess.PIPE,
-                          stderr=err, text=True, env=env)
+  proc = subprocess.Popen([sys.executable, SCRIPT, str(workdir), "--slow-after", str(after), *extra],
+                          stdout=subprocess.PIPE, stderr=err, text=True, env=env)
   watchdog = threading.Timer(240, proc.kill)  # never hang the test suite on a stuck child
   watchdog.start()
   seen = []
@@ -124,3 +125,23 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(env, reference
   again, out = _run(env, workdir, "--resume")
   assert "resumed at step 21 of 21" in out.stdout and "unreadable" not in out.stderr
   assert again["best"] == reference[1]["best"]
+
+
+
+def test_fresh_run_in_an_earlier_runs_workdir_leaves_nothing_of_it_to_resume(env, reference, tmp_path):
+  """A run without --resume where an earlier run left checkpoints (steps 20 and 21), killed after its own first
+  checkpoint (step 2). Orbax keeps the two newest saves, so without clearing 21 and 2 would be left, 21 the latest,
+  and --resume would restore the earlier run's end."""
+  ref_dir, ref = reference
+  workdir = tmp_path / "rerun"
+  shutil.copytree(ref_dir, workdir)
+  proc = _start_and_wait(env, workdir, after=2, extra=("--lr", "0.01"))
+  proc.kill()
+  _finish(proc)
+  assert _steps(workdir) == [2]
+  resumed, out = _run(env, workdir, "--lr", "0.01", "--resume")
+  assert "resumed at step 2 of 21" in out.stdout
+  uninterrupted, _ = _run(env, tmp_path / "uninterrupted", "--lr", "0.01")
+  assert resumed["best"] == uninterrupted["best"] != ref["best"]
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [x["holdout_loss"] for x in lines] == [h["holdout_loss"] for h in uninterrupted["history"]]
