@@ -44,6 +44,8 @@ def main(argv):
     sys.exit(f"error: workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir")
   t0 = time.perf_counter()
   try:
+    if FLAGS.resume:  # before any data or model is loaded
+      experiment.check_resume(cfg, workdir)
     model, params, data = tasks.prepare(cfg, workdir, progress=FLAGS.progress)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")

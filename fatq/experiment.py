@@ -2,7 +2,7 @@
 FAT fine-tuning for each configured quantization setting, evaluated, tabulated and written to ``results.json``.
 
 A run is resumable at row granularity: ``results.json`` is rewritten (atomically) after every row, and a resumed run
-skips the rows already there.
+skips the rows already there. It must have the same config (:func:`check_resume`).
 """
 
 from __future__ import annotations
@@ -307,6 +307,47 @@ def base_rules(cfg) -> tuple[QuantRule, ...]:
   return (QuantRule("input", QuantSpec(bits=bits, symmetric=False, trainable=False)),)
 
 
+# Config keys that change how a run computes, not what: a resumed run may give them other values.
+RESUMABLE_CHANGES = ("eval_batch_size", "fat.checkpoint_every", "data.cache_dir")
+
+
+def check_resume(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError if ``workdir/results.json`` was written with another config than ``cfg``: its finished rows,
+  and the training state of an interrupted one, belong to the earlier values. Keys of RESUMABLE_CHANGES may differ,
+  and rows the earlier run did not have may be added (rows are matched by name)."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    previous = json.load(f).get("config")
+  if previous is None:
+    return
+  as_stored = json.loads(json.dumps(cfg.to_dict(), default=_json_default))  # tuples as lists, as results.json has
+  old, new = _flat_values(previous), _flat_values(as_stored)
+  changed = [f"{key} {old.get(key, '(none)')!r} -> {new.get(key, '(none)')!r}"
+             for key in sorted(old.keys() | new.keys())
+             if key not in RESUMABLE_CHANGES and (key in old, old.get(key)) != (key in new, new.get(key))]
+  old_rows = {row_name(r): r for r in previous.get("rows", [])}
+  changed += [f"row {row_name(r)} {old_rows[row_name(r)]} -> {r}" for r in as_stored.get("rows", [])
+              if row_name(r) in old_rows and old_rows[row_name(r)] != r]
+  if changed:
+    more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+    raise ValueError(f"--resume with another config than the one that wrote {path}: {'; '.join(changed[:4])}{more}. "
+                     "Its rows were computed with the earlier values: resume with the same config and overrides, or "
+                     "run the changed config in a new --workdir")
+
+
+def _flat_values(config: dict, prefix: str = "") -> dict[str, Any]:
+  """A config dict's values by dotted key, without ``rows`` (which :func:`check_resume` compares by name)."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(_flat_values(value, prefix + key + "."))
+    elif prefix or key != "rows":
+      flat[prefix + key] = value
+  return flat
+
+
 def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir: str, *, resume: bool = False,
         log: Callable[[str], None] = print, progress: bool = True) -> dict:
   """Evaluate float, then PTQ (and FAT where ``row.fat``) for every row of ``cfg.rows``; return the results dict.
@@ -322,6 +363,8 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
   results_path = os.path.join(workdir, "results.json")
   results = {"model": cfg.model.name, "dataset": cfg.data.name, "sources": data.sources, "rows": [],
              "config": cfg.to_dict(), "timings": {}}
+  if resume:
+    check_resume(cfg, workdir)
   if resume and os.path.exists(results_path):
     with open(results_path) as f:
       previous = json.load(f)

@@ -394,7 +394,8 @@ def test_disk_full_while_saving_keeps_results_and_resume_continues(tmp_path, mon
     _no_space()
 
   # only fatq.experiment's json (atomic_write_json): orbax's own files are written as before
-  monkeypatch.setattr(experiment, "json", types.SimpleNamespace(dump=half_then_full, load=json.load))
+  monkeypatch.setattr(experiment, "json", types.SimpleNamespace(dump=half_then_full, load=json.load, dumps=json.dumps,
+                                                                 loads=json.loads))
   logs.clear()
   with pytest.raises(OSError, match=r"disk full while writing .*results.json.*--resume"):
     experiment.run(cfg, model, params, data, workdir, resume=True, progress=False, log=logs.append)
@@ -409,3 +410,37 @@ def test_disk_full_while_saving_keeps_results_and_resume_continues(tmp_path, mon
   assert any("resumed at step 8 of 8" in m for m in logs), logs
   assert [(r["name"], r["method"]) for r in results["rows"]] == rows + [("W4A4-channel-sym", "fat")]
   assert json.loads(results_path.read_text())["rows"] == results["rows"]
+
+
+def test_resume_with_another_config_stops_and_names_what_changed(tmp_path):
+  cfg, model, params, data = _tiny_experiment()
+  cfg.rows = [dict(cfg.rows[1], name="mine")]
+  experiment.run(cfg, model, params, data, str(tmp_path), progress=False, log=lambda *_: None)
+
+  def resume(change):
+    changed = ml_collections.ConfigDict(cfg.to_dict())
+    change(changed)
+    return experiment.run(changed, model, params, data, str(tmp_path), resume=True, progress=False,
+                          log=lambda *_: None)
+
+  def lower_lr(c):
+    c.fat.lr = 5e-3
+
+  def other_bits(c):
+    c.rows = [dict(c.rows[0], act_bits=8)]
+
+  with pytest.raises(ValueError, match=r"--resume with another config than the one that wrote .*results.json: "
+                                       r"fat.lr 0.01 -> 0.005\. .* or run the changed config in a new --workdir"):
+    resume(lower_lr)
+  with pytest.raises(ValueError, match=r"row mine \{.*'act_bits': 4.*\} -> \{.*'act_bits': 8.*\}"):
+    resume(other_bits)
+  with pytest.raises(ValueError, match="fat.lr"):  # the entry point checks before loading anything
+    experiment.check_resume(ml_collections.ConfigDict(dict(cfg.to_dict(), fat=dict(cfg.fat, lr=5e-3))), str(tmp_path))
+
+  def more_rows_bigger_batches(c):  # a new row, and a key that changes how, not what, is computed
+    c.rows = [*c.rows, dict(weight_bits=8, act_bits=8)]
+    c.eval_batch_size = 20
+
+  results = resume(more_rows_bigger_batches)
+  assert [(r["name"], r["method"]) for r in results["rows"]] == [
+      ("float", "float"), ("mine", "ptq"), ("mine", "fat"), ("W8A8-tensor-sym", "ptq")]
