@@ -138,21 +138,21 @@ def main():
   ap.add_argument("--malloc", action="store_true",
                   help="compare glibc's default malloc with huge pages and kept-mapped buffers (fast step) instead")
   a = ap.parse_args()
-  memory = malloc_label()
+  malloc_mode = malloc_label()
   if a.malloc:
     rows = [measure_in_child(a, huge, kept) for huge, kept in ((False, False), (True, False), (True, True))]
     print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions")
-    print_rows("malloc", [(r["pages"], r) for r in rows])
-    if rows[2]["pages"] != malloc_label(True, True):
+    print_rows("malloc", [(r["malloc"], r) for r in rows])
+    if rows[2]["malloc"] != malloc_label(True, True):
       print("huge pages or kept-mapped buffers are not available here (see fatq.cli.tune_malloc)")
     for r in rows[1:]:
-      print(f"{r['pages']}: training step {r['step_img_s'] / rows[0]['step_img_s']:.2f}x, "
+      print(f"{r['malloc']}: training step {r['step_img_s'] / rows[0]['step_img_s']:.2f}x, "
             f"float forward {r['forward_img_s'] / rows[0]['forward_img_s']:.2f}x glibc's default")
     write_json(a, rows=rows)
     return
   if a.tracked:
     rows = [measure(a.model, a.width, "fast", a.batch, a.size, a.steps, tracked) for tracked in (False, True)]
-    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {memory}")
+    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {malloc_mode}")
     print_rows("bias correction", [("tracked" if r["tracked"] else "none", r) for r in rows])
     print(f"tracked step time / plain step time: {rows[0]['step_img_s'] / rows[1]['step_img_s']:.3f}")
     write_json(a, rows=rows)
@@ -160,7 +160,7 @@ def main():
   if a.breakdown:
     t = breakdown(a.model, a.width, a.batch, a.size, a.steps)
     base = t["float forward"]
-    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {memory}")
+    print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, fast convolutions, {malloc_mode}")
     print(f"{'piece':<36} {'ms':>8} {'img/s':>7} {'x forward':>10} {'GFLOP':>8} {'x forward':>10}")
     for label, r in t.items():
       print(f"{label:<36} {r['seconds'] * 1e3:>8.0f} {a.batch / r['seconds']:>7.1f} "
@@ -170,9 +170,9 @@ def main():
   impls = a.impl.split(",")
   if not set(impls) <= {"fast", "lax"}:
     ap.error(f"--impl takes 'fast', 'lax' or both, comma-separated; got {a.impl!r}")
-  rows = [dict(measure(a.model, a.width, impl, a.batch, a.size, a.steps), pages=memory) for impl in impls]
+  rows = [dict(measure(a.model, a.width, impl, a.batch, a.size, a.steps), malloc=malloc_mode) for impl in impls]
   print(f"{a.model} {a.width} at {a.size}px, batch {a.batch}, {jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s), {memory}")
+        f"device(s), {malloc_mode}")
   print_rows("impl", [(r["impl"], r) for r in rows])
   by_impl = {r["impl"]: r for r in rows}
   speedup = by_impl["fast"]["step_img_s"] / by_impl["lax"]["step_img_s"] if len(by_impl) == 2 else None
