@@ -3,12 +3,14 @@ come from. Small models (LeNet-5) are trained here once and cached; ImageNet mod
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from typing import Any
 
 import numpy as np
 
-from fatq.experiment import Data, check_config, load_variables, save_variables
+from fatq.experiment import Data, atomic_write_json, check_config, load_variables, save_variables
 
 Tree = Any
 
@@ -69,7 +71,10 @@ def _lenet5(cfg, workdir: str, progress: bool):
   test_x, test_y = idx.load(cfg.data.name, "test", cfg.data.dir or None)
   model = LeNet5(num_classes=m.num_classes)
   ckpt = m.checkpoint or os.path.join(workdir, "float_checkpoint")
-  if os.path.isdir(ckpt):
+  changed = "" if m.checkpoint else _float_training_changes(ckpt, float_training(cfg))
+  if changed:
+    print(f"float LeNet-5: {ckpt} was trained with other settings ({changed}); training it again")
+  if os.path.isdir(ckpt) and not changed:
     params = load_variables(ckpt)["params"]
     fix = (f"point config.model.checkpoint at a LeNet-5 with {m.num_classes} classes, or leave it empty to train "
            "one here" if m.checkpoint else "delete it to train the float model here again")
@@ -84,10 +89,32 @@ def _lenet5(cfg, workdir: str, progress: bool):
     params = train_classifier(model, train_x, train_y, epochs=m.float_epochs, batch_size=m.float_batch_size,
                               lr=m.float_lr, weight_decay=m.get("float_weight_decay", 0.0), seed=cfg.seed,
                               progress=progress)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(ckpt + ".json")  # no settings that the checkpoint may not have, should saving it fail
     save_variables(ckpt, {"params": params})
+    atomic_write_json(ckpt + ".json", float_training(cfg))
   train, cal, hold = split_unlabeled(train_x, cfg.data, cfg.seed)  # labels of these are never used
   return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=test_x, eval_labels=test_y,
                              sources=idx.sources(cfg.data.name, cfg.data.dir or None))
+
+
+def float_training(cfg) -> dict:
+  """What a float LeNet-5 trained in a workdir depends on, stored beside it (``float_checkpoint.json``)."""
+  m = cfg.model
+  return dict(data=cfg.data.name, data_dir=cfg.data.dir, num_classes=m.num_classes, epochs=m.float_epochs,
+              batch_size=m.float_batch_size, lr=m.float_lr, weight_decay=m.get("float_weight_decay", 0.0),
+              seed=cfg.seed)
+
+
+def _float_training_changes(ckpt: str, wanted: dict) -> str:
+  """``'epochs 8 -> 15, ...'`` where the float model cached at ``ckpt`` was trained otherwise than ``wanted``; ''
+  where it was not, or where no settings were stored with it (a workdir of an older fatq: reused as before)."""
+  try:
+    with open(ckpt + ".json") as f:
+      stored = json.load(f)
+  except FileNotFoundError:
+    return ""
+  return ", ".join(f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v)
 
 
 def _imagenet(cfg):

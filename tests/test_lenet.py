@@ -1,14 +1,16 @@
 """LeNet-5 end to end on a slice of the real MNIST files: float training, PTQ, FAT, results.json."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from fatq import experiment
+from fatq import experiment, tasks, training
 from fatq.data import data_root, idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,3 +109,39 @@ def test_scores():
   assert f["vs_float"] == {"gained": 0, "lost": 0, "stderr": 0.0}
   assert "+3 -2" in experiment.format_row(dict(s, name="r", method="fat", weight_bits=4, act_bits=4,
                                                granularity="tensor", symmetric=True, seconds=1.0))
+
+
+@needs_mnist
+def test_float_model_cached_in_the_workdir_is_trained_again_for_other_settings(tmp_path, monkeypatch, capsys):
+  trained = []
+
+  def fake_train(model, images, labels, *, epochs, **kwargs):  # records the settings instead of training
+    trained.append(epochs)
+    return model.init(jax.random.key(epochs), images[:1])["params"]
+
+  monkeypatch.setattr(training, "train_classifier", fake_train)
+  spec = importlib.util.spec_from_file_location("lenet5_mnist", os.path.join(ROOT, "configs", "lenet5_mnist.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config("quick")
+
+  def prepare():
+    return tasks.prepare(cfg, str(tmp_path), progress=False)[1]
+
+  first, again = prepare(), prepare()
+  assert trained == [1]  # the second run loads what the first trained
+  jax.tree.map(np.testing.assert_array_equal, first, again)
+  cfg.model.float_epochs = 2
+  retrained = prepare()
+  assert trained == [1, 2]
+  assert "was trained with other settings (epochs 1 -> 2); training it again" in capsys.readouterr().out
+  assert json.loads((tmp_path / "float_checkpoint.json").read_text())["epochs"] == 2
+  jax.tree.map(np.testing.assert_array_equal, retrained, prepare())
+  cfg.seed = 1
+  prepare()
+  assert trained == [1, 2, 2] and "(seed 0 -> 1)" in capsys.readouterr().out
+  # a workdir of an older fatq, whose checkpoint has no settings beside it: reused as it is
+  (tmp_path / "float_checkpoint.json").unlink()
+  cfg.model.float_epochs = 3
+  prepare()
+  assert trained == [1, 2, 2]
