@@ -14,7 +14,9 @@ Variants (``--config configs/<model>_fat.py:VARIANT``):
   ``quick``   one row, thresholds alone (TFLite's int8 scheme), one epoch;
   ``actmse``  activation ranges by min/max against MSE (``act_calibration='mse'``), each row twice: PTQ in
               vector mode at W8A8, W4A8 (MSE weight ranges), W8A6 and W8A4 and in scalar mode at W8A8 (TFLite's
-              int8 scheme, bias correction), then FAT at W8A4 as the default rows train.
+              int8 scheme, bias correction), then FAT at W8A4 as the default rows train;
+  ``actpercentile``  the same rows once, activation ranges that keep 99.99 % of the values
+              (``act_calibration='percentile'``).
 """
 
 import importlib.util
@@ -51,19 +53,22 @@ def default_rows():
   return rows
 
 
-def act_calibration_rows():
-  """Pairs of rows, activation ranges by min/max and by MSE: PTQ (TFLite's int8 scheme with bias correction) at 8,
-  6 and 4 activation bits and with 4-bit MSE weights in vector mode, at W8A8 in scalar mode; FAT at W8A4."""
+def act_calibration_rows(method: str = "mse"):
+  """Pairs of rows, activation ranges by min/max and by ``method``: PTQ (TFLite's int8 scheme with bias correction)
+  at 8, 6 and 4 activation bits and with 4-bit MSE weights in vector mode, at W8A8 in scalar mode; FAT at W8A4."""
   int8 = dict(weight_bits=8, act_bits=8, per_channel=True, symmetric=True, act_symmetric=False, bias_correction=True)
   ptq = [int8, dict(int8, per_channel=False), dict(int8, weight_bits=4, weight_calibration="mse"),
          dict(int8, act_bits=6), dict(int8, act_bits=4)]
   fat = [dict(int8, act_bits=4, bias_correction="tracked", learn_biases=True, fat=True)]
-  return [r for row in ptq + fat for r in (row, dict(row, act_calibration="mse"))]
+  return [r for row in ptq + fat for r in (row, dict(row, act_calibration=method))]
+
+
+VARIANTS = ("", "cpu", "paper", "quick", "actmse", "actpercentile")
 
 
 def fat_config(model_config_file: str, variant: str | None):
-  if variant not in (None, "", "cpu", "paper", "quick", "actmse"):
-    raise ValueError(f"unknown config variant {variant!r}; use '', 'cpu', 'paper', 'quick' or 'actmse'")
+  if (variant or "") not in VARIANTS:
+    raise ValueError(f"unknown config variant {variant!r}; use one of {', '.join(map(repr, VARIANTS))}")
   spec = importlib.util.spec_from_file_location("model_config", os.path.join(os.path.dirname(__file__),
                                                                              model_config_file))
   module = importlib.util.module_from_spec(spec)
@@ -82,7 +87,8 @@ def fat_config(model_config_file: str, variant: str | None):
   c.input_bits = 8
   c.fat = dict(epochs=2, batch_size=32, loss="rmse", schedule="cosine_restarts", lr=2e-3, lr_min=1e-5,
                restart_period=25, eval_every=25, checkpoint_every=10, seed=0, per_device_batch_size=0)
-  c.rows = {"paper": paper_rows(), "actmse": act_calibration_rows()}.get(variant, default_rows())
+  c.rows = {"paper": paper_rows(), "actmse": act_calibration_rows(),
+            "actpercentile": act_calibration_rows("percentile")[1::2]}.get(variant, default_rows())
   c.eval_batch_size = 50
   if variant == "cpu":
     c.fat.epochs = 1

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fatq import quantizers
-from fatq.layers import MSE_CANDIDATES, RANGES, SEARCH, STATS, THRESHOLDS
+from fatq.layers import RANGES, SEARCH, STATS, THRESHOLDS
 
 Tree = Any
 
@@ -19,9 +18,10 @@ def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
   """Running min/max of every quantization point over ``batches`` (unlabeled images), as the ``quant_stats`` tree.
 
   Weights are recorded too (their statistics are those of the frozen tensor); activations over all batches. Points
-  calibrated with ``'mse'``: a kernel's range is searched on the first batch (it is the same on every batch); an
-  activation's min/max is clipped afterwards to ``alpha* (min, max)``, ``alpha*`` the factor of least squared
-  quantization error summed over all batches, in a second pass over them (:func:`clip_activation_ranges`).
+  calibrated with ``'mse'`` or ``'percentile'``: a kernel's range is searched on the first batch (it is the same on
+  every batch); an activation's range is chosen afterwards from its min/max and what a second pass over all batches
+  sums (:func:`clip_activation_ranges`): ``alpha* (min, max)`` with ``alpha*`` of least squared quantization error,
+  or the range that keeps the spec's percentile of the values.
   """
   batches = list(batches)  # read twice where a second pass searches activation ranges
 
@@ -44,9 +44,10 @@ def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
 
 
 def clip_activation_ranges(model, params: Tree, stats: Tree, batches: Sequence[np.ndarray]) -> Tree:
-  """``stats`` with the range of each activation point calibrated with ``'mse'`` scaled by its ``alpha*``, the
-  candidate of :data:`fatq.layers.MSE_CANDIDATES` (1.0 first, kept on ties) of least ``sum (Q_a(x) - x)^2`` over
-  ``batches``, per slice; ``stats`` itself where there is none (found by tracing, without running)."""
+  """``stats`` with the range of each activation point calibrated with ``'mse'`` or ``'percentile'`` chosen by its
+  quantizer from what it sums over ``batches`` (for ``'mse'``: the min/max range scaled by the candidate of
+  :data:`fatq.layers.MSE_CANDIDATES`, 1.0 first and kept on ties, of least ``sum (Q_a(x) - x)^2``), per slice;
+  ``stats`` itself where there is none (found by tracing, without running)."""
 
   def search(params, stats, errors, x):
     variables = {"params": params, STATS: stats, **({SEARCH: errors} if errors is not None else {})}
@@ -56,14 +57,13 @@ def clip_activation_ranges(model, params: Tree, stats: Tree, batches: Sequence[n
   if not jax.tree.leaves(shapes):
     return stats
   accumulate = jax.jit(search)
-  errors = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  found = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   for x in batches:
-    errors = accumulate(params, stats, errors, x)
+    found = accumulate(params, stats, found, x)
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(stats))
-  for path, error in flax.traverse_util.flatten_dict(flax.core.unfreeze(errors)).items():
-    alpha = quantizers.mse_clip(error, MSE_CANDIDATES)
-    for leaf in ("min", "max"):
-      flat[(*path[:-1], leaf)] = alpha * flat[(*path[:-1], leaf)]
+  for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(found)).items():
+    if path[-1] in ("min", "max"):  # the range each quantizer chose from all the batches
+      flat[path] = value
   stats = flax.traverse_util.unflatten_dict(flat)
   _check_finite(stats)
   return stats

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 # Bounds of the FAT scale factors (paper, SPEC §1) and of the public reference code (SPEC §2).
 PAPER_BOUNDS = dict(scale_bounds=(0.5, 1.0), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(0.0, 0.4))
 KINDS = ("uniform", "pot", "fixed_point", "lsq")
-CALIBRATIONS = ("minmax", "mse")
+CALIBRATIONS = ("minmax", "mse", "percentile")
 REFERENCE_BOUNDS = dict(scale_bounds=(0.5, 1.3), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(-0.2, 0.4))
 
 
@@ -43,7 +43,11 @@ class QuantSpec:
       range, or ``'mse'`` (uniform grids): that range scaled by the factor ``alpha*`` in ``[0.2, 1]`` (step 0.01) of
       least squared error ``sum (Q(x) - x)^2``, per channel where ``per_channel``; for a kernel on the kernel, for
       an activation summed over the calibration images (a second pass over them). At 4 bits a range clipped to
-      ``alpha* < 1`` trades a few clipped outliers for a finer grid everywhere else.
+      ``alpha* < 1`` trades a few clipped outliers for a finer grid everywhere else. ``'percentile'`` (uniform
+      grids): the range that keeps ``percentile`` % of the values, from their histogram (2048 bins over the min/max
+      range, on the same tensors as ``'mse'``): ``[-T, T]`` with ``T`` the percentile of ``|x|`` for symmetric grids,
+      a tail of ``(100 - percentile) / 2`` % clipped on each side for asymmetric ones.
+    percentile: the share of values, in %, that ``calibration='percentile'`` keeps in range (0 < p <= 100).
   """
 
   bits: int = 8
@@ -60,6 +64,7 @@ class QuantSpec:
   rounding: str = "nearest"
   placement: str = "extrinsic"
   calibration: str = "minmax"
+  percentile: float = 99.99
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -75,9 +80,12 @@ class QuantSpec:
       raise ValueError("QuantSpec.rounding / placement apply to kind='fixed_point' only")
     if self.calibration not in CALIBRATIONS:
       raise ValueError(f"QuantSpec.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
-    if self.calibration == "mse" and self.kind != "uniform":
-      raise ValueError(f"QuantSpec.calibration='mse' searches a uniform grid's range; kind={self.kind!r} has its "
-                       "own (use calibration='minmax')")
+    if self.calibration != "minmax" and self.kind != "uniform":
+      raise ValueError(f"QuantSpec.calibration={self.calibration!r} searches a uniform grid's range; "
+                       f"kind={self.kind!r} has its own (use calibration='minmax')")
+    if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
+      raise ValueError(f"QuantSpec.percentile is the share of values kept in range, in % (0 < p <= 100), got "
+                       f"{self.percentile!r}")
     for name in ("scale_bounds", "signed_shift_bounds", "unsigned_shift_bounds"):
       lo, hi = getattr(self, name)
       if not lo <= hi:
@@ -174,17 +182,19 @@ class QuantConfig:
   def from_dict(cls, cfg) -> "QuantConfig":
     """Build from a config dict: ``weight_bits``, ``act_bits`` (0 or None = float), ``per_channel``, ``symmetric``,
     ``variant``, ``act_symmetric`` (defaults to ``symmetric``), ``trainable``, ``weight_calibration`` and
-    ``act_calibration`` (the weights' and the activations' ``QuantSpec.calibration``, default ``'minmax'``), optional
+    ``act_calibration`` (the weights' and the activations' ``QuantSpec.calibration``, default ``'minmax'``),
+    ``percentile`` (their ``QuantSpec.percentile``), optional
     ``rules`` (a list of ``(pattern, spec-dict or None)`` that take precedence) and ``learn_biases`` (True: every
     layer, or a pattern of layer names; False / None: none)."""
     cfg = dict(cfg)
     known = {"weight_bits", "act_bits", "per_channel", "symmetric", "act_symmetric", "variant", "trainable", "rules",
-             "learn_biases", "weight_calibration", "act_calibration"}
+             "learn_biases", "weight_calibration", "act_calibration", "percentile"}
     unknown = set(cfg) - known
     if unknown:
       raise ValueError(f"unknown quantization option(s) {sorted(unknown)}; known options: {sorted(known)}")
     symmetric = cfg.get("symmetric", True)
-    common = dict(variant=cfg.get("variant", "paper"), trainable=cfg.get("trainable", True))
+    common = dict(variant=cfg.get("variant", "paper"), trainable=cfg.get("trainable", True),
+                  percentile=cfg.get("percentile", QuantSpec.percentile))
     wb, ab = cfg.get("weight_bits", 8), cfg.get("act_bits", 8)
     weight = QuantSpec.fat(wb, symmetric=symmetric, per_channel=cfg.get("per_channel", False),
                            calibration=cfg.get("weight_calibration", "minmax"), **common) if wb else None

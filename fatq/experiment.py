@@ -251,12 +251,17 @@ def row_name(row) -> str:
   a_sym = row.get("act_symmetric", w_sym)
   sym = ("sym" if w_sym else "asym") if w_sym == a_sym or not row.get("act_bits", 8) else \
       f"{'sym' if w_sym else 'asym'}W-{'sym' if a_sym else 'asym'}A"
-  mse = ("-mse" if row.get("weight_calibration", "minmax") == "mse" else "") + \
-      ("-actmse" if row.get("act_calibration", "minmax") == "mse" else "")
+
+  def calibrated(key: str, prefix: str) -> str:  # '-mse', '-actmse', '-p99.99', '-actp99.99'
+    method, p = row.get(key, "minmax"), row.get("percentile", QuantSpec.percentile)
+    tag = (f"p{p:g}" if isinstance(p, (int, float)) else f"p{p}") if method == "percentile" else method
+    return "" if method == "minmax" else f"-{prefix}{tag}"
+
+  searched = calibrated("weight_calibration", "") + calibrated("act_calibration", "act")
   learned = "-learnbias" if row.get("learn_biases", False) else ""
   tuned = "".join(f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"  # the row's own settings
                   for key, value in fat_overrides(row).items())
-  return (f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}{mse}{dfq_suffix(row)}"
+  return (f"W{row.get('weight_bits', 8) or 32}A{row.get('act_bits', 8) or 32}-{gran}-{sym}{searched}{dfq_suffix(row)}"
           f"{learned}{tuned}")
 
 

@@ -6,7 +6,8 @@ One model definition serves three roles, chosen by the variable collections it i
 * calibration:    ``model.apply({'params': p, ...}, x, mutable=['quant_stats'])`` records min/max of every
   quantization point (weights and activations) into ``quant_stats`` (and, with ``QuantConfig.track_bias_correction``,
   each layer's mean input patch); a second pass with ``mutable=['quant_search']`` sums, for activations calibrated
-  with ``'mse'``, the squared error of each clipping factor (fatq.calibration.calibrate runs both);
+  with ``'mse'``, the squared error of each clipping factor, or for ``'percentile'`` their histogram
+  (fatq.calibration.calibrate runs both);
 * quantized:      ``model.apply({'params': p, 'quant_stats': s, 'quant': t}, x)`` fake-quantizes every point whose
   rule gives a spec, with ranges from the statistics scaled by the FAT factors in ``quant`` (the only trainable
   variables, with the bias offsets of layers that ``QuantConfig.learn_biases`` names: :func:`layer_bias`). Without
@@ -48,8 +49,9 @@ from fatq.config import QuantConfig, QuantSpec
 STATS = "quant_stats"
 THRESHOLDS = "quant"
 RANGES = "quant_ranges"
-# Calibration's second pass (fatq.calibration.calibrate), for activations with calibration='mse': each quantizer
-# sums, over the calibration batches, the squared error of every clipping factor of MSE_CANDIDATES.
+# Calibration's second pass (fatq.calibration.calibrate), for activations calibrated with 'mse' or 'percentile':
+# each such quantizer sums, over the calibration batches, what it chooses its range from, and the range so chosen
+# (``min``, ``max``).
 SEARCH = "quant_search"
 
 
@@ -242,27 +244,47 @@ class FakeQuant(nn.Module):
     shape[self.spec.channel_axis % x.ndim] = -1
     return shape
 
-  def _clip_errors(self, x: jax.Array, t_left: jax.Array, t_right: jax.Array,
-                   axes: tuple[int, ...]) -> jax.Array:
-    """``sum (Q_a(x) - x)^2`` per slice for each clipping factor ``a`` of MSE_CANDIDATES, ``Q_a`` this quantizer's
-    grid (the FAT factors at their initial values) on the range ``a (t_left, t_right)``."""
+  def _search(self, x: jax.Array, t_left: jax.Array, t_right: jax.Array,
+              axes: tuple[int, ...]) -> dict[str, jax.Array]:
+    """What :meth:`_searched_range` chooses this quantizer's range from, for ``x`` and its min/max range ``[t_left,
+    t_right]``, per slice; sums, so that the batches of calibration add up:
+
+    * ``'mse'``: ``error``, ``sum (Q_a(x) - x)^2`` for each clipping factor ``a`` of MSE_CANDIDATES, ``Q_a`` this
+      quantizer's grid (the FAT factors at their initial values) on the range ``a (t_left, t_right)``;
+    * ``'percentile'``: ``histogram``, the counts of ``|x|`` (symmetric grids) or ``x`` over the min/max range
+      (:func:`fatq.quantizers.histogram`)."""
     shape = self._slice_shape(x)
+    if self.spec.calibration == "mse":
+      def error(alpha):
+        lo, hi, narrow = self.range(alpha * t_left, alpha * t_right, factor=_initial_factor)
+        q = quantizers.fake_quant(x, lo.reshape(shape), hi.reshape(shape), self.spec.bits, narrow)
+        return jnp.sum(jnp.square(q - x), axis=axes)
 
-    def error(alpha):
-      lo, hi, narrow = self.range(alpha * t_left, alpha * t_right, factor=_initial_factor)
-      q = quantizers.fake_quant(x, lo.reshape(shape), hi.reshape(shape), self.spec.bits, narrow)
-      return jnp.sum(jnp.square(q - x), axis=axes)
+      return {"error": quantizers.clip_errors(error, MSE_CANDIDATES)}
+    values, lo, hi = x, t_left, t_right
+    if self.spec.symmetric:
+      values, lo, hi = jnp.abs(x), jnp.zeros_like(t_left), jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
+    if self.spec.per_channel:  # (n, channels): the channel axis last
+      values = jnp.moveaxis(values, self.spec.channel_axis, -1).reshape(-1, values.shape[self.spec.channel_axis])
+    return {"histogram": quantizers.histogram(values.reshape(-1, *jnp.shape(lo)), lo, hi)}
 
-    return quantizers.clip_errors(error, MSE_CANDIDATES)
+  def _searched_range(self, found: dict[str, jax.Array], t_left: jax.Array,
+                      t_right: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The range ``(t_left', t_right')`` that the spec's calibration chooses from the min/max range and what
+    :meth:`_search` found: ``alpha* (t_left, t_right)`` with the ``alpha*`` of least error
+    (:func:`fatq.quantizers.mse_clip`) for ``'mse'``, :func:`fatq.quantizers.percentile_range` for
+    ``'percentile'``."""
+    if self.spec.calibration == "mse":
+      alpha = quantizers.mse_clip(found["error"], MSE_CANDIDATES)
+      return alpha * t_left, alpha * t_right
+    return quantizers.percentile_range(found["histogram"], t_left, t_right, self.spec.percentile, self.spec.symmetric)
 
-  def _mse_statistics(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """``calibration='mse'`` on weights: ``alpha* (min x, max x)`` with ``alpha*`` of least squared error, per slice.
-    A kernel is the same on every calibration batch, so its range is searched on the first and kept. (Activations
-    are searched over all batches: ``__call__``'s SEARCH pass.)"""
+  def _searched_statistics(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """A kernel's range by ``'mse'`` or ``'percentile'``, from the kernel itself, per slice. A kernel is the same on
+    every calibration batch, so its range is searched on the first and kept. (Activations are searched over all
+    batches: ``__call__``'s SEARCH pass.)"""
     t_left, t_right = jnp.min(x, axis=axes), jnp.max(x, axis=axes)
-    errors = self._clip_errors(x, t_left, t_right, axes)
-    alpha = quantizers.mse_clip(errors, MSE_CANDIDATES)
-    return alpha * t_left, alpha * t_right
+    return self._searched_range(self._search(x, t_left, t_right, axes), t_left, t_right)
 
   def _grid_shift(self, x: jax.Array) -> jax.Array:
     """``Q(x) - Q0(x)``: ``x`` on the current grid minus ``x`` on the calibrated one (see ``__call__``)."""
@@ -315,21 +337,26 @@ class FakeQuant(nn.Module):
     axes = self._reduce_axes(x)
     if self.is_mutable_collection(STATS):
       keep = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
-      searched = self.has_variable(STATS, "min")  # a later batch: the weights, and so their MSE range, are the same
+      searched = self.has_variable(STATS, "min")  # a later batch: the same weights, the same searched range
       lo = self.variable(STATS, "min", lambda: jnp.full(keep, jnp.inf, jnp.float32))
       hi = self.variable(STATS, "max", lambda: jnp.full(keep, -jnp.inf, jnp.float32))
-      if self.spec.calibration == "mse" and self.weights:
+      if self.spec.calibration != "minmax" and self.weights:
         if not searched:
-          lo.value, hi.value = self._mse_statistics(x, axes)
-      else:  # activations with 'mse' too: their min/max first, the SEARCH pass clips it
+          lo.value, hi.value = self._searched_statistics(x, axes)
+      else:  # searched activations too: their min/max first, from which the SEARCH pass chooses
         lo.value = jnp.minimum(lo.value, jnp.min(x, axis=axes))
         hi.value = jnp.maximum(hi.value, jnp.max(x, axis=axes))
       return x
     if self.is_mutable_collection(SEARCH):  # calibration's second pass: float, as the first
-      if self.spec.calibration == "mse" and not self.weights:
-        errors = self._clip_errors(x, self.get_variable(STATS, "min"), self.get_variable(STATS, "max"), axes)
-        total = self.variable(SEARCH, "error", lambda: jnp.zeros(errors.shape, jnp.float32))
-        total.value = total.value + errors
+      if self.spec.calibration != "minmax" and not self.weights:
+        t_left, t_right = self.get_variable(STATS, "min"), self.get_variable(STATS, "max")
+        found = {}
+        for name, value in self._search(x, t_left, t_right, axes).items():
+          total = self.variable(SEARCH, name, jnp.zeros, value.shape, jnp.float32)
+          total.value = found[name] = total.value + value
+        # the range chosen from the batches so far: after the last, the calibrated one (fatq.calibration)
+        for name, value in zip(("min", "max"), self._searched_range(found, t_left, t_right)):
+          self.put_variable(SEARCH, name, value)
       return jnp.zeros_like(x) if grid_shift else x
     if not self.has_variable(STATS, "min"):
       return jnp.zeros_like(x) if grid_shift else x  # float: not calibrated

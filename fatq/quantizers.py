@@ -291,6 +291,51 @@ def mse_clip(errors: jax.Array, candidates: jax.Array) -> jax.Array:
   return jnp.asarray(candidates)[jnp.argmin(errors, axis=0)]
 
 
+HISTOGRAM_BINS = 2048
+
+
+def histogram(values: jax.Array, lo: jax.Array, hi: jax.Array, bins: int = HISTOGRAM_BINS) -> jax.Array:
+  """Counts of ``values`` (shape ``(n, *slices)``) in ``bins`` equal bins over ``[lo, hi]`` (shape ``slices``), per
+  slice: shape ``(*slices, bins)``, float32. Value ``v`` is counted in bin ``floor((v - lo) / (hi - lo) * bins)``,
+  clipped to ``[0, bins - 1]``, so ``hi`` itself falls in the last bin."""
+  width = jnp.where(hi > lo, hi - lo, 1.0)
+  index = jnp.clip(jnp.floor((values - lo) / width * bins), 0, bins - 1).astype(jnp.int32)
+  slices = int(np.prod(jnp.shape(lo)))
+  index = index.reshape(index.shape[0], slices) + jnp.arange(slices, dtype=jnp.int32) * bins
+  counts = jnp.bincount(index.ravel(), length=slices * bins)
+  return counts.reshape(*jnp.shape(lo), bins).astype(jnp.float32)
+
+
+def histogram_quantile(counts: jax.Array, lo: jax.Array, hi: jax.Array, q: float) -> jax.Array:
+  """The ``q``-quantile of the values :func:`histogram` counted on ``[lo, hi]``, rounded up to a bin edge, per slice:
+  ``lo + (k + 1) (hi - lo) / bins`` for the first bin ``k`` whose cumulative count reaches ``q`` of the total
+  (``q = 1``: the last non-empty bin's upper edge, ``hi`` for the values' own range)."""
+  cumulative = jnp.cumsum(counts, axis=-1)
+  k = jnp.argmax(cumulative >= q * cumulative[..., -1:], axis=-1)
+  return lo + (k + 1) * (hi - lo) / counts.shape[-1]
+
+
+def percentile_range(counts: jax.Array, t_left: jax.Array, t_right: jax.Array, percentile: float,
+                     symmetric: bool) -> tuple[jax.Array, jax.Array]:
+  """The range ``(t_left', t_right')`` that keeps ``percentile`` % of the calibration values, from their histogram
+  over the min/max range ``[t_left, t_right]``, per slice (``p = percentile / 100``):
+
+    symmetric grids, ``counts`` of ``|x|`` on ``[0, T_max]``, ``T_max = max(|t_left|, |t_right|)``:
+      ``alpha (t_left, t_right)`` with ``alpha = Q_|x|(p) / T_max``;
+    asymmetric grids, ``counts`` of ``x`` on ``[t_left, t_right]``:
+      ``(Q_x((1 - p) / 2), Q_x((1 + p) / 2))``, a tail of ``(1 - p) / 2`` clipped on each side.
+
+  Quantiles are rounded outwards to the histogram's bin edges, so ``p = 1`` gives back the min/max range."""
+  p = percentile / 100.0
+  if symmetric:
+    t_max = jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
+    alpha = jnp.where(t_max > 0, histogram_quantile(counts, 0.0, t_max, p) / jnp.where(t_max > 0, t_max, 1.0), 1.0)
+    return alpha * t_left, alpha * t_right
+  upper = histogram_quantile(counts, t_left, t_right, (1 + p) / 2)
+  lower = -histogram_quantile(counts[..., ::-1], -t_right, -t_left, (1 + p) / 2)  # the same, on -x
+  return lower, upper
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # FAT threshold parameterisations.
 

@@ -340,6 +340,72 @@ def test_mse_calibration_of_activations_clips_the_range_of_least_error_over_all_
   np.testing.assert_allclose(quantized, errors.min(axis=0).sum(), rtol=1e-4)
 
 
+def _assert_outward_quantile(edge, values, q, width, upper=True):
+  """``edge`` is the ``q``-quantile of ``values`` rounded outwards to a bin edge of ``width``: at most a bin away,
+  with at least ``q`` of the values on its inner side (a tolerance of 1e-5 of a bin for float32 edges)."""
+  exact = np.quantile(values, q, method="inverted_cdf")
+  if upper:
+    assert exact - 1e-5 * width <= edge <= exact + width * (1 + 1e-5), (edge, exact, width)
+    assert np.mean(values <= edge + 1e-5 * width) >= q
+  else:
+    assert exact - width * (1 + 1e-5) <= edge <= exact + 1e-5 * width, (edge, exact, width)
+    assert np.mean(values >= edge - 1e-5 * width) >= 1 - q
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_percentile_calibration_keeps_that_share_of_the_values_over_all_batches(per_channel, symmetric):
+  """calibration='percentile' on an activation with heavy tails on both sides, over three batches: the range is the
+  percentile of |x| (symmetric) or the (1 -+ p) / 2 quantiles of x (asymmetric) of all the batches' values together,
+  a numpy reference, rounded outwards to the histogram's 2048 bins over the min/max range; p = 100 gives min/max."""
+  keys = jax.random.split(jax.random.key(7), 3)
+  batches = [np.asarray(jax.random.t(k, 2.0, (8, 16, 16, 4)), np.float32) * s + 0.5
+             for k, s in zip(keys, (1.0, 0.3, 0.3))]
+  values = np.concatenate([x.reshape(-1, 4) for x in batches])  # (n, channels)
+  spec = fatq.QuantSpec.fat(8, symmetric=symmetric, per_channel=per_channel, calibration="percentile",
+                            percentile=99.9)
+  stats = fatq.calibrate(_Activation(spec), {}, batches)["act_quant"]
+  slices = [values[:, c] for c in range(4)] if per_channel else [values.ravel()]
+  for i, v in enumerate(slices):
+    lo, hi = (np.asarray(stats[k]).reshape(-1)[i] for k in ("min", "max"))
+    if symmetric:  # the range alpha (min, max), alpha = T / T_max
+      t_max = np.abs(v).max()
+      _assert_outward_quantile(max(-lo, hi), np.abs(v), 0.999, t_max / 2048)
+      np.testing.assert_allclose(lo / v.min(), hi / v.max(), rtol=1e-6)
+    else:
+      width = (v.max() - v.min()) / 2048
+      _assert_outward_quantile(hi, v, 0.9995, width)
+      _assert_outward_quantile(lo, v, 0.0005, width, upper=False)
+    assert hi < v.max() and (symmetric or lo > v.min())  # clipped: 6144 values a slice, 0.1 % of them out
+  everything = fatq.calibrate(_Activation(dataclasses.replace(spec, percentile=100)), {}, batches)["act_quant"]
+  minmax = fatq.calibrate(_Activation(dataclasses.replace(spec, calibration="minmax")), {}, batches)["act_quant"]
+  for k in ("min", "max"):
+    np.testing.assert_allclose(everything[k], minmax[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_percentile_calibration_of_a_kernel_uses_the_kernel_itself(per_channel):
+  w = np.asarray(jax.random.t(jax.random.key(3), 3.0, (5, 5, 6, 16)), np.float32) * 0.1
+  fq = fatq.FakeQuant(fatq.QuantSpec.fat(4, per_channel=per_channel, calibration="percentile", percentile=99.0),
+                      weights=True)
+  _, v = fq.apply({}, w, mutable=["quant_stats"])
+  _, again = fq.apply(v, w, mutable=["quant_stats"])  # a second calibration batch keeps it
+  slices = [w[..., c].ravel() for c in range(16)] if per_channel else [w.ravel()]
+  for i, x in enumerate(slices):
+    t = max(-float(np.asarray(v["quant_stats"]["min"]).reshape(-1)[i]),
+            float(np.asarray(v["quant_stats"]["max"]).reshape(-1)[i]))
+    _assert_outward_quantile(t, np.abs(x), 0.99, np.abs(x).max() / 2048)
+  jax.tree.map(np.testing.assert_array_equal, v, again)
+
+
+def test_percentile_row_options_reach_both_specs():
+  cfg = fatq.QuantConfig.from_dict(dict(weight_bits=4, act_bits=4, weight_calibration="percentile",
+                                        act_calibration="percentile", percentile=99.5))
+  for name in ("conv1/kernel", "conv1/output"):
+    assert (cfg.spec_for(name).calibration, cfg.spec_for(name).percentile) == ("percentile", 99.5)
+  assert fatq.QuantConfig.from_dict(dict(act_calibration="percentile")).spec_for("fc1/output").percentile == 99.99
+
+
 def test_mse_calibration_option_reaches_the_weights_and_activations_and_is_validated(mnist, lenet_params):
   cfg = fatq.QuantConfig.from_dict(dict(weight_bits=4, act_bits=4, weight_calibration="mse"))
   assert cfg.spec_for("conv1/kernel").calibration == "mse" and cfg.spec_for("conv1/output").calibration == "minmax"
@@ -358,7 +424,8 @@ def test_mse_calibration_option_reaches_the_weights_and_activations_and_is_valid
     else:
       assert np.all((ratio >= 0.2 - 1e-6) & (ratio <= 1.0)), (name, ratio)
   assert any(np.all(np.asarray(clipped[n]["max"]) < np.asarray(plain[n]["max"])) for n in plain if "output" in n)
-  with pytest.raises(ValueError, match=r"QuantSpec.calibration must be one of \('minmax', 'mse'\), got 'l2'"):
+  with pytest.raises(ValueError,
+                     match=r"QuantSpec.calibration must be one of \('minmax', 'mse', 'percentile'\), got 'l2'"):
     fatq.QuantSpec(calibration="l2")
   with pytest.raises(ValueError, match="calibration='mse' searches a uniform grid's range; kind='pot'"):
     fatq.QuantSpec(kind="pot", calibration="mse")
