@@ -328,10 +328,7 @@ def check_resume(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   if previous is None:
     return
   as_stored = json.loads(json.dumps(cfg.to_dict(), default=_json_default))  # tuples as lists, as results.json has
-  old, new = _flat_values(previous), _flat_values(as_stored)
-  changed = [f"{key} {old.get(key, '(none)')!r} -> {new.get(key, '(none)')!r}"
-             for key in sorted(old.keys() | new.keys())
-             if key not in RESUMABLE_CHANGES and (key in old, old.get(key)) != (key in new, new.get(key))]
+  changed = changed_values(_flat_values(previous), _flat_values(as_stored), ignore=RESUMABLE_CHANGES)
   old_rows = {row_name(r): r for r in previous.get("rows", [])}
   changed += [f"row {row_name(r)} {old_rows[row_name(r)]} -> {r}" for r in as_stored.get("rows", [])
               if row_name(r) in old_rows and old_rows[row_name(r)] != r]
@@ -340,6 +337,13 @@ def check_resume(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f"--resume with another config than the one that wrote {path}: {'; '.join(changed[:4])}{more}. "
                      "Its rows were computed with the earlier values: resume with the same config and overrides, or "
                      "run the changed config in a new --workdir")
+
+
+def changed_values(old: dict, new: dict, ignore=()) -> list[str]:
+  """``'key old -> new'`` for each key of two flat dicts whose value differs or that one of them lacks (shown as
+  ``'(none)'``), in key order, ``ignore`` left out."""
+  return [f"{key} {old.get(key, '(none)')!r} -> {new.get(key, '(none)')!r}" for key in sorted(old.keys() | new.keys())
+          if key not in ignore and (key in old, old.get(key)) != (key in new, new.get(key))]
 
 
 def _flat_values(config: dict, prefix: str = "") -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fatq.experiment import Data, atomic_write_json, check_config, load_variables, save_variables
+from fatq.experiment import Data, atomic_write_json, changed_values, check_config, load_variables, save_variables
 
 Tree = Any
 
@@ -71,7 +71,8 @@ def _lenet5(cfg, workdir: str, progress: bool):
   test_x, test_y = idx.load(cfg.data.name, "test", cfg.data.dir or None)
   model = LeNet5(num_classes=m.num_classes)
   ckpt = m.checkpoint or os.path.join(workdir, "float_checkpoint")
-  changed = "" if m.checkpoint else _float_training_changes(ckpt, float_training(cfg))
+  settings = float_training(cfg)
+  changed = "" if m.checkpoint else _float_training_changes(ckpt, settings)
   if changed:
     print(f"float LeNet-5: {ckpt} was trained with other settings ({changed}); training it again")
   if os.path.isdir(ckpt) and not changed:
@@ -92,7 +93,7 @@ def _lenet5(cfg, workdir: str, progress: bool):
     with contextlib.suppress(FileNotFoundError):
       os.remove(ckpt + ".json")  # no settings that the checkpoint may not have, should saving it fail
     save_variables(ckpt, {"params": params})
-    atomic_write_json(ckpt + ".json", float_training(cfg))
+    atomic_write_json(ckpt + ".json", settings)
   train, cal, hold = split_unlabeled(train_x, cfg.data, cfg.seed)  # labels of these are never used
   return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=test_x, eval_labels=test_y,
                              sources=idx.sources(cfg.data.name, cfg.data.dir or None))
@@ -114,7 +115,7 @@ def _float_training_changes(ckpt: str, wanted: dict) -> str:
       stored = json.load(f)
   except FileNotFoundError:
     return ""
-  return ", ".join(f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v)
+  return ", ".join(changed_values(stored, wanted))
 
 
 def _imagenet(cfg):
