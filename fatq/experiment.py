@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fatq import calibration, equalize, layers, plots, training
+from fatq import calibration, equalize, layers, parallel, plots, training
 from fatq.config import QuantConfig, QuantRule, QuantSpec
 from fatq.layers import STATS, THRESHOLDS
 
@@ -319,12 +319,14 @@ RESUMABLE_CHANGES = ("eval_batch_size", "fat.checkpoint_every", "data.cache_dir"
 def check_resume(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError if ``workdir/results.json`` was written with another config than ``cfg``: its finished rows,
   and the training state of an interrupted one, belong to the earlier values. Keys of RESUMABLE_CHANGES may differ,
-  and rows the earlier run did not have may be added (rows are matched by name)."""
+  and rows the earlier run did not have may be added (rows are matched by name). With ``per_device_batch_size`` the
+  global batch is a function of the device count as well, which results.json records: another count is refused."""
   path = os.path.join(workdir, "results.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
-    previous = json.load(f).get("config")
+    stored = json.load(f)
+  previous = stored.get("config")
   if previous is None:
     return
   as_stored = json.loads(json.dumps(cfg.to_dict(), default=_json_default))  # tuples as lists, as results.json has
@@ -337,6 +339,22 @@ def check_resume(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f"--resume with another config than the one that wrote {path}: {'; '.join(changed[:4])}{more}. "
                      "Its rows were computed with the earlier values: resume with the same config and overrides, or "
                      "run the changed config in a new --workdir")
+  devices, before = jax.device_count(), stored.get("devices")
+  if before not in (None, devices):  # per_device_batch_size: the global batch changes with the device count
+    changed = sorted({(a, b) for a, b in zip(_global_batches(cfg, before), _global_batches(cfg, devices)) if a != b})
+    if changed:
+      raise ValueError(
+          f"--resume on {devices} device(s) of a run made on {before} ({path}): with per_device_batch_size the global "
+          f"batch would be {', '.join(f'{b} instead of {a}' for a, b in changed)}, and its rows were trained with the "
+          f"earlier one. Resume on {before} device(s), or run in a new --workdir")
+
+
+def _global_batches(cfg: ml_collections.ConfigDict, devices: int) -> list[int]:
+  """The global training batch of ``cfg.fat`` and of each row's own fine-tuning settings on ``devices`` devices."""
+  if cfg.get("fat") is None:
+    return []
+  fats = [cfg.fat] + [row_fat_config(cfg, r) for r in cfg.rows if fat_overrides(r)]
+  return [parallel.global_batch_size(fat, devices) for fat in fats]
 
 
 def changed_values(old: dict, new: dict, ignore=()) -> list[str]:
@@ -371,7 +389,7 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, "results.json")
   results = {"model": cfg.model.name, "dataset": cfg.data.name, "sources": data.sources, "rows": [],
-             "config": cfg.to_dict(), "timings": {}}
+             "config": cfg.to_dict(), "devices": jax.device_count(), "timings": {}}
   if resume:
     check_resume(cfg, workdir)
   if resume and os.path.exists(results_path):

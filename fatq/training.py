@@ -211,6 +211,7 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   total = steps_per_epoch * cfg.epochs
   eval_every = cfg.get("eval_every", 0) or steps_per_epoch
   seed = cfg.get("seed", 0)
+  batches = dict(batch_size=bs, train_images=n, seed=seed)  # what the batch order is a function of
   if n_dev > 1:
     log(f"data parallel over {parallel.describe(mesh)}: global batch {bs} ({bs // n_dev} per device)")
   frozen = parallel.replicate(mesh, frozen)  # placed once; the step's in_shardings then move nothing
@@ -236,6 +237,7 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
     state = parallel.replicate(mesh, state)  # restored as host numpy arrays
     last_good = restored["last_good"]
     history = _read_history(ckpt.metrics_path, int(state.step))
+    _check_same_batches(history, batches, n_dev, ckpt.metrics_path)
     log(f"resumed at step {int(state.step)} of {total} (best held-out loss {best_loss:.4f})")
   else:
     last_good = state.thresholds
@@ -251,7 +253,7 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
       ckpt.clear()
     # the replicated copy: the same argument types as every later evaluation, so eval_loss compiles once
     best_loss = holdout_loss(state.thresholds)
-    record(dict(step=0, holdout_loss=best_loss, factors=factor_summary(thresholds)))
+    record(dict(step=0, holdout_loss=best_loss, factors=factor_summary(thresholds), **batches, devices=n_dev))
 
   def save(reason: str):
     if ckpt:
@@ -307,6 +309,25 @@ def factor_summary(thresholds: Tree) -> dict[str, dict[str, float]]:
   from fatq.calibration import points
 
   return {name: {k: float(np.mean(v)) for k, v in d.items()} for name, d in points(thresholds).items()}
+
+
+def _check_same_batches(history: list[dict], batches: dict, n_dev: int, metrics_path: str):
+  """Raises ValueError if the run being resumed drew other batches than this one would: the step-0 entry of its
+  metrics (``history[0]``) records its global batch size, training image count and seed. A global batch of
+  ``per_device_batch_size * devices`` changes with the device count. Entries from an older fatq, without them, pass."""
+  before = history[0] if history and history[0].get("step") == 0 else {}
+  changed = [f"{key} {before[key]} -> {value}" for key, value in batches.items()
+             if key in before and before[key] != value]
+  if not changed:
+    return
+  was = f" on {before['devices']} device(s)" if "devices" in before else ""
+  hint = ""
+  if "batch_size" in before and before["batch_size"] != batches["batch_size"] and before["batch_size"] % n_dev == 0:
+    hint = (f" (here: batch_size {before['batch_size']}, or per_device_batch_size {before['batch_size'] // n_dev} "
+            f"on these {n_dev} device(s))")
+  raise ValueError(f"the training state to resume ({os.path.dirname(metrics_path)}) was saved by a run{was} with "
+                   f"other batches than this one: {'; '.join(changed)}. Resuming would continue its steps on other "
+                   f"batches: resume with the settings it had{hint}, or start the row over without --resume")
 
 
 def _read_history(path: str, up_to_step: int) -> list[dict]:

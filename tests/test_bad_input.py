@@ -429,6 +429,22 @@ def test_disk_full_while_saving_keeps_results_and_resume_continues(tmp_path, mon
   assert json.loads(results_path.read_text())["rows"] == results["rows"]
 
 
+def test_resume_on_another_device_count_with_per_device_batches_stops(tmp_path):
+  """results.json records the device count: a run of ``per_device_batch_size`` 10 made on 2 devices (a global batch of
+  20) resumed on this one device would train with 10; a fixed ``batch_size`` is the same global batch anywhere."""
+  cfg, *_ = _tiny_experiment()
+  cfg.rows = [cfg.rows[0], dict(cfg.rows[1], fat=dict(per_device_batch_size=5))]
+  cfg.fat.per_device_batch_size = 10
+  experiment.atomic_write_json(str(tmp_path / "results.json"), {"config": cfg.to_dict(), "devices": 2})
+  with pytest.raises(ValueError, match=r"^--resume on 1 device\(s\) of a run made on 2 \(.*results.json\): with "
+                                       r"per_device_batch_size the global batch would be 5 instead of 10, 10 instead "
+                                       r"of 20, and its rows were trained with the earlier one\. Resume on 2 device"):
+    experiment.check_resume(cfg, str(tmp_path))
+  cfg.fat.per_device_batch_size, cfg.rows = 0, [cfg.rows[0], dict(cfg.rows[1], fat=True)]
+  experiment.atomic_write_json(str(tmp_path / "results.json"), {"config": cfg.to_dict(), "devices": 2})
+  experiment.check_resume(cfg, str(tmp_path))
+
+
 def test_resume_with_another_config_stops_and_names_what_changed(tmp_path):
   cfg, model, params, data = _tiny_experiment()
   cfg.rows = [dict(cfg.rows[1], name="mine")]

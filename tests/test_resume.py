@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 
+import jax
+import numpy as np
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "finetune_tiny.py")
@@ -145,3 +147,26 @@ def test_fresh_run_in_an_earlier_runs_workdir_leaves_nothing_of_it_to_resume(env
   assert resumed["best"] == uninterrupted["best"] != ref["best"]
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [x["holdout_loss"] for x in lines] == [h["holdout_loss"] for h in uninterrupted["history"]]
+
+
+def test_resume_on_another_device_count_needs_the_same_global_batch(env, reference, tmp_path):
+  """The reference run (one device, global batch 20) resumed from step 20 on two devices: with the same global batch
+  it continues to the reference's thresholds (up to float summation order); with per_device_batch_size 20 (a global
+  batch of 40, so other batches than the steps before) it stops and names the change instead of mixing the two."""
+  ref_dir, ref = reference
+  two = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  workdir = tmp_path / "two_devices"
+  shutil.copytree(ref_dir, workdir)
+  shutil.rmtree(workdir / "train_state" / "21")  # resume from step 20
+  out = subprocess.run([sys.executable, SCRIPT, str(workdir), "--resume", "--per-device-batch-size", "20"],
+                       capture_output=True, text=True, timeout=300, env=two)
+  assert out.returncode != 0
+  assert ("was saved by a run on 1 device(s) with other batches than this one: batch_size 20 -> 40. Resuming would "
+          "continue its steps on other batches: resume with the settings it had (here: batch_size 20, or "
+          "per_device_batch_size 10 on these 2 device(s))") in out.stderr
+  assert _steps(workdir) == [20]  # nothing trained, nothing saved
+  resumed, log = _run(two, workdir, "--resume")
+  assert "resumed at step 20 of 21" in log.stdout and "data parallel over 2 cpu device(s)" in log.stdout
+  assert resumed["best"].keys() == ref["best"].keys()
+  for key in ref["best"]:
+    np.testing.assert_allclose(jax.tree.leaves(resumed["best"][key]), jax.tree.leaves(ref["best"][key]), atol=1e-5)

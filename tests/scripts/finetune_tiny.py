@@ -1,6 +1,6 @@
 """A tiny FAT run for the crash-safety tests (tests/test_resume.py), which kill or interrupt it.
 
-    finetune_tiny.py WORKDIR [--resume] [--slow-after N] [--lr LR]
+    finetune_tiny.py WORKDIR [--resume] [--slow-after N] [--lr LR] [--per-device-batch-size B]
 
 A two-layer MLP on random 8-feature inputs (compiles in about a second), 4-bit per-channel weights and asymmetric
 activations, 21 steps (3 epochs of 7 batches), held-out evaluation every 5 steps, a checkpoint every 2 steps.
@@ -39,6 +39,7 @@ def main():
   ap.add_argument("--resume", action="store_true")
   ap.add_argument("--slow-after", type=int, default=0)
   ap.add_argument("--lr", type=float, default=3e-2)
+  ap.add_argument("--per-device-batch-size", type=int, default=0)  # else a global batch of 20
   args = ap.parse_args()
 
   if args.slow_after:  # wrap the jitted step: the sleep happens between steps, in Python, where signals land
@@ -66,7 +67,8 @@ def main():
   th = fatq.init_thresholds(model, params, stats, x[:1])
   teacher = np.asarray(TinyMLP().apply({"params": params}, x))
   cfg = ml_collections.ConfigDict(dict(epochs=3, batch_size=20, loss="rmse", schedule="cosine_restarts", lr=args.lr,
-                                       lr_min=0.0, restart_period=10, eval_every=5, seed=0, checkpoint_every=2))
+                                       lr_min=0.0, restart_period=10, eval_every=5, seed=0, checkpoint_every=2,
+                                       per_device_batch_size=args.per_device_batch_size))
   try:
     best, hist = training.finetune(model, {"params": params, "quant_stats": stats}, th, x[:140], teacher[:140],
                                    (x[140:], teacher[140:]), cfg, workdir=args.workdir, resume=args.resume,
