@@ -16,7 +16,8 @@ Variants (``--config configs/<model>_fat.py:VARIANT``):
               vector mode at W8A8, W4A8 (MSE weight ranges), W8A6 and W8A4 and in scalar mode at W8A8 (TFLite's
               int8 scheme, bias correction), then FAT at W8A4 as the default rows train;
   ``actpercentile``  the same rows once, activation ranges that keep 99.99 % of the values
-              (``act_calibration='percentile'``).
+              (``act_calibration='percentile'``);
+  ``actentropy``  the same rows once, activation ranges of least KL divergence (``act_calibration='entropy'``).
 """
 
 import importlib.util
@@ -63,7 +64,7 @@ def act_calibration_rows(method: str = "mse"):
   return [r for row in ptq + fat for r in (row, dict(row, act_calibration=method))]
 
 
-VARIANTS = ("", "cpu", "paper", "quick", "actmse", "actpercentile")
+VARIANTS = ("", "cpu", "paper", "quick", "actmse", "actpercentile", "actentropy")
 
 
 def fat_config(model_config_file: str, variant: str | None):
@@ -88,7 +89,8 @@ def fat_config(model_config_file: str, variant: str | None):
   c.fat = dict(epochs=2, batch_size=32, loss="rmse", schedule="cosine_restarts", lr=2e-3, lr_min=1e-5,
                restart_period=25, eval_every=25, checkpoint_every=10, seed=0, per_device_batch_size=0)
   c.rows = {"paper": paper_rows(), "actmse": act_calibration_rows(),
-            "actpercentile": act_calibration_rows("percentile")[1::2]}.get(variant, default_rows())
+            "actpercentile": act_calibration_rows("percentile")[1::2],
+            "actentropy": act_calibration_rows("entropy")[1::2]}.get(variant, default_rows())
   c.eval_batch_size = 50
   if variant == "cpu":
     c.fat.epochs = 1

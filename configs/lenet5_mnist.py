@@ -5,7 +5,8 @@
 Override any value on the command line, e.g. ``--config.fat.epochs=2``; ``configs/lenet5_mnist.py:quick`` is a
 one-minute smoke run (1 float epoch, 3000 FAT images, two rows); ``:actmse`` runs the FAT rows below 8 bits twice,
 activation ranges by min/max and by MSE (``act_calibration='mse'``), ``:actpercentile`` once more, with activation
-ranges that keep 99.99 % of the values (``act_calibration='percentile'``). Data: ``$FATQ_DATA/mnist`` (default
+ranges that keep 99.99 % of the values (``act_calibration='percentile'``), ``:actentropy`` with ranges of least KL
+divergence (``act_calibration='entropy'``). Data: ``$FATQ_DATA/mnist`` (default
 ``../shared/data/mnist``) or ``--config.data.dir=/path/to/idx/files``.
 """
 
@@ -51,8 +52,8 @@ def rows():
 
 
 def get_config(arg: str | None = None, dataset: str = "mnist"):
-  if arg not in (None, "", "quick", "actmse", "actpercentile"):
-    raise ValueError(f"unknown config variant {arg!r}; use '', 'quick', 'actmse' or 'actpercentile'")
+  if arg not in (None, "", "quick", "actmse", "actpercentile", "actentropy"):
+    raise ValueError(f"unknown config variant {arg!r}; use '', 'quick', 'actmse', 'actpercentile' or 'actentropy'")
   c = ml_collections.ConfigDict()
   c.seed = 0
   # AdamW's weight decay makes a float model that loses less at low bits: on Fashion-MNIST, 0.05 gave float 90.84
@@ -72,6 +73,8 @@ def get_config(arg: str | None = None, dataset: str = "mnist"):
     c.rows = [r for row in low for r in (row, dict(row, act_calibration="mse", name=row["name"] + "-actmse"))]
   if arg == "actpercentile":
     c.rows = [dict(row, act_calibration="percentile", name=row["name"] + "-actp99.99") for row in low]
+  if arg == "actentropy":
+    c.rows = [dict(row, act_calibration="entropy", name=row["name"] + "-actentropy") for row in low]
   if arg == "quick":
     c.model.float_epochs = 1
     c.data.num_train, c.data.num_holdout = 3000, 300

@@ -18,10 +18,11 @@ def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
   """Running min/max of every quantization point over ``batches`` (unlabeled images), as the ``quant_stats`` tree.
 
   Weights are recorded too (their statistics are those of the frozen tensor); activations over all batches. Points
-  calibrated with ``'mse'`` or ``'percentile'``: a kernel's range is searched on the first batch (it is the same on
-  every batch); an activation's range is chosen afterwards from its min/max and what a second pass over all batches
-  sums (:func:`clip_activation_ranges`): ``alpha* (min, max)`` with ``alpha*`` of least squared quantization error,
-  or the range that keeps the spec's percentile of the values.
+  calibrated with ``'mse'``, ``'percentile'`` or ``'entropy'``: a kernel's range is searched on the first batch (it is
+  the same on every batch); an activation's range is chosen afterwards from its min/max and what a second pass over
+  all batches sums (:func:`clip_activation_ranges`): ``alpha* (min, max)`` with ``alpha*`` of least squared
+  quantization error or of least divergence from the values' histogram, or the range that keeps the spec's
+  percentile of the values.
   """
   batches = list(batches)  # read twice where a second pass searches activation ranges
 
@@ -44,9 +45,9 @@ def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
 
 
 def clip_activation_ranges(model, params: Tree, stats: Tree, batches: Sequence[np.ndarray]) -> Tree:
-  """``stats`` with the range of each activation point calibrated with ``'mse'`` or ``'percentile'`` chosen by its
+  """``stats`` with the range of each activation point calibrated by a search (``'mse'``, ...) chosen by its
   quantizer from what it sums over ``batches`` (for ``'mse'``: the min/max range scaled by the candidate of
-  :data:`fatq.layers.MSE_CANDIDATES`, 1.0 first and kept on ties, of least ``sum (Q_a(x) - x)^2``), per slice;
+  :data:`fatq.layers.CLIP_FACTORS`, 1.0 first and kept on ties, of least ``sum (Q_a(x) - x)^2``), per slice;
   ``stats`` itself where there is none (found by tracing, without running)."""
 
   def search(params, stats, errors, x):

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 # Bounds of the FAT scale factors (paper, SPEC §1) and of the public reference code (SPEC §2).
 PAPER_BOUNDS = dict(scale_bounds=(0.5, 1.0), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(0.0, 0.4))
 KINDS = ("uniform", "pot", "fixed_point", "lsq")
-CALIBRATIONS = ("minmax", "mse", "percentile")
+CALIBRATIONS = ("minmax", "mse", "percentile", "entropy")
 REFERENCE_BOUNDS = dict(scale_bounds=(0.5, 1.3), signed_shift_bounds=(-0.2, 0.4), unsigned_shift_bounds=(-0.2, 0.4))
 
 
@@ -46,7 +46,10 @@ class QuantSpec:
       ``alpha* < 1`` trades a few clipped outliers for a finer grid everywhere else. ``'percentile'`` (uniform
       grids): the range that keeps ``percentile`` % of the values, from their histogram (2048 bins over the min/max
       range, on the same tensors as ``'mse'``): ``[-T, T]`` with ``T`` the percentile of ``|x|`` for symmetric grids,
-      a tail of ``(100 - percentile) / 2`` % clipped on each side for asymmetric ones.
+      a tail of ``(100 - percentile) / 2`` % clipped on each side for asymmetric ones. ``'entropy'`` (uniform grids,
+      TensorRT's calibration): the min/max range scaled by the factor of ``'mse'``'s candidates whose clipped and
+      quantized histogram is closest to the values' (least Kullback-Leibler divergence;
+      :func:`fatq.quantizers.entropy_divergences`).
     percentile: the share of values, in %, that ``calibration='percentile'`` keeps in range (0 < p <= 100).
   """
 

@@ -6,7 +6,7 @@ One model definition serves three roles, chosen by the variable collections it i
 * calibration:    ``model.apply({'params': p, ...}, x, mutable=['quant_stats'])`` records min/max of every
   quantization point (weights and activations) into ``quant_stats`` (and, with ``QuantConfig.track_bias_correction``,
   each layer's mean input patch); a second pass with ``mutable=['quant_search']`` sums, for activations calibrated
-  with ``'mse'``, the squared error of each clipping factor, or for ``'percentile'`` their histogram
+  with ``'mse'``, the squared error of each clipping factor, or for ``'percentile'`` and ``'entropy'`` their histogram
   (fatq.calibration.calibrate runs both);
 * quantized:      ``model.apply({'params': p, 'quant_stats': s, 'quant': t}, x)`` fake-quantizes every point whose
   rule gives a spec, with ranges from the statistics scaled by the FAT factors in ``quant`` (the only trainable
@@ -49,7 +49,7 @@ from fatq.config import QuantConfig, QuantSpec
 STATS = "quant_stats"
 THRESHOLDS = "quant"
 RANGES = "quant_ranges"
-# Calibration's second pass (fatq.calibration.calibrate), for activations calibrated with 'mse' or 'percentile':
+# Calibration's second pass (fatq.calibration.calibrate), for activations calibrated by a search ('mse', ...):
 # each such quantizer sums, over the calibration batches, what it chooses its range from, and the range so chosen
 # (``min``, ``max``).
 SEARCH = "quant_search"
@@ -186,8 +186,9 @@ def global_average_pool(x: jax.Array) -> jax.Array:
 ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "relu6": nn.relu6, "tanh": jnp.tanh}
 # Optional ``params`` leaf of a QConv with ReLU6: the upper bound per output channel (default 6 for all).
 RELU6_BOUND = "relu6_bound"
-# calibration='mse': the clipping factors tried, 1.0 first (kept on ties), then down to 0.2 in steps of 0.01.
-MSE_CANDIDATES = np.linspace(1.0, 0.2, 81, dtype=np.float32)
+# calibration='mse' and 'entropy': the clipping factors tried, 1.0 first (kept on ties), then down to 0.2 in steps of
+# 0.01.
+CLIP_FACTORS = np.linspace(1.0, 0.2, 81, dtype=np.float32)
 
 
 def _initial_factor(name: str, init: float, shape) -> jax.Array:
@@ -249,10 +250,10 @@ class FakeQuant(nn.Module):
     """What :meth:`_searched_range` chooses this quantizer's range from, for ``x`` and its min/max range ``[t_left,
     t_right]``, per slice; sums, so that the batches of calibration add up:
 
-    * ``'mse'``: ``error``, ``sum (Q_a(x) - x)^2`` for each clipping factor ``a`` of MSE_CANDIDATES, ``Q_a`` this
+    * ``'mse'``: ``error``, ``sum (Q_a(x) - x)^2`` for each clipping factor ``a`` of CLIP_FACTORS, ``Q_a`` this
       quantizer's grid (the FAT factors at their initial values) on the range ``a (t_left, t_right)``;
-    * ``'percentile'``: ``histogram``, the counts of ``|x|`` (symmetric grids) or ``x`` over the min/max range
-      (:func:`fatq.quantizers.histogram`)."""
+    * ``'percentile'`` and ``'entropy'``: ``histogram``, the counts of ``|x|`` (symmetric grids) or ``x`` over the
+      min/max range (:func:`fatq.quantizers.histogram`)."""
     shape = self._slice_shape(x)
     if self.spec.calibration == "mse":
       def error(alpha):
@@ -260,7 +261,7 @@ class FakeQuant(nn.Module):
         q = quantizers.fake_quant(x, lo.reshape(shape), hi.reshape(shape), self.spec.bits, narrow)
         return jnp.sum(jnp.square(q - x), axis=axes)
 
-      return {"error": quantizers.clip_errors(error, MSE_CANDIDATES)}
+      return {"error": quantizers.clip_errors(error, CLIP_FACTORS)}
     values, lo, hi = x, t_left, t_right
     if self.spec.symmetric:
       values, lo, hi = jnp.abs(x), jnp.zeros_like(t_left), jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
@@ -271,16 +272,26 @@ class FakeQuant(nn.Module):
   def _searched_range(self, found: dict[str, jax.Array], t_left: jax.Array,
                       t_right: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The range ``(t_left', t_right')`` that the spec's calibration chooses from the min/max range and what
-    :meth:`_search` found: ``alpha* (t_left, t_right)`` with the ``alpha*`` of least error
-    (:func:`fatq.quantizers.mse_clip`) for ``'mse'``, :func:`fatq.quantizers.percentile_range` for
-    ``'percentile'``."""
-    if self.spec.calibration == "mse":
-      alpha = quantizers.mse_clip(found["error"], MSE_CANDIDATES)
-      return alpha * t_left, alpha * t_right
-    return quantizers.percentile_range(found["histogram"], t_left, t_right, self.spec.percentile, self.spec.symmetric)
+    :meth:`_search` found: ``alpha* (t_left, t_right)`` with the ``alpha*`` of CLIP_FACTORS of least error
+    (:func:`fatq.quantizers.mse_clip`) for ``'mse'``, of least divergence from the histogram
+    (:func:`fatq.quantizers.entropy_divergences`, ``levels`` the grid's steps over the histogram's range) for
+    ``'entropy'``; :func:`fatq.quantizers.percentile_range` for ``'percentile'``."""
+    s = self.spec
+    if s.calibration == "percentile":
+      return quantizers.percentile_range(found["histogram"], t_left, t_right, s.percentile, s.symmetric)
+    if s.calibration == "mse":
+      errors = found["error"]
+    else:  # entropy: a signed symmetric grid has 2^(b-1) - 1 steps over [0, T] (narrow range), others 2^b - 1
+      signed = jnp.min(t_left) < 0 if s.signed is None else jnp.asarray(s.signed)
+      t_max = jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
+      lo, hi, steps = ((jnp.zeros_like(t_max), t_max, jnp.where(signed, 2**(s.bits - 1) - 1, 2**s.bits - 1))
+                       if s.symmetric else (t_left, t_right, 2**s.bits - 1))
+      errors = quantizers.entropy_divergences(found["histogram"], lo, hi, CLIP_FACTORS, steps)
+    alpha = quantizers.mse_clip(errors, CLIP_FACTORS)
+    return alpha * t_left, alpha * t_right
 
   def _searched_statistics(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """A kernel's range by ``'mse'`` or ``'percentile'``, from the kernel itself, per slice. A kernel is the same on
+    """A kernel's range by a search (``'mse'``, ...), from the kernel itself, per slice. A kernel is the same on
     every calibration batch, so its range is searched on the first and kept. (Activations are searched over all
     batches: ``__call__``'s SEARCH pass.)"""
     t_left, t_right = jnp.min(x, axis=axes), jnp.max(x, axis=axes)

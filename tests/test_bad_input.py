@@ -60,8 +60,8 @@ def test_bad_config_flag_stops_before_any_work(tmp_path, flag, message):
 
 @pytest.mark.parametrize("script,args,message", [
     ("finetune.py", ["--config", "configs/lenet5_mnist.py:quik", "--workdir", "W"],
-     "error: --config=configs/lenet5_mnist.py:quik: unknown config variant 'quik'; use '', 'quick', 'actmse' or "
-     "'actpercentile'"),
+     "error: --config=configs/lenet5_mnist.py:quik: unknown config variant 'quik'; use '', 'quick', 'actmse', "
+     "'actpercentile' or 'actentropy'"),
     ("finetune.py", ["--config", "configs/lenet5_mnistt.py", "--workdir", "W"],
      "error: config file 'configs/lenet5_mnistt.py' not found (--config)"),
     ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", "W", "--config.data.val_limt=3"],
@@ -102,11 +102,12 @@ def _load_config(name, arg=None):
 
 
 def test_shipped_configs_pass_the_checks():
-  configs = [_load_config("lenet5_mnist.py", variant) for variant in ("", "quick", "actmse", "actpercentile")]
+  configs = [_load_config("lenet5_mnist.py", variant)
+             for variant in ("", "quick", "actmse", "actpercentile", "actentropy")]
   configs += [_load_config(f) for f in sorted(os.listdir(os.path.join(ROOT, "configs")))
               if f.endswith("_fat.py") and f != "imagenet_fat.py"]  # imagenet_fat.py: their shared layout
   configs += [_load_config("mobilenet_v1_0.75_fat.py", variant)
-              for variant in ("cpu", "paper", "quick", "actmse", "actpercentile")]
+              for variant in ("cpu", "paper", "quick", "actmse", "actpercentile", "actentropy")]
   assert len(configs) >= 11
   for cfg in configs:
     experiment.check_config(cfg)
@@ -114,8 +115,8 @@ def test_shipped_configs_pass_the_checks():
 
 def test_activation_calibration_variants_pair_their_rows():
   """``:actmse``: each row twice, min/max then MSE activation ranges, and only the W8A4 pair fine-tunes (a model
-  config's own per-row settings must not turn a PTQ row into a FAT row); ``:actpercentile``: the same rows once,
-  with percentile ranges. LeNet-5's variants: its FAT rows below 8 bits."""
+  config's own per-row settings must not turn a PTQ row into a FAT row); ``:actpercentile`` and ``:actentropy``: the
+  same rows once, with percentile or entropy ranges. LeNet-5's variants: its FAT rows below 8 bits."""
   files = [f for f in sorted(os.listdir(os.path.join(ROOT, "configs"))) if f.endswith("_fat.py")
            and f != "imagenet_fat.py"]
   assert len(files) >= 4
@@ -129,10 +130,14 @@ def test_activation_calibration_variants_pair_their_rows():
     assert percentile == [dict(r, act_calibration="percentile") for r in rows[::2]], f
     assert [experiment.row_name(r) for r in percentile if r.get("fat")] == [
         "W8A4-channel-symW-asymA-actp99.99-bc-tracked-learnbias"], f
-  lenet = {v: [dict(r) for r in _load_config("lenet5_mnist.py", v).rows] for v in ("", "actmse", "actpercentile")}
+    assert [dict(r) for r in _load_config(f, "actentropy").rows] == [dict(r, act_calibration="entropy")
+                                                                     for r in rows[::2]], f
+  lenet = {v: [dict(r) for r in _load_config("lenet5_mnist.py", v).rows]
+           for v in ("", "actmse", "actpercentile", "actentropy")}
   low = [r for r in lenet[""] if r.get("fat") and r["weight_bits"] < 8]
   assert len(low) == 8 and lenet["actmse"][::2] == low
   assert lenet["actpercentile"] == [dict(r, act_calibration="percentile", name=r["name"] + "-actp99.99") for r in low]
+  assert lenet["actentropy"] == [dict(r, act_calibration="entropy", name=r["name"] + "-actentropy") for r in low]
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -146,9 +151,9 @@ def test_activation_calibration_variants_pair_their_rows():
      r"config.rows\[13\] \(W4A4-tensor-sym-learnbias\): learn_biases: the bias offsets are learned by FAT "
      r"fine-tuning; set fat=True on this row"),
     (lambda c: c.rows.append(dict(weight_bits=4, weight_calibration="l2")),
-     r"config.rows\[13\].*QuantSpec.calibration must be one of \('minmax', 'mse', 'percentile'\), got 'l2'"),
+     r"config.rows\[13\].*QuantSpec.calibration must be one of \('minmax', 'mse', 'percentile', 'entropy'\), got 'l2'"),
     (lambda c: c.rows.append(dict(weight_bits=4, act_calibration="l2")),
-     r"config.rows\[13\].*QuantSpec.calibration must be one of \('minmax', 'mse', 'percentile'\), got 'l2'"),
+     r"config.rows\[13\].*QuantSpec.calibration must be one of \('minmax', 'mse', 'percentile', 'entropy'\), got 'l2'"),
     (lambda c: c.rows.append(dict(weight_bits=4, rules=[("fc2/output", dict(bits=4, kind="pot", calibration="mse"))])),
      r"config.rows\[13\].*calibration='mse' searches a uniform grid's range; kind='pot' has its own"),
     (lambda c: c.rows.append(dict(weight_bits=4, act_calibration="percentile", percentile=150)),

@@ -398,6 +398,49 @@ def test_percentile_calibration_of_a_kernel_uses_the_kernel_itself(per_channel):
   jax.tree.map(np.testing.assert_array_equal, v, again)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_entropy_calibration_clips_by_the_histogram_of_all_batches(symmetric):
+  """calibration='entropy' on a 4-bit Laplacian activation, over three batches: the range is alpha* (min, max),
+  alpha* the clipping factor of least divergence for the numpy histogram of all the batches' values together
+  (``|x|`` on [0, T_max] with a signed symmetric grid's 7 steps; ``x`` on [min, max] with 15)."""
+  keys = jax.random.split(jax.random.key(11), 3)
+  batches = [np.asarray(jax.random.laplace(k, (8, 16, 16, 4)), np.float32) * s + 0.5
+             for k, s in zip(keys, (1.0, 0.3, 0.3))]
+  values = np.concatenate([x.ravel() for x in batches])
+  stats = fatq.calibrate(_Activation(fatq.QuantSpec.fat(4, symmetric=symmetric, calibration="entropy")), {},
+                         batches)["act_quant"]
+  lo, hi, steps, seen = values.min(), values.max(), 15, values
+  if symmetric:
+    lo, hi, steps, seen = 0.0, np.abs(values).max(), 7, np.abs(values)
+
+  def divergences_of(v):  # v's histogram on the range of all the values
+    index = np.clip(np.floor((v - np.float32(lo)) / np.float32(hi - lo) * 2048), 0, 2047).astype(int)
+    counts = np.bincount(index, minlength=2048).astype(np.float32)
+    return np.asarray(Q.entropy_divergences(counts, lo, hi, layers.CLIP_FACTORS, steps))
+
+  divergences = divergences_of(seen)
+  alpha = float(np.asarray(stats["max"]) / values.max())
+  np.testing.assert_allclose(float(np.asarray(stats["min"]) / values.min()), alpha, rtol=1e-6)
+  chosen = np.argmin(np.abs(layers.CLIP_FACTORS - alpha))
+  assert abs(layers.CLIP_FACTORS[chosen] - alpha) < 1e-6 and 0.2 < alpha < 1
+  assert divergences[chosen] <= divergences.min() * (1 + 1e-6)
+  assert np.argmin(divergences_of(seen[:batches[0].size])) != chosen  # the first batch alone: another choice
+
+
+def test_entropy_calibration_of_a_kernel_per_channel_uses_the_kernel_itself():
+  w = np.asarray(jax.random.t(jax.random.key(3), 3.0, (5, 5, 6, 16)), np.float32) * 0.1
+  fq = fatq.FakeQuant(fatq.QuantSpec.fat(4, per_channel=True, calibration="entropy"), weights=True)
+  _, v = fq.apply({}, w, mutable=["quant_stats"])
+  _, again = fq.apply(v, w, mutable=["quant_stats"])  # a second calibration batch keeps it
+  for c in range(16):
+    x = np.abs(w[..., c].ravel())
+    counts = np.bincount(np.clip(np.floor(x / x.max() * 2048), 0, 2047).astype(int), minlength=2048)
+    d = np.asarray(Q.entropy_divergences(counts.astype(np.float32), 0.0, x.max(), layers.CLIP_FACTORS, 7))
+    t = max(-float(np.asarray(v["quant_stats"]["min"])[c]), float(np.asarray(v["quant_stats"]["max"])[c]))
+    np.testing.assert_allclose(t, layers.CLIP_FACTORS[np.argmin(d)] * x.max(), rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, v, again)
+
+
 def test_percentile_row_options_reach_both_specs():
   cfg = fatq.QuantConfig.from_dict(dict(weight_bits=4, act_bits=4, weight_calibration="percentile",
                                         act_calibration="percentile", percentile=99.5))
@@ -425,7 +468,8 @@ def test_mse_calibration_option_reaches_the_weights_and_activations_and_is_valid
       assert np.all((ratio >= 0.2 - 1e-6) & (ratio <= 1.0)), (name, ratio)
   assert any(np.all(np.asarray(clipped[n]["max"]) < np.asarray(plain[n]["max"])) for n in plain if "output" in n)
   with pytest.raises(ValueError,
-                     match=r"QuantSpec.calibration must be one of \('minmax', 'mse', 'percentile'\), got 'l2'"):
+                     match=r"QuantSpec.calibration must be one of \('minmax', 'mse', 'percentile', 'entropy'\), "
+                           r"got 'l2'"):
     fatq.QuantSpec(calibration="l2")
   with pytest.raises(ValueError, match="calibration='mse' searches a uniform grid's range; kind='pot'"):
     fatq.QuantSpec(kind="pot", calibration="mse")

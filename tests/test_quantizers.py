@@ -270,3 +270,56 @@ def test_exact_divide_outside_normal_numbers():
   p = Q.nudge(jnp.float32(0.0), jnp.float32(7.0), 2)
   codes = np.asarray(Q.quantize(jnp.array([0.0, tiny, 2.0, 6.9], jnp.float32), p))
   np.testing.assert_array_equal(codes, [0, 0, 1, 3])
+
+
+def _kl_reference(counts, lo, hi, alpha, levels, eps=1e-6):
+  """TensorRT's entropy calibration for one clipping factor, in float64 numpy: the bins ``a [lo, hi]`` covers, the
+  clipped counts added to its end bins (P), the window merged into ``levels`` chunks, each chunk's count spread over
+  its non-empty bins (Q), ``KL(P || Q)``."""
+  bins = len(counts)
+  alpha, zero = np.float32(alpha), np.float32(min(max(-lo / (hi - lo) * bins, 0), bins))
+  start = int(min(max(np.round((1 - alpha) * zero), 0), bins - 1))
+  stop = int(min(max(np.round(zero + alpha * (bins - zero)), start + 1), bins))
+  window = counts[start:stop].astype(np.float64)
+  p = window.copy()
+  p[0] += counts[:start].sum()
+  p[-1] += counts[stop:].sum()
+  n = stop - start
+  chunk = np.arange(n) * min(levels, n) // n
+  totals, filled = np.bincount(chunk, weights=window), np.bincount(chunk, weights=window > 0)
+  q = np.where(window > 0, totals[chunk] / np.maximum(filled[chunk], 1), 0.0)
+  p, q = p / p.sum(), q / q.sum()
+  return float(np.sum(p[p > 0] * np.log(p[p > 0] / np.where(q[p > 0] > 0, q[p > 0], eps))))
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 5.0), (-1.5, 4.0), (-4.0, -0.5), (0.5, 3.0)])
+@pytest.mark.parametrize("levels", [7, 127, 255])
+def test_entropy_divergences_equal_tensorrts_algorithm(lo, hi, levels):
+  """Per slice (two histograms at once), for every clipping factor: the divergence of the numpy reference; a range
+  off zero (all negative, all positive) clips towards zero as MSE's ``a [lo, hi]`` does."""
+  rng = np.random.default_rng(levels)
+  counts = np.stack([np.histogram(rng.laplace(size=20000) * (hi - lo) / 8 + (lo + hi) / 2, 2048, (lo, hi))[0],
+                     rng.poisson(3.0, 2048) * (rng.uniform(size=2048) < 0.7)]).astype(np.float32)
+  counts[:, 5] = 0  # an empty bin at some window's first bin
+  factors = np.linspace(1.0, 0.2, 81, dtype=np.float32)
+  got = np.asarray(Q.entropy_divergences(jnp.asarray(counts), jnp.full(2, lo), jnp.full(2, hi), factors, levels))
+  want = np.array([[_kl_reference(c, lo, hi, a, levels) for c in counts] for a in factors])
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
+  assert got.shape == (81, 2) and np.all(got >= -1e-6)
+
+
+def test_entropy_divergence_keeps_a_uniform_range_and_clips_a_heavy_tail():
+  """Uniform values are their own quantization at every grid of fewer steps than bins: the full range (factor 1.0)
+  has divergence 0 and wins. A Laplacian's rare tail costs less clipped than the grid it would coarsen: a factor
+  < 1, the lower the fewer the steps."""
+  factors = np.linspace(1.0, 0.2, 81, dtype=np.float32)
+  uniform = jnp.full(2048, 100.0)
+  d = np.asarray(Q.entropy_divergences(uniform, 0.0, 1.0, factors, 15))
+  assert d[0] < 1e-6 and np.argmin(d) == 0 and np.all(d[1:] > 1e-3)
+  x = np.abs(np.random.default_rng(0).laplace(size=200000))
+  counts = jnp.asarray(np.histogram(x, 2048, (0, x.max()))[0], jnp.float32)
+  chosen = [factors[np.argmin(np.asarray(Q.entropy_divergences(counts, 0.0, x.max(), factors, steps)))]
+            for steps in (255, 15)]
+  assert 0.2 < chosen[1] < chosen[0] < 1.0, chosen
+  empty = np.asarray(Q.entropy_divergences(jnp.zeros(2048), 0.0, 1.0, factors, 15))  # no values: no NaN, full range
+  assert np.all(empty == 0)
