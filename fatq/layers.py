@@ -252,8 +252,8 @@ class FakeQuant(nn.Module):
 
     * ``'mse'``: ``error``, ``sum (Q_a(x) - x)^2`` for each clipping factor ``a`` of CLIP_FACTORS, ``Q_a`` this
       quantizer's grid (the FAT factors at their initial values) on the range ``a (t_left, t_right)``;
-    * ``'percentile'`` and ``'entropy'``: ``histogram``, the counts of ``|x|`` (symmetric grids) or ``x`` over the
-      min/max range (:func:`fatq.quantizers.histogram`)."""
+    * ``'percentile'`` and ``'entropy'``: ``histogram``, the counts of ``|x|`` (symmetric grids) or ``x`` over
+      :meth:`_histogram_range` (:func:`fatq.quantizers.histogram`)."""
     shape = self._slice_shape(x)
     if self.spec.calibration == "mse":
       def error(alpha):
@@ -262,12 +262,20 @@ class FakeQuant(nn.Module):
         return jnp.sum(jnp.square(q - x), axis=axes)
 
       return {"error": quantizers.clip_errors(error, CLIP_FACTORS)}
-    values, lo, hi = x, t_left, t_right
+    values, lo, hi = x, *self._histogram_range(t_left, t_right)
     if self.spec.symmetric:
-      values, lo, hi = jnp.abs(x), jnp.zeros_like(t_left), jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
+      values = jnp.abs(x)
     if self.spec.per_channel:  # (n, channels): the channel axis last
       values = jnp.moveaxis(values, self.spec.channel_axis, -1).reshape(-1, values.shape[self.spec.channel_axis])
     return {"histogram": quantizers.histogram(values.reshape(-1, *jnp.shape(lo)), lo, hi)}
+
+  def _histogram_range(self, t_left: jax.Array, t_right: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Where :meth:`_search` counts values: ``[0, T_max]`` (of ``|x|``) for symmetric grids; the min/max range for
+    ``'percentile'`` (its quantiles), widened to contain 0 for ``'entropy'``, whose windows are the grid's ranges
+    (``containing_zero(a t_left, a t_right)``, :meth:`range`)."""
+    if self.spec.symmetric:
+      return jnp.zeros_like(t_left), jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
+    return quantizers.containing_zero(t_left, t_right) if self.spec.calibration == "entropy" else (t_left, t_right)
 
   def _searched_range(self, found: dict[str, jax.Array], t_left: jax.Array,
                       t_right: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -283,10 +291,9 @@ class FakeQuant(nn.Module):
       errors = found["error"]
     else:  # entropy: a signed symmetric grid has 2^(b-1) - 1 steps over [0, T] (narrow range), others 2^b - 1
       signed = jnp.min(t_left) < 0 if s.signed is None else jnp.asarray(s.signed)
-      t_max = jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
-      lo, hi, steps = ((jnp.zeros_like(t_max), t_max, jnp.where(signed, 2**(s.bits - 1) - 1, 2**s.bits - 1))
-                       if s.symmetric else (t_left, t_right, 2**s.bits - 1))
-      errors = quantizers.entropy_divergences(found["histogram"], lo, hi, CLIP_FACTORS, steps)
+      steps = jnp.where(signed & s.symmetric, 2**(s.bits - 1) - 1, 2**s.bits - 1)
+      errors = quantizers.entropy_divergences(found["histogram"], *self._histogram_range(t_left, t_right),
+                                              CLIP_FACTORS, steps)
     alpha = quantizers.mse_clip(errors, CLIP_FACTORS)
     return alpha * t_left, alpha * t_right
 

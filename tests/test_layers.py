@@ -427,17 +427,27 @@ def test_entropy_calibration_clips_by_the_histogram_of_all_batches(symmetric):
   assert np.argmin(divergences_of(seen[:batches[0].size])) != chosen  # the first batch alone: another choice
 
 
-def test_entropy_calibration_of_a_kernel_per_channel_uses_the_kernel_itself():
-  w = np.asarray(jax.random.t(jax.random.key(3), 3.0, (5, 5, 6, 16)), np.float32) * 0.1
-  fq = fatq.FakeQuant(fatq.QuantSpec.fat(4, per_channel=True, calibration="entropy"), weights=True)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_entropy_calibration_of_a_kernel_per_channel_uses_the_kernel_itself(symmetric):
+  """Per channel, from the kernel itself: ``|w|`` on [0, max |w|] (7 steps of a signed symmetric 4-bit grid) or ``w``
+  on its range widened to contain 0 (15 steps), as the grid is; four channels of one sign, as depthwise ones often
+  are, whose windows clip towards 0."""
+  w = np.asarray(jax.random.t(jax.random.key(3), 3.0, (8, 8, 64, 8)), np.float32) * 0.1  # a sparse histogram keeps 1
+  w[..., :2], w[..., 2:4] = np.abs(w[..., :2]) + 0.05, -np.abs(w[..., 2:4])
+  fq = fatq.FakeQuant(fatq.QuantSpec.fat(4, per_channel=True, symmetric=symmetric, calibration="entropy"), weights=True)
   _, v = fq.apply({}, w, mutable=["quant_stats"])
   _, again = fq.apply(v, w, mutable=["quant_stats"])  # a second calibration batch keeps it
-  for c in range(16):
-    x = np.abs(w[..., c].ravel())
-    counts = np.bincount(np.clip(np.floor(x / x.max() * 2048), 0, 2047).astype(int), minlength=2048)
-    d = np.asarray(Q.entropy_divergences(counts.astype(np.float32), 0.0, x.max(), layers.CLIP_FACTORS, 7))
-    t = max(-float(np.asarray(v["quant_stats"]["min"])[c]), float(np.asarray(v["quant_stats"]["max"])[c]))
-    np.testing.assert_allclose(t, layers.CLIP_FACTORS[np.argmin(d)] * x.max(), rtol=1e-6)
+  chosen = []
+  for c in range(8):
+    x = w[..., c].ravel()
+    lo, hi, steps = (0.0, np.abs(x).max(), 7) if symmetric else (min(x.min(), 0), max(x.max(), 0), 15)
+    seen = np.abs(x) if symmetric else x
+    counts = np.bincount(np.clip(np.floor((seen - lo) / (hi - lo) * 2048), 0, 2047).astype(int), minlength=2048)
+    d = np.asarray(Q.entropy_divergences(counts.astype(np.float32), lo, hi, layers.CLIP_FACTORS, steps))
+    chosen.append(layers.CLIP_FACTORS[np.argmin(d)])
+    for key, end in (("min", x.min()), ("max", x.max())):
+      np.testing.assert_allclose(np.asarray(v["quant_stats"][key])[c], chosen[-1] * end, rtol=1e-6)
+  assert min(chosen) < 1 and len(set(chosen)) > 1
   jax.tree.map(np.testing.assert_array_equal, v, again)
 
 

@@ -273,11 +273,14 @@ def test_exact_divide_outside_normal_numbers():
 
 
 def _kl_reference(counts, lo, hi, alpha, levels, eps=1e-6):
-  """TensorRT's entropy calibration for one clipping factor, in float64 numpy: the bins ``a [lo, hi]`` covers, the
-  clipped counts added to its end bins (P), the window merged into ``levels`` chunks, each chunk's count spread over
-  its non-empty bins (Q), ``KL(P || Q)``."""
+  """TensorRT's entropy calibration for one clipping factor, in float64 numpy: the bin of 0 given the next one's
+  count, the bins ``a [lo, hi]`` covers, the clipped counts added to its end bins (P), the window merged into
+  ``levels`` chunks, each chunk's count spread over its non-empty bins (Q), ``KL(P || Q)``."""
   bins = len(counts)
   alpha, zero = np.float32(alpha), np.float32(min(max(-lo / (hi - lo) * bins, 0), bins))
+  counts = counts.copy()
+  at_zero = min(int(zero), bins - 1)
+  counts[at_zero] = counts[at_zero + 1] if at_zero + 1 < bins else counts[at_zero - 1]
   start = int(min(max(np.round((1 - alpha) * zero), 0), bins - 1))
   stop = int(min(max(np.round(zero + alpha * (bins - zero)), start + 1), bins))
   window = counts[start:stop].astype(np.float64)
@@ -311,7 +314,7 @@ def test_entropy_divergences_equal_tensorrts_algorithm(lo, hi, levels):
 def test_entropy_divergence_keeps_a_uniform_range_and_clips_a_heavy_tail():
   """Uniform values are their own quantization at every grid of fewer steps than bins: the full range (factor 1.0)
   has divergence 0 and wins. A Laplacian's rare tail costs less clipped than the grid it would coarsen: a factor
-  < 1, the lower the fewer the steps."""
+  < 1, the lower the fewer the steps. A ReLU's zeros, exact on every grid, do not pull an 8-bit range in."""
   factors = np.linspace(1.0, 0.2, 81, dtype=np.float32)
   uniform = jnp.full(2048, 100.0)
   d = np.asarray(Q.entropy_divergences(uniform, 0.0, 1.0, factors, 15))
@@ -321,5 +324,8 @@ def test_entropy_divergence_keeps_a_uniform_range_and_clips_a_heavy_tail():
   chosen = [factors[np.argmin(np.asarray(Q.entropy_divergences(counts, 0.0, x.max(), factors, steps)))]
             for steps in (255, 15)]
   assert 0.2 < chosen[1] < chosen[0] < 1.0, chosen
+  relu = np.maximum(np.random.default_rng(1).standard_normal(400000), 0)  # half of it a point mass at 0
+  counts = jnp.asarray(np.histogram(relu, 2048, (0, relu.max()))[0], jnp.float32)
+  assert factors[np.argmin(np.asarray(Q.entropy_divergences(counts, 0.0, relu.max(), factors, 255)))] >= 0.7
   empty = np.asarray(Q.entropy_divergences(jnp.zeros(2048), 0.0, 1.0, factors, 15))  # no values: no NaN, full range
   assert np.all(empty == 0)
