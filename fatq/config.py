@@ -99,11 +99,13 @@ class QuantSpec:
   @classmethod
   def fat(cls, bits: int = 8, *, symmetric: bool = True, per_channel: bool = False, variant: str = "paper",
           **kwargs) -> "QuantSpec":
-    """A FAT spec with the paper's bounds (``variant='paper'``) or the public reference code's (``'reference'``)."""
+    """A FAT spec with the paper's bounds (``variant='paper'``) or the public reference code's (``'reference'``);
+    ``kwargs`` may set other fields, bounds included (``scale_bounds=(0.5, 2.0)``: factors that may widen the
+    calibrated range up to twice)."""
     bounds = {"paper": PAPER_BOUNDS, "reference": REFERENCE_BOUNDS}
     if variant not in bounds:
       raise ValueError(f"unknown FAT variant {variant!r}; choose 'paper' or 'reference'")
-    return cls(bits=bits, symmetric=symmetric, per_channel=per_channel, **bounds[variant], **kwargs)
+    return cls(bits=bits, symmetric=symmetric, per_channel=per_channel, **{**bounds[variant], **kwargs})
 
 
 @dataclasses.dataclass(frozen=True)

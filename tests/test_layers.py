@@ -451,6 +451,23 @@ def test_entropy_calibration_of_a_kernel_per_channel_uses_the_kernel_itself(symm
   jax.tree.map(np.testing.assert_array_equal, v, again)
 
 
+def test_fat_spec_bounds_by_variant_and_overridden():
+  """The paper's bounds, the reference code's, and either with bounds of one's own (a TypeError before)."""
+  assert fatq.QuantSpec.fat(4).scale_bounds == (0.5, 1.0)
+  reference = fatq.QuantSpec.fat(4, variant="reference")
+  assert (reference.scale_bounds, reference.unsigned_shift_bounds) == ((0.5, 1.3), (-0.2, 0.4))
+  wide = fatq.QuantSpec.fat(4, variant="reference", scale_bounds=(0.5, 2.0), calibration="mse")
+  assert (wide.scale_bounds, wide.unsigned_shift_bounds, wide.calibration) == ((0.5, 2.0), (-0.2, 0.4), "mse")
+  # a factor of 1.8 now widens the calibrated range 1.8 times
+  fq = fatq.FakeQuant(wide)
+  x = jnp.linspace(0.0, 1.0, 11)
+  _, v = fq.apply({}, x, mutable=["quant_stats"])
+  lo, hi, _ = fq.apply(v, method=lambda m: m.range(factor=lambda name, init, shape: jnp.full(shape, 1.8)))
+  np.testing.assert_allclose(float(hi - lo), 1.8, rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown FAT variant 'papr'; choose 'paper' or 'reference'"):
+    fatq.QuantSpec.fat(4, variant="papr")
+
+
 def test_percentile_row_options_reach_both_specs():
   cfg = fatq.QuantConfig.from_dict(dict(weight_bits=4, act_bits=4, weight_calibration="percentile",
                                         act_calibration="percentile", percentile=99.5))
