@@ -432,7 +432,8 @@ def test_entropy_calibration_of_a_kernel_per_channel_uses_the_kernel_itself(symm
   """Per channel, from the kernel itself: ``|w|`` on [0, max |w|] (7 steps of a signed symmetric 4-bit grid) or ``w``
   on its range widened to contain 0 (15 steps), as the grid is; four channels of one sign, as depthwise ones often
   are, whose windows clip towards 0."""
-  w = np.asarray(jax.random.t(jax.random.key(3), 3.0, (8, 8, 64, 8)), np.float32) * 0.1  # a sparse histogram keeps 1
+  # 4096 weights a channel: with a few hundred, the sparse histogram keeps every range whole
+  w = np.asarray(jax.random.t(jax.random.key(3), 3.0, (8, 8, 64, 8)), np.float32) * 0.1
   w[..., :2], w[..., 2:4] = np.abs(w[..., :2]) + 0.05, -np.abs(w[..., 2:4])
   fq = fatq.FakeQuant(fatq.QuantSpec.fat(4, per_channel=True, symmetric=symmetric, calibration="entropy"), weights=True)
   _, v = fq.apply({}, w, mutable=["quant_stats"])
