@@ -221,7 +221,7 @@ class FakeQuant(nn.Module):
     if t_left is None:
       t_left, t_right = self.get_variable(STATS, "min"), self.get_variable(STATS, "max")
     factor = factor or self._factor
-    signed = jnp.min(t_left) < 0 if s.signed is None else jnp.asarray(s.signed)
+    signed = self._signed(t_left)
     if s.symmetric:
       t_max = jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
       lo, hi = quantizers.symmetric_range(factor("scale", 1.0, t_max.shape), t_max, signed, s.scale_bounds)
@@ -231,6 +231,10 @@ class FakeQuant(nn.Module):
     lo, hi = quantizers.asymmetric_range(factor("shift", 0.0, t_left.shape), factor("width", 1.0, t_left.shape),
                                          t_left, t_right, shift_bounds, s.scale_bounds)
     return lo, hi, jnp.asarray(False)
+
+  def _signed(self, t_left: jax.Array) -> jax.Array:
+    """Whether the grid is signed: the spec's ``signed``, or (None) whether the calibrated minimum is negative."""
+    return jnp.min(t_left) < 0 if self.spec.signed is None else jnp.asarray(self.spec.signed)
 
   def _point(self) -> str:
     """The quantization point's name (``conv1/kernel``): the module path without the ``_quant`` suffix."""
@@ -290,8 +294,7 @@ class FakeQuant(nn.Module):
     if s.calibration == "mse":
       errors = found["error"]
     else:  # entropy: a signed symmetric grid has 2^(b-1) - 1 steps over [0, T] (narrow range), others 2^b - 1
-      signed = jnp.min(t_left) < 0 if s.signed is None else jnp.asarray(s.signed)
-      steps = jnp.where(signed & s.symmetric, 2**(s.bits - 1) - 1, 2**s.bits - 1)
+      steps = jnp.where(self._signed(t_left) & s.symmetric, 2**(s.bits - 1) - 1, 2**s.bits - 1)
       errors = quantizers.entropy_divergences(found["histogram"], *self._histogram_range(t_left, t_right),
                                               CLIP_FACTORS, steps)
     alpha = quantizers.mse_clip(errors, CLIP_FACTORS)
