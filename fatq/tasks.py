@@ -20,7 +20,7 @@ def prepare(cfg, workdir: str, progress: bool = True) -> tuple[Any, Tree, Data]:
   name = cfg.model.name
   if name == "lenet5":
     return _lenet5(cfg, workdir, progress)
-  return _imagenet(cfg)
+  return _imagenet(cfg, progress)
 
 
 def check_params_fit(model, params: Tree, sample: np.ndarray, source: str, fix: str) -> None:
@@ -118,7 +118,7 @@ def _float_training_changes(ckpt: str, wanted: dict) -> str:
   return ", ".join(changed_values(stored, wanted))
 
 
-def _imagenet(cfg):
+def _imagenet(cfg, progress: bool):
   from fatq import models
   from fatq.data import imagenet
 
@@ -126,8 +126,8 @@ def _imagenet(cfg):
   print(report.summary())
   d = cfg.data
   offset = 1 if int(cfg.model.num_classes) == 1001 else 0  # 1001-class models: class 0 is "background"
-  val = imagenet.evaluation_set(d, label_offset=offset, limit=d.val_limit or None)
-  pool = imagenet.unlabeled_pool(d)
+  val = imagenet.evaluation_set(d, label_offset=offset, limit=d.val_limit or None, progress=progress)
+  pool = imagenet.unlabeled_pool(d, progress)
   for name, s in (("validation", val), ("unlabeled", pool)):
     if s.skipped:
       print(f"{name}: skipped {len(s.skipped)} unreadable image(s), e.g. {s.skipped[0]}")
