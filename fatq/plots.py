@@ -15,7 +15,7 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fatq.calibration import points, quant_ranges  # noqa: E402
+from fatq.calibration import points, quant_ranges_of_each  # noqa: E402
 from fatq.layers import FakeQuant  # noqa: E402
 from fatq.quantizers import QuantParams  # noqa: E402
 
@@ -62,12 +62,11 @@ def activation_histograms(model, variables_before: Tree, variables_after: Tree, 
   and ``edges[-1]`` (spanning the values and both ranges, so every value is counted), and its nudged range
   ``before`` and ``after`` fine-tuning (``(lo, hi)``, as :func:`fatq.calibration.quant_ranges` gives it). Points are
   in network order (the order the model applies them)."""
-  # jitted: applied op by op, the capture cost MobileNet v2 6 s a row; the ranges need one image and stay op by op
-  # (their small programs are compiled once per run, where a jitted apply would compile the whole model per row)
+  # jitted: applied op by op, the capture cost MobileNet v2 6 s a row
   acts = jax.jit(functools.partial(_activations, model))(variables_before["params"], images)
-  ranges = [quant_ranges(model, v, images[:1]) for v in (variables_before, variables_after)]
+  ranges = quant_ranges_of_each(model, (variables_before, variables_after), images[:1])
   out = {}
-  for name in ranges[0]:  # the op-by-op apply's order is the network's; a jitted program's outputs come back sorted
+  for name in ranges[0]:  # in network order; a jitted program's outputs come back sorted
     if name not in acts:
       continue
     a = np.asarray(acts[name])
