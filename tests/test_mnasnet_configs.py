@@ -94,7 +94,7 @@ def test_mnasnet_config_evaluates_a_users_checkpoint(tmp_path, imagenet_folders)
 
 @pytest.mark.slow
 def test_mnasnet_config_end_to_end_on_a_users_checkpoint(tmp_path, imagenet_folders):
-  """configs/mnasnet_1.0_fat.py:quick, full width, at 64 px on a few real images (5 minutes here)."""
+  """configs/mnasnet_1.0_fat.py:quick, full width, at 64 px on a few real images."""
   val, unlabeled = imagenet_folders(16, 40)
   checkpoint = _standin(tmp_path, "1.0", 64, unlabeled)
   results, report = _finetune(
