@@ -105,7 +105,7 @@ def main(argv=None):
   parser.add_argument("--images", type=int, default=16, help="unlabeled images that set the statistics")
   parser.add_argument("--image_size", type=int, default=0, help="default: the config's")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--unlabeled_dir", default="", help="default: the config's unlabeled folder")
+  parser.add_argument("--unlabeled_dir", default="", help="default: <data_root>/imagenet/unlabeled")
   parser.add_argument("--cache_dir", default="", help="the decoded-image cache (default: fatq's)")
   args = parser.parse_args(argv)
   spec = importlib.util.spec_from_file_location("model_config", args.config)
