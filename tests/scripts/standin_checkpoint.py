@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 from fatq import export  # noqa: E402
 from fatq.data import imagenet  # noqa: E402
-from fatq.layers import QConv, QDense  # noqa: E402
+from fatq.layers import QConv, QDense, conv2d  # noqa: E402
 from fatq.models import loaders, registry  # noqa: E402
 
 
@@ -59,10 +59,10 @@ def _inputs_of(model, params, images, path: str) -> jax.Array:
 
 
 def _pre_activation(layer, kernel, x) -> jax.Array:
+  """The layer's output before bias and activation: its own convolution (or matrix product)."""
   if isinstance(layer, QDense):
     return x @ kernel
-  return jax.lax.conv_general_dilated(x, kernel, layer.strides, layer.padding, feature_group_count=layer.groups,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return conv2d(x, kernel, layer.strides, layer.padding, layer.groups)
 
 
 def standin_params(model, images: np.ndarray, seed: int = 0, image_size: int = 224, shift_mean: float = 1.0,
