@@ -20,11 +20,11 @@ Variants (``--config configs/<model>_fat.py:VARIANT``):
   ``actentropy``  the same rows once, activation ranges of least KL divergence (``act_calibration='entropy'``).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from fatq import cli
 from fatq.data import imagenet
 
 
@@ -70,11 +70,7 @@ VARIANTS = ("", "cpu", "paper", "quick", "actmse", "actpercentile", "actentropy"
 def fat_config(model_config_file: str, variant: str | None):
   if (variant or "") not in VARIANTS:
     raise ValueError(f"unknown config variant {variant!r}; use one of {', '.join(map(repr, VARIANTS))}")
-  spec = importlib.util.spec_from_file_location("model_config", os.path.join(os.path.dirname(__file__),
-                                                                             model_config_file))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  base = module.get_config()
+  base = cli.load_config(os.path.join(os.path.dirname(__file__), model_config_file))
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = base.model.to_dict()

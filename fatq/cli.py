@@ -23,6 +23,7 @@ every training step (``FATQ_KEEP_MAPPED=0``). ``python bench/finetune_step.py --
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import platform
 import re
@@ -33,7 +34,7 @@ from absl import app, flags
 from ml_collections import ConfigDict
 from ml_collections.config_flags import config_flags, config_path
 
-__all__ = ["run", "parse_flags", "flat_keys", "missing_key_message", "tune_malloc", "huge_pages_enabled",
+__all__ = ["run", "parse_flags", "load_config", "flat_keys", "missing_key_message", "tune_malloc", "huge_pages_enabled",
            "buffers_kept_mapped", "malloc_environment"]
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -166,6 +167,22 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     if path is not None and not os.path.isfile(path.split(":", 1)[0]):
       _fail(f"config file {path.split(':', 1)[0]!r} not found (--{name})")
   return remaining
+
+
+def load_config(argument: str) -> ConfigDict:
+  """The config that ``--config=ARGUMENT`` gives, for tests, scripts and configs built on another config file:
+  ``'configs/lenet5_mnist.py:quick'`` is that file's ``get_config('quick')``, ``'configs/x.py'`` its
+  ``get_config()`` (the argument split at its first colon, as ml_collections does). Each call runs the file afresh
+  as a module of its own (ml_collections' loader reuses one module name, so a config that loads another would run
+  the second file in the first one's namespace). A missing file raises ``FileNotFoundError`` naming it."""
+  file, *arg = argument.split(":", 1)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"config file {file!r} not found")
+  spec = importlib.util.spec_from_file_location(
+      "_fatq_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(file))[0]), file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*arg)
 
 
 def explain(error: BaseException, argv: Sequence[str]) -> str | None:

@@ -9,7 +9,6 @@ a corrupt JPEG (test_imagenet_data.py); corrupt and truncated IDX files (test_le
 """
 
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -95,10 +94,21 @@ def test_missing_key_message():
 
 
 def _load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+  return cli.load_config(os.path.join(ROOT, "configs", name) + (f":{arg}" if arg is not None else ""))
+
+
+def test_load_config_gives_the_command_lines_config(tmp_path):
+  """``cli.load_config('FILE:ARG')`` is the config ``--config=FILE:ARG`` gives (ml_collections' parser), for a config
+  that loads another (the ImageNet FAT configs load their model config); a missing file is named."""
+  from ml_collections.config_flags import config_flags
+  for argument in ("lenet5_mnist.py:quick", "mobilenet_v1_0.75_fat.py:cpu", "mnasnet_1.0.py"):
+    path = os.path.join(ROOT, "configs", argument)
+    parsed = config_flags.ConfigFileFlagParser(name="config", lock_config=False).parse(path)
+    assert cli.load_config(path).to_dict() == parsed.to_dict(), argument
+  assert len(cli.load_config(os.path.join(ROOT, "configs", "mobilenet_v1_0.75_fat.py")).rows) == 9
+  missing = str(tmp_path / "nope.py")
+  with pytest.raises(FileNotFoundError, match=f"config file '{missing}' not found"):
+    cli.load_config(missing + ":quick")
 
 
 def test_shipped_configs_pass_the_checks():

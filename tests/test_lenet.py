@@ -1,6 +1,5 @@
 """LeNet-5 end to end on a slice of the real MNIST files: float training, PTQ, FAT, results.json."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fatq import experiment, tasks, training
+from fatq import cli, experiment, tasks, training
 from fatq.data import data_root, idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,10 +119,7 @@ def test_float_model_cached_in_the_workdir_is_trained_again_for_other_settings(t
     return model.init(jax.random.key(epochs), images[:1])["params"]
 
   monkeypatch.setattr(training, "train_classifier", fake_train)
-  spec = importlib.util.spec_from_file_location("lenet5_mnist", os.path.join(ROOT, "configs", "lenet5_mnist.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("quick")
+  cfg = cli.load_config(os.path.join(ROOT, "configs", "lenet5_mnist.py:quick"))
 
   def prepare():
     return tasks.prepare(cfg, str(tmp_path), progress=False)[1]

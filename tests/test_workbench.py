@@ -393,15 +393,11 @@ def test_memory_sweep_writes_results_and_plot(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fixed_point", "lsq", "sensitivity", "bit_efficiency"])
 def test_quick_configs_run(tmp_path, name):
-  import importlib.util
-
+  from fatq import cli
   from fatq.workbench import experiments
 
-  spec = importlib.util.spec_from_file_location("c", os.path.join(os.path.dirname(__file__), "..", "configs",
-                                                                  f"workbench_{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  results, _ = experiments.run(mod.get_config("quick"), str(tmp_path), log=lambda s: None)
+  config = cli.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", f"workbench_{name}.py:quick"))
+  results, _ = experiments.run(config, str(tmp_path), log=lambda s: None)
   assert results["rows"] and os.path.exists(tmp_path / "results.json")
   assert any(f.endswith(".png") for f in os.listdir(tmp_path))
 

@@ -19,7 +19,6 @@ against 74 % with these; MnasNet 1.0 at 96 px.)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -31,7 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from fatq import export  # noqa: E402
+from fatq import cli, export  # noqa: E402
 from fatq.data import imagenet  # noqa: E402
 from fatq.layers import QConv, QDense, conv2d  # noqa: E402
 from fatq.models import loaders, registry  # noqa: E402
@@ -108,10 +107,7 @@ def main(argv=None):
   parser.add_argument("--unlabeled_dir", default="", help="default: <data_root>/imagenet/unlabeled")
   parser.add_argument("--cache_dir", default="", help="the decoded-image cache (default: fatq's)")
   args = parser.parse_args(argv)
-  spec = importlib.util.spec_from_file_location("model_config", args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = cli.load_config(args.config)
   size = args.image_size or int(cfg.model.image_size)
   model = registry.build(cfg.model)
   images = imagenet.unlabeled_set(cfg.data.preprocessing, size, limit=args.images, cache_dir=args.cache_dir or None,
