@@ -31,6 +31,11 @@ The formulas (TFLite ``kernels/internal/common.h``, ``reference_integer_ops``; `
   and PAD act on the codes; RELU, RELU6, RELU_N1_TO_1: ``clamp(MBQM(x - zx, QM(sx / sy)) + zy)``.
 * QUANTIZE: float ``round(x / s) + z``, or ``MBQM(x - z1, QM(s1 / s2)) + z2`` between integer types; DEQUANTIZE:
   ``(q - z) s``.
+* SOFTMAX (output scale 1/256): with ``d = x - max(x)`` along the last axis and ``(M, e) = QM(beta sx 2^26)``, the
+  entries with ``d >= -floor(31 2^(26 - e))`` get ``E = exp(SRDHM(d 2^e, M))`` in gemmlowp's fixed point (Q5.26 in,
+  Q0.31 out), ``S = sum RDBP(E, 12)`` (Q12.19), ``y = RDBP(SRDHM(R, E), 12 - c + 23) + min`` with ``c`` the leading
+  zeros of ``S`` and ``R = 1 / (S 2^(c - 12))`` by gemmlowp's Newton-Raphson; the others get ``min``, the output
+  type's lowest code. The reference kernel aborts (a shift over 31 bits) where ``S >= 512``: this one goes on.
 
 The interpreter's default, the XNNPACK delegate, requantizes in float32 instead (measured equal, bit for bit, on
 the LeNet-5 and MobileNet v1/v2 exports; ``kernels='xnnpack'``):
@@ -41,6 +46,9 @@ the LeNet-5 and MobileNet v1/v2 exports; ``kernels='xnnpack'``):
   differs from the reference ADD on ~3e-5 of the codes, measured on the MobileNet v2 PTQ int8 file). MEAN: the sum
   requantized once, ``rint(float32(sum (x - zx)) * (float32(sx) / (n float32(sy)))) + zy``. The other pools as above
   (AVERAGE_POOL_2D is not delegated: TFLite's own kernel runs it).
+* SOFTMAX is not delegated either: TFLite's optimized kernel reads ``e = expf(-float32(sx beta) (max - x))`` from a
+  table of 256, sums the row in order in float32 and outputs ``round(e / (sum 2^-8)) + zy`` (``std::round`` for int8,
+  ``+ 0.5`` truncated for uint8).
 
 Accumulators are computed by float64 convolutions of integer values (exact below 2^53, and as fast as float32 on
 XLA:CPU where its int32 convolution is not), the fixed-point steps in int64.
@@ -380,6 +388,88 @@ def _relu(x, t_in, t_out, lo: float, hi: float | None):
 _RELUS = {"RELU": (0.0, None), "RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0)}
 
 
+# SOFTMAX. The reference kernel computes exp and 1/x in gemmlowp's fixed point (``fixedpoint.h``): a raw int32 ``r``
+# with ``i`` integer bits stands for ``r 2^(i - 31)``; products of raws are SRDHM, ``Rescale`` a rounding or
+# saturating shift. The optimized kernel, which the interpreter runs by default (XNNPACK does not take a quantized
+# SOFTMAX), reads exp from a float32 table instead.
+
+
+def _wrap32(v):
+  """int32 wrap-around of int64 values, as the C kernels' int32 additions overflow."""
+  return ((v + 2 ** 31) & (2 ** 32 - 1)) - 2 ** 31
+
+
+def _saturating_shift_left(x, e: int):
+  """gemmlowp's ``SaturatingRoundingMultiplyByPOT<e>`` for ``e > 0``: ``x 2^e``, saturated to int32."""
+  threshold = (1 << (31 - e)) - 1
+  return jnp.where(x > threshold, 2 ** 31 - 1, jnp.where(x < -threshold, -2 ** 31, x << e))
+
+
+def _exp_on_negative_values(a):
+  """gemmlowp's ``exp_on_negative_values``: Q5.26 raws ``a <= 0`` -> ``exp(a)`` as Q0.31 raws. ``exp`` of the
+  remainder in ``[-1/4, 0)`` by a Taylor polynomial around -1/8, then times ``exp(-2^k)`` for each bit ``k`` of the
+  rest."""
+  quarter = 1 << 24  # 1/4 in Q5.26
+  a_mod = (a & (quarter - 1)) - quarter
+  x = _saturating_shift_left(a_mod, 5) + (1 << 28)  # Rescale<0>, then + 1/8 in Q0.31
+  x2 = _srdhm(x, x)
+  x3 = _srdhm(x2, x)
+  x4_over_4 = _rounding_divide_by_pot(_srdhm(x2, x2), 2)
+  poly = _rounding_divide_by_pot(_wrap32(_srdhm(_wrap32(x4_over_4 + x3), 715827883) + x2), 1)  # 715827883: 1/3
+  result = _wrap32(1895147668 + _srdhm(1895147668, _wrap32(x + poly)))  # 1895147668: exp(-1/8)
+  remainder = a_mod - a
+  for k, multiplier in zip(range(-2, 5), (1672461947, 1302514674, 790015084, 290630308, 39332535, 720401, 242)):
+    result = jnp.where((remainder & (1 << (26 + k))) != 0, _srdhm(result, multiplier), result)  # exp(-2^k)
+  return jnp.where(a == 0, 2 ** 31 - 1, result)
+
+
+def _one_over_one_plus_x(a):
+  """gemmlowp's ``one_over_one_plus_x_for_x_in_0_1``: Q0.31 raws of ``x`` in [0, 1) -> ``1 / (1 + x)``, three
+  Newton-Raphson steps on the half denominator in Q2.29."""
+  total = a + (2 ** 31 - 1)  # RoundingHalfSum(a, One): (a + b + sign) / 2, truncated toward zero
+  total = total + jnp.where(total >= 0, 1, -1)
+  half_denominator = jnp.where(total >= 0, total // 2, -((-total) // 2))
+  x = _wrap32(1515870810 + _srdhm(half_denominator, -1010580540))  # 48/17 - 32/17 d
+  for _ in range(3):
+    error = _wrap32((1 << 29) - _srdhm(half_denominator, x))
+    x = _wrap32(x + _saturating_shift_left(_srdhm(x, error), 2))
+  return _saturating_shift_left(x, 1)
+
+
+def _softmax_reference(x, t_in, t_out, beta: float):
+  """TFLite's reference int8 / uint8 SOFTMAX (``reference_ops::Softmax``) over the last axis of the codes ``x``."""
+  info = _info(t_out)
+  real = min(float(np.float32(beta)) * float(t_in.scale[0]) * 2.0 ** 26, 2.0 ** 31 - 1)  # PreprocessSoftmaxScaling
+  multiplier, left_shift = (int(v) for v in quantize_multiplier(real))
+  diff_min = -int(np.floor(31 * 2.0 ** 26 / 2.0 ** left_shift))  # -CalculateInputRadius(5, left_shift)
+  diff = x - jnp.max(x, axis=-1, keepdims=True)
+  used = diff >= diff_min
+  exp = _exp_on_negative_values(_srdhm(jnp.where(used, diff, 0) << left_shift, multiplier))
+  total = jnp.sum(jnp.where(used, _rounding_divide_by_pot(exp, 12), 0), axis=-1, keepdims=True)  # in Q12.19
+  headroom = lax.clz(total.astype(jnp.uint32)).astype(jnp.int64)
+  scale = _one_over_one_plus_x((total << headroom) - 2 ** 31)  # 1 / (total 2^(headroom - 12)) in Q0.31
+  y = _rounding_divide_by_pot(_srdhm(scale, exp), 12 - headroom + 31 - 8) + int(info.min)
+  return jnp.where(used, jnp.clip(y, int(info.min), int(info.max)), int(info.min))
+
+
+def _softmax_table(x, t_in, t_out, beta: float):
+  """TFLite's optimized int8 / uint8 SOFTMAX (``optimized_ops::Softmax`` with ``PopulateSoftmaxLookupTable``):
+  ``e = table[255 - max + x] = expf(-s beta (max - x))`` in float32, summed in order along the last axis, then
+  ``round(e / (sum s_y)) + z_y``: ``std::round`` for int8, ``+ 0.5`` truncated for uint8."""
+  scale = np.float32(-np.float32(t_in.scale[0]) * np.float32(beta))
+  table = np.exp((scale * np.arange(256, dtype=np.float32)).astype(np.float64)).astype(np.float32)  # by max - x
+  e = jnp.asarray(table)[jnp.max(x, axis=-1, keepdims=True) - x]
+  total = lax.scan(lambda s, v: (s + v, None), jnp.zeros(e.shape[:-1], jnp.float32), jnp.moveaxis(e, -1, 0))[0]
+  p = e * (np.float32(1) / (total[..., None] * np.float32(t_out.scale[0])))
+  if t_out.dtype == np.uint8:
+    y = (p + np.float32(0.5)).astype(jnp.int64)
+  else:
+    p = p.astype(jnp.float64)  # std::round, exact in float64
+    y = (jnp.sign(p) * jnp.floor(jnp.abs(p) + 0.5)).astype(jnp.int64) + int(t_out.zero_point[0])
+  info = _info(t_out)
+  return jnp.clip(y, int(info.min), int(info.max))
+
+
 def _constant(t: _Tensor):
   if t.value is None:
     raise UnsupportedOpError(f"tensor {t.name!r} is neither computed before its use nor a constant")
@@ -462,16 +552,18 @@ class IntegerModel:
   ``'xnnpack'``: that of the interpreter's default XNNPACK delegate (float32 requantization). ``output``: a tensor
   index or name to stop at instead of the model's output.
 
-  ``raw(x)``: a batch in the model's input dtype -> its output in the output dtype, the codes TFLite's reference
-  kernels produce. ``__call__(images)``: float images -> float logits, the input quantized as
-  :class:`fatq.export.TFLiteModel` does it and the output dequantized. ``intermediates``: the codes of every tensor
-  (by TFLite tensor index) for layer-by-layer comparisons. Ops: :attr:`SUPPORTED`; others raise
-  :class:`UnsupportedOpError` naming the op.
+  ``raw(x)``: a batch in the model's input dtype -> its output in the output dtype, the codes that the chosen kernels
+  produce. ``__call__(images)``: float images -> the float output (logits, or probabilities after a SOFTMAX), the
+  input quantized as :class:`fatq.export.TFLiteModel` does it and the output dequantized. ``raw(x, keep=True)``: the
+  codes of every tensor (by TFLite tensor index) for layer-by-layer comparisons. Ops: :attr:`SUPPORTED`; others raise
+  :class:`UnsupportedOpError` naming the op. SOFTMAX rows whose exps sum to 512 or more, where TFLite's reference kernel
+  aborts, get the same fixed-point arithmetic, carried on past its 31-bit shift.
   """
 
   KERNELS = ("reference", "xnnpack")
   SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN",
-               "RESHAPE", "MINIMUM", "MAXIMUM", "PAD", "QUANTIZE", "DEQUANTIZE", "RELU", "RELU6", "RELU_N1_TO_1")
+               "RESHAPE", "MINIMUM", "MAXIMUM", "PAD", "QUANTIZE", "DEQUANTIZE", "RELU", "RELU6", "RELU_N1_TO_1",
+               "SOFTMAX")
 
   def __init__(self, model: str | os.PathLike | bytes, batch_size: int = 50, output: int | str | None = None,
                kernels: str = "reference"):
@@ -542,6 +634,9 @@ class IntegerModel:
         y = jnp.pad(ins[0], pads, constant_values=fill)
       elif op.name in _RELUS:
         y = _relu(ins[0], self.tensors[op.inputs[0]], t_out, *_RELUS[op.name])
+      elif op.name == "SOFTMAX":
+        softmax = _softmax_table if self.kernels == "xnnpack" else _softmax_reference
+        y = softmax(ins[0], self.tensors[op.inputs[0]], t_out, op.options.get("beta", 1.0))
       elif op.name == "QUANTIZE":
         y = _quantize(ins[0], self.tensors[op.inputs[0]], t_out, self.kernels)
       else:  # DEQUANTIZE
@@ -574,7 +669,7 @@ class IntegerModel:
     return output_values(y, t.scale[0], t.zero_point[0])
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    """Float images (N, H, W, C) -> float logits, in batches of ``batch_size`` (the last one padded)."""
+    """Float images (N, H, W, C) -> the float output, in batches of ``batch_size`` (the last one padded)."""
     shape = tuple(self.tensors[self.input].shape[1:])
     out, bs = [], self.batch_size
     for i in range(0, len(images), bs):

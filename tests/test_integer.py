@@ -157,23 +157,99 @@ def test_mobilenet_v2_bit_exact_with_reference_kernels():
     E.TFLiteModel(blob, output="nothing")
 
 
-def test_google_ptq_int8_mobilenet_v2_to_the_logits():
+def test_google_ptq_int8_mobilenet_v2_end_to_end():
   """A file fatq did not write: Google's int8 post-training-quantized MobileNet v2 (TF2 converter; a MEAN with a
-  scale of its own as the global pool), up to the logits before its SOFTMAX, on 8 real ImageNet images: every tensor
-  equal to the reference kernels', the MEAN's output and the logits equal to the default (XNNPACK) kernels'."""
+  scale of its own as the global pool; SOFTMAX and uint8 QUANTIZE at the end), on 8 real ImageNet images: every tensor equal to the
+  reference kernels', the MEAN's output, the logits and the probabilities equal to the default kernels'."""
   from fatq.data import imagenet
   from fatq.data.paths import data_root
   blob = (data_root() / "models" / "mobilenet_v2_1.0_224_ptq_int8.tflite").read_bytes()
   logits = "MobileNetV2/top/SpatialSqueeze/Reshape;StatefulPartitionedCall/MobileNetV2/top/SpatialSqueeze/Reshape"
-  with pytest.raises(UnsupportedOpError, match=r"does not implement the TFLite op\(s\) \['SOFTMAX'\]"):
-    IntegerModel(blob)
-  im = IntegerModel(blob, output=logits)
+  im = IntegerModel(blob)
   mean = next(o for o in im.ops if o.name == "MEAN")
+  assert [o.name for o in im.ops[-2:]] == ["SOFTMAX", "QUANTIZE"]  # int8 probabilities, then uint8 ones
   codes = im.quantize_input(imagenet.val_set("fat", 224, 1, limit=8).images)
-  ours = assert_bit_exact(blob, codes, output=logits)
+  ours = assert_bit_exact(blob, codes)
   assert len(np.unique(ours[mean.outputs[0]])) > 50  # a real spread of pooled codes, not a saturated tensor
+  probs = ours[im.output]  # uint8 codes of 1/256
+  assert probs.max(axis=-1).min() > 20 and np.all(np.sum(probs > 0, axis=-1) >= 2)  # a real spread
   assert_equal_to_xnnpack(blob, codes, output=mean.outputs[0])
   assert_equal_to_xnnpack(blob, codes, output=logits)
+  assert_equal_to_xnnpack(blob, codes)
+
+
+def softmax_model(spread: float, beta: float = 1.0, uint8: bool = False, classes: int = 1001) -> bytes:
+  """A .tflite model of one int8 SOFTMAX (TF converter, logits of standard deviation ``spread`` for calibration),
+  edited to another ``beta``, or to uint8 tensors (zero points + 128), which the converter no longer writes."""
+  import flatbuffers
+  import tensorflow as tf
+  from ai_edge_litert import schema_py_generated as schema
+  module = tf.Module()
+  module.f = tf.function(tf.nn.softmax, input_signature=[tf.TensorSpec([1, classes], tf.float32)])
+  conv = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
+  conv.optimizations = [tf.lite.Optimize.DEFAULT]
+  conv.representative_dataset = lambda: ([np.random.default_rng(i).normal(scale=spread, size=(1, classes))
+                                          .astype(np.float32)] for i in range(8))
+  conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+  conv.inference_input_type = conv.inference_output_type = tf.int8
+  m = schema.ModelT.InitFromPackedBuf(conv.convert(), 0)
+  g = m.subgraphs[0]
+  assert [m.operatorCodes[o.opcodeIndex].builtinCode for o in g.operators] == [schema.BuiltinOperator.SOFTMAX]
+  g.operators[0].builtinOptions.beta = beta
+  for t in g.tensors if uint8 else []:
+    t.type = schema.TensorType.UINT8
+    t.quantization.zeroPoint = np.asarray(t.quantization.zeroPoint) + 128
+  builder = flatbuffers.Builder(1024)
+  builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+  return bytes(builder.Output())
+
+
+@pytest.mark.parametrize("spread,beta,uint8", [(1.0, 1.0, False), (20.0, 1.0, False), (4.0, 0.3, False),
+                                               (4.0, 2.5, True)])
+def test_softmax_bit_exact(spread, beta, uint8):
+  """SOFTMAX alone, on random logits codes from flat to peaked: equal to the reference kernel (gemmlowp fixed-point
+  exp and reciprocal) and to the interpreter's default (a float32 exp table; XNNPACK does not take it), code for
+  code. The reference kernel aborts where the exps sum to 512 or more (a shift over 31 bits), so its rows are those
+  that sum to less."""
+  blob = softmax_model(spread, beta, uint8)
+  im = IntegerModel(blob)
+  t = im.tensors[im.input]
+  rng = np.random.default_rng(0)
+  codes = np.concatenate([rng.integers(-128, 128, (40, 1001)),
+                          np.round(rng.normal(-20, 15, (40, 1001))),
+                          np.round(rng.normal(-60, 8, (40, 1001))) + 120 * (rng.random((40, 1001)) < 0.003)])
+  codes = (np.clip(codes, -128, 127) + (128 if uint8 else 0)).astype(im.input_dtype)
+  exps = np.exp(np.float64(t.scale[0]) * beta * (codes - codes.max(axis=1, keepdims=True).astype(np.float64)))
+  summable = exps.sum(axis=1) < 500
+  assert summable.sum() >= 80
+  ours = assert_bit_exact(blob, codes[summable])[im.output]
+  assert np.sum(ours > np.iinfo(im.output_dtype).min) > 1000  # probabilities of many sizes, not all zero
+  assert_equal_to_xnnpack(blob, codes)
+
+def test_softmax_fixed_point_exp_and_reciprocal():
+  """The reference SOFTMAX's gemmlowp functions, against float64: exp of Q5.26 values in [-32, 0] as Q0.31 within
+  2.5e-7 (a Taylor polynomial and a barrel of exp(-2^k) factors), 1 / (1 + x) for x in [0, 1) within 3e-9 (three
+  Newton-Raphson steps; two would be 1e-5 off)."""
+  from fatq.integer import _exp_on_negative_values, _one_over_one_plus_x
+  with jax.enable_x64(True):
+    a = np.concatenate([np.arange(-2 ** 31, 1, 2 ** 31 // 100003), np.arange(-5000, 1)]).astype(np.int64)
+    got = np.asarray(_exp_on_negative_values(a)) / 2.0 ** 31
+    assert np.abs(got - np.exp(a / 2.0 ** 26)).max() <= 2.5e-7
+    x = np.arange(0, 2 ** 31, 2 ** 31 // 100003, dtype=np.int64)
+    got = np.asarray(_one_over_one_plus_x(x)) / 2.0 ** 31
+    assert np.abs(got - 1 / (1 + x / 2.0 ** 31)).max() <= 3e-9
+
+
+@pytest.mark.parametrize("uint8", [False, True], ids=["int8", "uint8"])
+def test_softmax_rounds_ties_up(uint8):
+  """512 equal logits: each probability is 1/512, half a code of 1/256. The default kernel rounds it up to 1 code
+  (int8: std::round, ties away from zero; uint8: + 0.5, truncated), not to the even 0."""
+  blob = softmax_model(4.0, uint8=uint8, classes=512)
+  im = IntegerModel(blob, kernels="xnnpack")
+  codes = np.full((2, 512), 7 + (128 if uint8 else 0), im.input_dtype)
+  lowest = np.iinfo(im.output_dtype).min
+  np.testing.assert_array_equal(E.TFLiteModel(blob).raw(codes[:1]), lowest + 1)
+  np.testing.assert_array_equal(im.raw(codes), lowest + 1)
 
 
 def test_refuses_a_mean_over_channels():
