@@ -47,8 +47,8 @@ the LeNet-5 and MobileNet v1/v2 exports; ``kernels='xnnpack'``):
   requantized once, ``rint(float32(sum (x - zx)) * (float32(sx) / (n float32(sy)))) + zy``. The other pools as above
   (AVERAGE_POOL_2D is not delegated: TFLite's own kernel runs it).
 * SOFTMAX is not delegated either: TFLite's optimized kernel reads ``e = expf(-float32(sx beta) (max - x))`` from a
-  table of 256, sums the row in order in float32 and outputs ``round(e / (sum 2^-8)) + zy`` (``std::round`` for int8,
-  ``+ 0.5`` truncated for uint8).
+  table of 256 (the C library's ``expf``, not always correctly rounded), sums the row in order in float32 and outputs
+  ``round(e / (sum 2^-8)) + zy`` (``std::round`` for int8, ``+ 0.5`` truncated for uint8).
 
 Accumulators are computed by float64 convolutions of integer values (exact below 2^53, and as fast as float32 on
 XLA:CPU where its int32 convolution is not), the fixed-point steps in int64.
@@ -56,6 +56,9 @@ XLA:CPU where its int32 convolution is not), the fixed-point steps in int64.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -452,12 +455,35 @@ def _softmax_reference(x, t_in, t_out, beta: float):
   return jnp.where(used, jnp.clip(y, int(info.min), int(info.max)), int(info.min))
 
 
+@functools.lru_cache(maxsize=None)
+def _c_expf():
+  """The C library's ``expf``, which TFLite's kernels call, or None where there is no C math library to load."""
+  name = ctypes.util.find_library("m")
+  try:
+    expf = ctypes.CDLL(name).expf if name else None
+  except (OSError, AttributeError):
+    return None
+  if expf is not None:
+    expf.restype, expf.argtypes = ctypes.c_float, [ctypes.c_float]
+  return expf
+
+
+def _expf(x: np.ndarray) -> np.ndarray:
+  """float32 ``exp`` as the C library computes it: its last bit differs from the correctly rounded exp on ~5e-4 of
+  softmax table entries (glibc, measured), and a table entry one bit off changes the probability codes near ties.
+  The correctly rounded exp where the C library cannot be loaded."""
+  expf = _c_expf()
+  if expf is None:
+    return np.exp(x.astype(np.float64)).astype(np.float32)
+  return np.array([expf(float(v)) for v in np.ravel(x)], np.float32).reshape(np.shape(x))
+
+
 def _softmax_table(x, t_in, t_out, beta: float):
   """TFLite's optimized int8 / uint8 SOFTMAX (``optimized_ops::Softmax`` with ``PopulateSoftmaxLookupTable``):
   ``e = table[255 - max + x] = expf(-s beta (max - x))`` in float32, summed in order along the last axis, then
   ``round(e / (sum s_y)) + z_y``: ``std::round`` for int8, ``+ 0.5`` truncated for uint8."""
   scale = np.float32(-np.float32(t_in.scale[0]) * np.float32(beta))
-  table = np.exp((scale * np.arange(256, dtype=np.float32)).astype(np.float64)).astype(np.float32)  # by max - x
+  table = _expf(scale * np.arange(256, dtype=np.float32))  # by max - x
   e = jnp.asarray(table)[jnp.max(x, axis=-1, keepdims=True) - x]
   total = lax.scan(lambda s, v: (s + v, None), jnp.zeros(e.shape[:-1], jnp.float32), jnp.moveaxis(e, -1, 0))[0]
   p = e * (np.float32(1) / (total[..., None] * np.float32(t_out.scale[0])))
