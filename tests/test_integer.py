@@ -232,6 +232,7 @@ def test_softmax_bit_exact(spread, beta, uint8):
   assert np.sum(ours > np.iinfo(im.output_dtype).min) > 1000  # probabilities of many sizes, not all zero
   assert_equal_to_xnnpack(blob, codes)
 
+
 def test_softmax_exp_table_from_the_c_library():
   """The default kernel reads exp from a table of the C library's ``expf``, whose last bit is not always the correctly
   rounded one: at input scale 0.10728192 it differs at entry 7, ``exp(-7 s)``, and in this row (found by a search)
