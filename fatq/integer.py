@@ -80,7 +80,14 @@ class UnsupportedOpError(ValueError):
 
 
 def _round_half_away(v):
-  return np.sign(v) * np.floor(np.abs(v) + 0.5)
+  """C's ``round``: the nearest integer, ties away from zero (numpy, or jax.numpy for JAX arrays)."""
+  xp = jnp if isinstance(v, jax.Array) else np
+  return xp.sign(v) * xp.floor(xp.abs(v) + 0.5)
+
+
+def _truncating_divide_by_pot(x, e: int):
+  """C's ``x / 2^e`` on integers: truncation toward zero."""
+  return jnp.where(x >= 0, x >> e, -((-x) >> e))
 
 
 def quantize_multiplier(m) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +106,7 @@ def _srdhm(a, b):
   """SaturatingRoundingDoublingHighMul on int64 arrays that hold int32 values."""
   ab = a * b
   t = ab + jnp.where(ab >= 0, 1 << 30, 1 - (1 << 30))
-  q = jnp.where(t >= 0, t >> 31, -((-t) >> 31))  # C division by 2^31: truncation toward zero
+  q = _truncating_divide_by_pot(t, 31)
   return jnp.where((a == b) & (a == -2 ** 31), 2 ** 31 - 1, q)
 
 
@@ -372,7 +379,7 @@ def _quantize(x, t_in, t_out, kernels: str = "reference"):
   elif t_in.dtype == np.float32:
     s = np.float32(t_out.scale[0])
     v = x.astype(jnp.float32) / s
-    y = (jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)).astype(jnp.int64) + z
+    y = _round_half_away(v).astype(jnp.int64) + z
   else:
     mult, shift = quantize_multiplier(np.float64(t_in.scale[0]) / np.float64(t_out.scale[0]))
     y = multiply_by_quantized_multiplier(x - int(t_in.zero_point[0]), mult, shift) + z
@@ -431,7 +438,7 @@ def _one_over_one_plus_x(a):
   Newton-Raphson steps on the half denominator in Q2.29."""
   total = a + (2 ** 31 - 1)  # RoundingHalfSum(a, One): (a + b + sign) / 2, truncated toward zero
   total = total + jnp.where(total >= 0, 1, -1)
-  half_denominator = jnp.where(total >= 0, total // 2, -((-total) // 2))
+  half_denominator = _truncating_divide_by_pot(total, 1)
   x = _wrap32(1515870810 + _srdhm(half_denominator, -1010580540))  # 48/17 - 32/17 d
   for _ in range(3):
     error = _wrap32((1 << 29) - _srdhm(half_denominator, x))
@@ -491,7 +498,7 @@ def _softmax_table(x, t_in, t_out, beta: float):
     y = (p + np.float32(0.5)).astype(jnp.int64)
   else:
     p = p.astype(jnp.float64)  # std::round, exact in float64
-    y = (jnp.sign(p) * jnp.floor(jnp.abs(p) + 0.5)).astype(jnp.int64) + int(t_out.zero_point[0])
+    y = _round_half_away(p).astype(jnp.int64) + int(t_out.zero_point[0])
   info = _info(t_out)
   return jnp.clip(y, int(info.min), int(info.max))
 
