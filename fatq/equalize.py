@@ -225,7 +225,6 @@ def equalize(model, params: Tree, input_shape: tuple[int, ...], *, max_sweeps: i
     raise ValueError(f"cross-layer equalization: {type(model).__name__} has no pair of layers it can rescale"
                      + (f" ({reasons})" if reasons else ""))
   original = _layer_params(params)
-  kinds = {layer.path: layer.kind for layer in layer_calls(model, params, input_shape)}
   # float64 while sweeping: a chain is rescaled a hundred times; one rounding to float32 at the end
   work = {p: {k: np.asarray(v, np.float64) for k, v in original[p].items()} for pr in found for p in (pr.a, pr.b)}
   for pr in found:

@@ -298,7 +298,6 @@ class _Translator:
     return [read(v) for v in jaxpr.outvars]
 
   def eqn(self, eqn, ins, eqns, i, skip):
-    tf = self.tf
     prim, params = eqn.primitive.name, eqn.params
     aval = eqn.outvars[0].aval if eqn.outvars else None
     # Sub-jaxprs (jit, custom_jvp/vjp: their primal computation).

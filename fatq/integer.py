@@ -340,7 +340,7 @@ def divide_round_half_away(total: jax.Array, n) -> jax.Array:
 
 
 def _pool(x, tensors, op, kind: str):
-  t_in, t_out = tensors[op.inputs[0]], tensors[op.outputs[0]]
+  t_out = tensors[op.outputs[0]]  # the input's grid too (_check_integer_op)
   o = op.options
   window, strides = (1, o["filterHeight"], o["filterWidth"], 1), (1, o["strideH"], o["strideW"], 1)
   pad = _padding(o["padding"])

@@ -8,7 +8,6 @@ once per image and passed to the step.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Callable, NamedTuple

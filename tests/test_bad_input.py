@@ -17,17 +17,16 @@ import subprocess
 import sys
 import types
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-import fatq
 from fatq import cli, experiment, tasks
 from fatq.data import imagenet
 from fatq.models import LeNet5
+from scripts.finetune_tiny import TinyMLP  # tests/scripts: the model of the crash-safety tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "experiments", "finetune.py")
@@ -316,16 +315,6 @@ def test_damaged_image_cache_is_rebuilt(odd_images, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # NaN / Inf in weights or images, and the tiny experiment the remaining tests run.
-
-
-class TinyMLP(nn.Module):
-  quant: fatq.QuantConfig | None = None
-
-  @nn.compact
-  def __call__(self, x):
-    x = fatq.quant_point(self, self.quant, "input", x)
-    x = fatq.QDense(16, activation="relu", quant=self.quant, name="fc1")(x)
-    return fatq.QDense(4, quant=self.quant, name="fc2")(x)
 
 
 def _tiny_experiment():

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fatq import calibration, quantizers
+from fatq import quantizers
 from fatq.config import QuantConfig, QuantRule, QuantSpec
 from fatq.data.paths import data_root
 from fatq.layers import STATS, THRESHOLDS, FakeQuant, QConv, QDense
