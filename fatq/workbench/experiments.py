@@ -173,6 +173,18 @@ def _plt():
   return plt
 
 
+def _save(fig, path):
+  """``fig`` as a PNG at ``path``, then closed (pyplot keeps every figure open until then)."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  _plt().close(fig)
+
+
+def _table(head, lines):
+  """``head``, a rule under it, then ``lines``: the readable table an experiment prints."""
+  return "\n".join([head, "-" * len(head), *lines])
+
+
 def weight_rules(spec) -> QuantConfig:
   return QuantConfig((QuantRule(r".*kernel", spec), QuantRule(r".*", None)))
 
@@ -215,11 +227,9 @@ def run_datafree(cfg, workdir, log=print):
     ax.set(title=name, xlabel="weight bits", ylabel="top-1 %")
     ax.legend()
   fig.suptitle("data-free weight quantization (activations float)")
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "datafree.png"), dpi=100)
-  plt.close(fig)
+  _save(fig, os.path.join(workdir, "datafree.png"))
   head = f"{'task':<22} {'method':<6} {'bits':>4} {'top1':>6} {'agree':>6} {'raw KB':>9} {'gzip KB':>9} {'lzma KB':>9}"
-  return dict(rows=rows, timings=timings), "\n".join([head, "-" * len(head)] + [_fmt_df(r) for r in rows])
+  return dict(rows=rows, timings=timings), _table(head, map(_fmt_df, rows))
 
 
 def analysis_layers(params, model=None, input_shape=None):
@@ -276,11 +286,9 @@ def run_fixed_point(cfg, workdir, log=print):
   ax.set(xlabel="word width W (F = W/2)" if cfg.frac_bits == "half" else "word width W",
          ylabel="relative accuracy", title=f"fixed point, {rows[0]['task']}")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "fixed_point.png"), dpi=100)
-  plt.close(fig)
+  _save(fig, os.path.join(workdir, "fixed_point.png"))
   head = f"{'task':<20} {'placement':<10} {'rounding':<10} {'W':>3} {'F':>3} {'top1':>6} {'rel':>5}"
-  return dict(rows=rows, timings=timings), "\n".join([head, "-" * len(head)] + [_fmt_fp(r) for r in rows])
+  return dict(rows=rows, timings=timings), _table(head, map(_fmt_fp, rows))
 
 
 def _fmt_fp(r):
@@ -376,11 +384,9 @@ def run_lsq(cfg, workdir, log=print):
   ax.set_xticklabels([f"{a}\n{b}" for a, b in groups], fontsize=8)
   ax.set(ylabel="top-1 %", title="PTQ vs FAT vs LSQ")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "fat_lsq_ptq.png"), dpi=100)
-  plt.close(fig)
+  _save(fig, os.path.join(workdir, "fat_lsq_ptq.png"))
   head = f"{'task':<22} {'setting':<8} {'method':<6} {'top1':>6} {'agree':>6} {'seconds':>8}"
-  return dict(rows=rows, timings=timings), "\n".join([head, "-" * len(head)] + [_fmt_lsq(r) for r in rows])
+  return dict(rows=rows, timings=timings), _table(head, map(_fmt_lsq, rows))
 
 
 def _fmt_lsq(r):
@@ -422,12 +428,10 @@ def run_sensitivity(cfg, workdir, log=print):
     ax.barh([r["layer"] for r in rs], [100 * r["drop"] for r in rs])
     ax.set(title=f"{k[0]}, {k[1]} bits", xlabel="top-1 drop (points)")
     ax.tick_params(axis="y", labelsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "sensitivity.png"), dpi=100)
-  plt.close(fig)
+  _save(fig, os.path.join(workdir, "sensitivity.png"))
   ordered = sorted(rows, key=lambda r: (r["task"], r["bits"], -r["drop"]))
   head = f"{'task':<22} {'bits':>4} {'layer':<22} {'top1':>6} {'drop':>6}"
-  return dict(rows=rows, timings=timings), "\n".join([head, "-" * len(head)] + [_fmt_sens(r) for r in ordered])
+  return dict(rows=rows, timings=timings), _table(head, map(_fmt_sens, ordered))
 
 
 def _fmt_sens(r):
@@ -470,9 +474,7 @@ def run_bit_efficiency(cfg, workdir, log=print):
       ax.plot(x, q[:, 2], "k_", ms=6)
       ax.set(title=f"{k}" + ("" if k == "float32" else f" {b}-bit"), xlabel="channel")
     fig.suptitle(f"{task.name} {focus}: per-channel quartiles")
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, f"quartiles_{task.name}.png"), dpi=100)
-    plt.close(fig)
+    _save(fig, os.path.join(workdir, f"quartiles_{task.name}.png"))
     # Figure 2: histograms, methods at quartile_bits (left) and asym from 8 to 2 bits (right).
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
     edges = np.linspace(w.min(), w.max(), 101)
@@ -488,9 +490,7 @@ def run_bit_efficiency(cfg, workdir, log=print):
               label=f"asym {bb}-bit")
     a2.set(yscale="log", title=f"{focus}: asym 8..2 bits", xlabel="weight")
     a2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, f"histograms_{task.name}.png"), dpi=100)
-    plt.close(fig)
+    _save(fig, os.path.join(workdir, f"histograms_{task.name}.png"))
     timings[task.name] = round(time.perf_counter() - t0, 1)
   # Main plot: bit efficiency (entropy / bits) per layer and method at quartile_bits.
   tasks = list(dict.fromkeys(r["task"] for r in rows))
@@ -507,9 +507,7 @@ def run_bit_efficiency(cfg, workdir, log=print):
       ax.set_xticks(range(len(layers)))
       ax.set_xticklabels(layers, rotation=90, fontsize=6)
     a1.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "bit_efficiency.png"), dpi=100)
-  plt.close(fig)
+  _save(fig, os.path.join(workdir, "bit_efficiency.png"))
   summary = []
   for name in tasks:
     for method in cfg.methods:
@@ -521,10 +519,9 @@ def run_bit_efficiency(cfg, workdir, log=print):
             ("occupancy", "bit_efficiency", "range_fraction", "range_per_bit", "sqnr_db")}))
   head = (f"{'task':<22} {'method':<6} {'bits':>4} {'occup':>6} {'BE':>6} {'rangefr':>7} {'oct/bit':>7} "
           f"{'SQNR dB':>8}   (size-weighted means over layers)")
-  lines = [head, "-" * len(head)] + [
-      f"{s['task']:<22} {s['method']:<6} {s['bits']:>4} {s['occupancy']:6.3f} {s['bit_efficiency']:6.3f} "
-      f"{s['range_fraction']:7.3f} {s['range_per_bit']:7.3f} {s['sqnr_db']:8.2f}" for s in summary]
-  return dict(rows=rows, summary=summary, quartiles=quart, timings=timings), "\n".join(lines)
+  lines = [f"{s['task']:<22} {s['method']:<6} {s['bits']:>4} {s['occupancy']:6.3f} {s['bit_efficiency']:6.3f} "
+           f"{s['range_fraction']:7.3f} {s['range_per_bit']:7.3f} {s['sqnr_db']:8.2f}" for s in summary]
+  return dict(rows=rows, summary=summary, quartiles=quart, timings=timings), _table(head, lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -581,16 +578,13 @@ def run_memory(cfg, workdir, log=print):
   ax.set_xticklabels(cfg.models, fontsize=8)
   ax.set(yscale="log", ylabel="inference memory (MB)", title="memory model (qat-edge-survey): N_p b_p + N_a b_a")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "memory.png"), dpi=100)
-  plt.close(fig)
+  _save(fig, os.path.join(workdir, "memory.png"))
   head = (f"{'model':<18} {'params':>9} {'max act':>8} {'W':>3} {'A':>3} {'inf MB':>8} {'(param':>8} {'act)':>7} "
           f"{'train MB':>9} (B={cfg.batch_size}, {cfg.optimizer_slots} optimizer slot(s))")
-  lines = [head, "-" * len(head)] + [
-      f"{r['model']:<18} {r['num_params']:>9} {r['largest_activation']:>8} {r['weight_bits']:>3} {r['act_bits']:>3} "
-      f"{r['inference_total'] / 1e6:8.4f} {r['inference_params'] / 1e6:8.4f} {r['inference_activation'] / 1e6:7.4f} "
-      f"{r['training_total'] / 1e6:9.2f}" for r in rows]
-  return dict(rows=rows, timings=timings), "\n".join(lines)
+  lines = [f"{r['model']:<18} {r['num_params']:>9} {r['largest_activation']:>8} {r['weight_bits']:>3} "
+           f"{r['act_bits']:>3} {r['inference_total'] / 1e6:8.4f} {r['inference_params'] / 1e6:8.4f} "
+           f"{r['inference_activation'] / 1e6:7.4f} {r['training_total'] / 1e6:9.2f}" for r in rows]
+  return dict(rows=rows, timings=timings), _table(head, lines)
 
 
 RUNNERS: dict[str, Callable] = dict(datafree=run_datafree, fixed_point=run_fixed_point, lsq=run_lsq,
