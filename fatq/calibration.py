@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Sequence
 
 import flax
@@ -98,7 +99,19 @@ def quant_ranges_of_each(model, variable_sets: Sequence[Tree],
                          sample: np.ndarray) -> list[dict[str, dict[str, np.ndarray]]]:
   """:func:`quant_ranges` of each of ``variable_sets`` (the same model's), computed by one compiled program. Applied op
   by op instead, the first call in a process compiled each small op anew: 40-48 s for MobileNet v2 or MnasNet 1.0,
-  against 10 s to compile the whole model once."""
+  against 10 s to compile the whole model once. The program is kept for later calls with an equal model."""
+  try:
+    ranges, order = _ranges_program(model)
+  except TypeError:  # a field that is not hashable (a list, ...): compiled for this call alone
+    ranges, order = _ranges_program.__wrapped__(model)
+  computed = ranges(list(variable_sets), sample)
+  return [{name: {k: np.asarray(v) for k, v in found[name].items()} for name in order} for found in computed]
+
+
+@functools.lru_cache(maxsize=4)  # a few programs kept: each holds a compiled model
+def _ranges_program(model) -> tuple[Any, list[str]]:
+  """The jitted ``(variable sets, sample) -> each set's ranges`` of ``model`` (a module is hashable by its fields), and
+  the names of its points in the order the model applies them, filled in when it is first traced."""
   order = []
 
   def ranges(sets, x):
@@ -106,8 +119,7 @@ def quant_ranges_of_each(model, variable_sets: Sequence[Tree],
     order[:] = found[0]  # while tracing: the order the model applies its points (the result's dicts come back sorted)
     return found
 
-  computed = jax.jit(ranges)(list(variable_sets), sample)
-  return [{name: {k: np.asarray(v) for k, v in found[name].items()} for name in order} for found in computed]
+  return jax.jit(ranges), order
 
 
 def points(tree: Tree) -> dict[str, Any]:

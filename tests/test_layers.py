@@ -555,6 +555,23 @@ def test_learned_bias_offsets_fold_into_the_biases_and_get_the_bias_gradient():
   assert np.max(np.abs(g_offset)) > 1e-3
 
 
+def test_quant_ranges_compile_once_per_model_and_read_the_variables_given():
+  """The ranges' program is kept for an equal model; what it returns follows the statistics of each call."""
+  from fatq import calibration
+
+  m, params, x = _lenet(QCFG)
+  stats = fatq.calibrate(m, params, [x])
+  v = {"params": params, "quant_stats": stats, "quant": fatq.init_thresholds(m, params, stats, x[:1])}
+  first = fatq.quant_ranges(m, v, x[:1])
+  compiled = calibration._ranges_program.cache_info().misses
+  wider = dict(v, quant_stats=jax.tree.map(lambda a: 2 * a, stats))  # every range twice as wide
+  again = fatq.quant_ranges(LeNet5(quant=QCFG), wider, x[:1])  # an equal model: the same program
+  assert calibration._ranges_program.cache_info().misses == compiled
+  assert list(again) == list(first) and len(first) > 10  # the network's order, kernels and outputs
+  for name, r in first.items():
+    np.testing.assert_allclose(again[name]["scale"], 2 * r["scale"], rtol=1e-6, err_msg=name)
+
+
 def test_activation_histograms_count_every_value_and_draw_both_ranges(tmp_path):
   from fatq import plots
 
