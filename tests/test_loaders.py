@@ -1,7 +1,5 @@
 """Checkpoint loaders against the original frameworks (Keras, the TFLite interpreter) on real files and images."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,6 +118,10 @@ def test_bad_checkpoints(tmp_path):
   (tmp_path / "junk.h5").write_text("hello")
   with pytest.raises(CheckpointError, match="not an HDF5"):
     loaders.load_checkpoint(m, tmp_path / "junk.h5")
+  # a config's format is its default file's: a user's .h5 given to a tfjs config says which setting to change
+  with pytest.raises(CheckpointError, match=r"junk.h5 is named like a 'keras_h5' checkpoint, not 'tfjs'.*"
+                                            r"--config.model.checkpoint_format=keras_h5"):
+    loaders.load_checkpoint(m, tmp_path / "junk.h5", "tfjs")
   (tmp_path / "model.json").write_text("{}")
   with pytest.raises(CheckpointError, match="model.json"):
     loaders.load_checkpoint(m, tmp_path / "model.json")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -567,9 +566,19 @@ def guess_format(path) -> str:
 
 
 def load_checkpoint(model, path, fmt: str | None = None, image_size: int = 224):
-  """``(params, LoadReport)`` for ``model`` from ``path`` in format ``fmt`` (guessed from the name if None)."""
+  """``(params, LoadReport)`` for ``model`` from ``path`` in format ``fmt`` (guessed from the name if None). A ``fmt``
+  that the name contradicts (a ``.h5`` file read as tfjs, ...) is refused: a config's format is that of its default
+  file, and a user's own file in another format would otherwise fail deep in the wrong reader."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
+  try:
+    named = guess_format(path)
+  except CheckpointError:
+    named = fmt  # a name that tells nothing (no known suffix): the format given, if any
+  if fmt and named != fmt:
+    raise CheckpointError(f"{path} is named like a {named!r} checkpoint, not {fmt!r}: set checkpoint_format to "
+                          f"{named!r} (in a config: --config.model.checkpoint_format={named}), or to '' to tell the "
+                          "format from the name")
   fmt = fmt or guess_format(path)
   if fmt == "tflite":
     return load_tflite(model, path, image_size)
