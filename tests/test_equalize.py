@@ -331,6 +331,7 @@ def test_experiment_rows_with_equalize(tmp_path):
   assert set(saved) == {"float", *[experiment.row_name(r) for r in rows]}
   cle = saved["W8A8-tensor-sym-cle"]
   assert cle["equalize"] == dict(pairs=7, skipped=0, sweeps=cle["equalize"]["sweeps"], relu6_to_relu=False)
+  assert 1 < cle["equalize"]["sweeps"] < 100  # converged (tol 1e-6) before the cap of 100 sweeps
   assert saved["W8A8-tensor-sym-cle-relu"]["equalize"]["relu6_to_relu"]
   assert cle["bias_correction"]["layers"] == 8 and "bias_correction" not in saved["W8A8-tensor-sym-cle-nobc"]
   assert "equalize" not in saved["W8A8-tensor-sym-bc"] and saved["W8A8-tensor-sym-bc"]["bias_correction"]

@@ -234,7 +234,7 @@ def _asymmetric_case(shift, width, t_left, t_right, x, bits, shift_bounds, width
 @given(st.data(), bits_st, st.booleans(), st.sampled_from([(0.5, 1.0), (0.5, 1.3)]))
 def test_asymmetric_fat_range(data, bits, signed, width_bounds):
   """``T_l' = T_l + clip(alpha_T) R``, ``R' = clip(alpha_R) R``: on the grid after nudging (which puts 0 back into a
-  shifted range), with finite gradients for both factors."""
+  shifted range), with finite gradients for both factors, 0 for a factor beyond its bounds."""
   x, t_left, t_right = data.draw(tensor_and_ranges())
   shape = np.shape(t_left)
   shift = data.draw(hnp.arrays(np.float32, shape, elements=_fl(-0.5, 0.7)))
@@ -246,6 +246,9 @@ def test_asymmetric_fat_range(data, bits, signed, width_bounds):
   _grid_checks(x, y, Q.nudge(lo, hi, bits), exact_zero=False)
   for g in grads:
     assert np.all(np.isfinite(np.asarray(g)))
+  for factor, (low, high), g in ((shift, shift_bounds, grads[0]), (width, width_bounds, grads[1])):
+    outside = (factor < np.float32(low)) | (factor > np.float32(high))  # the bounds as JAX compares them, in float32
+    assert np.all(np.asarray(g)[outside] == 0.0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
