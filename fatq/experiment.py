@@ -201,6 +201,16 @@ def _json_default(o):
   raise TypeError(f"not JSON-serialisable: {type(o)}")
 
 
+def check_labels(labels: np.ndarray, label_offset: int, num_classes: int) -> None:
+  """Raise unless ``labels + label_offset`` are classes of the model: labels of another numbering (a label file
+  for other classes, 1-based indices, ...) would otherwise score 0 % top-1 without a word."""
+  labels = np.asarray(labels)
+  if labels.size and (labels.min() + label_offset < 0 or labels.max() + label_offset >= num_classes):
+    shifted = f" (+{label_offset} for the model's background class 0)" if label_offset else ""
+    raise ValueError(f"labels run from {labels.min()} to {labels.max()}{shifted}, but the model has {num_classes} "
+                     f"classes: check the label file (0-based class indices, 0 to {num_classes - label_offset - 1})")
+
+
 def scores(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | None, label_offset: int = 0) -> dict:
   """top-1, top-5 (when there are > 5 classes), and against the float model's predictions: top-1 agreement and
   ``vs_float``, the images whose top-1 the model ``gained`` (float wrong, this right) and ``lost`` (the reverse).
@@ -419,6 +429,7 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
   bs = cfg.get("eval_batch_size", 256)
   t0 = time.perf_counter()
   float_logits = training.predict(model, {"params": params}, eval_x, bs)
+  check_labels(eval_y, off, float_logits.shape[-1])  # for callers that build Data themselves
   if ("float", "float") not in done:
     add("float", "float", None, scores(float_logits, eval_y, float_logits, off), time.perf_counter() - t0)
   teacher_train = teacher_holdout = None

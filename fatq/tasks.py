@@ -10,15 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from fatq.experiment import Data, atomic_write_json, changed_values, check_config, load_variables, save_variables
+from fatq.experiment import (Data, atomic_write_json, changed_values, check_config, check_labels, load_variables,
+                             save_variables)
 
 Tree = Any
 
 
 def prepare(cfg, workdir: str, progress: bool = True) -> tuple[Any, Tree, Data]:
   check_config(cfg)  # before minutes of data loading or float training
-  name = cfg.model.name
-  if name == "lenet5":
+  if cfg.model.name == "lenet5":
     return _lenet5(cfg, workdir, progress)
   return _imagenet(cfg, progress)
 
@@ -69,6 +69,8 @@ def _lenet5(cfg, workdir: str, progress: bool):
   m = cfg.model
   train_x, train_y = idx.load(cfg.data.name, "train", cfg.data.dir or None)
   test_x, test_y = idx.load(cfg.data.name, "test", cfg.data.dir or None)
+  for labels in (train_y, test_y):  # before the float model trains on them
+    check_labels(labels, 0, int(m.num_classes))
   model = LeNet5(num_classes=m.num_classes)
   ckpt = m.checkpoint or os.path.join(workdir, "float_checkpoint")
   settings = float_training(cfg)
@@ -127,6 +129,7 @@ def _imagenet(cfg, progress: bool):
   d = cfg.data
   offset = 1 if int(cfg.model.num_classes) == 1001 else 0  # 1001-class models: class 0 is "background"
   val = imagenet.evaluation_set(d, label_offset=offset, limit=d.val_limit or None, progress=progress)
+  check_labels(val.labels - offset, offset, int(cfg.model.num_classes))  # the label file's numbering, not 0 % top-1
   pool = imagenet.unlabeled_pool(d, progress)
   for name, s in (("validation", val), ("unlabeled", pool)):
     if s.skipped:

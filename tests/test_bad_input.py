@@ -249,6 +249,28 @@ def test_float_checkpoint_of_another_model(tmp_path):
     tasks.check_params_fit(model, extra, sample, "c", "retrain")
 
 
+def test_labels_the_model_cannot_predict_stop_before_any_work(tmp_path, imagenet_folders):
+  """A label file of another numbering would score 0 % top-1 without a word: it stops, saying which labels and how
+  many classes, as soon as the labeled images are read."""
+  with pytest.raises(ValueError, match=r"labels run from 3 to 5000, but the model has 1000 classes: check the label "
+                                       r"file \(0-based class indices, 0 to 999\)"):
+    experiment.check_labels(np.array([5000, 3]), 0, 1000)
+  with pytest.raises(ValueError, match=r"from 0 to 1000 \(\+1 for the model's background class 0\), but the model "
+                                       r"has 1001 classes: .* 0 to 999\)"):
+    experiment.check_labels(np.array([0, 1000]), 1, 1001)
+  experiment.check_labels(np.array([0, 999]), 1, 1001)
+  # through the ImageNet task, on three real validation images whose labels.txt counts from 1000
+  val, unlabeled = imagenet_folders(3, 0)
+  table = dict(line.split(",") for line in (val / "labels.txt").read_text().splitlines())
+  shifted = {name: int(label) + 1000 for name, label in table.items()}
+  (val / "labels.txt").write_text("".join(f"{name}, {label}\n" for name, label in shifted.items()))
+  cfg = cli.load_config(os.path.join(ROOT, "configs", "mobilenet_v1_0.25_tflite.py"))
+  cfg.data.update(val_dir=str(val), unlabeled_dir=str(tmp_path / "never_read"), cache_dir=str(tmp_path / "cache"))
+  with pytest.raises(ValueError, match=rf"labels run from {min(shifted.values())} to {max(shifted.values())} \(\+1 for "
+                                       r"the model's background class 0\), but the model has 1001 classes"):
+    tasks.prepare(cfg, str(tmp_path / "w"), progress=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Image files.
 

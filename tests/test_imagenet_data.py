@@ -41,6 +41,8 @@ def test_folder_decoding_and_labels(folder, tmp_path):
                                                                "fat", 16), atol=2e-3)
   unlabeled = imagenet.load_folder(folder, "crop0875", 16, cache_dir=tmp_path / "c")
   assert unlabeled.labels is None and len(unlabeled.images) == 5
+  with pytest.raises(FileNotFoundError, match=r"label file .*none.txt not found: .* one 'file, label' line per image"):
+    imagenet.load_folder(folder, "fat", 16, folder / "none.txt")
 
 
 def test_cache_is_used(folder, tmp_path, monkeypatch):

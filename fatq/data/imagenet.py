@@ -73,6 +73,9 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
   """``{file name: label}`` from a ``file, label`` text file (comments start with ``#``)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"label file {path} not found: a labeled folder holds a labels.txt with one 'file, label' "
+                            "line per image, e.g. 'ILSVRC2012_val_00000363.JPEG, 133' (an integer class index)")
   labels = {}
   with open(path) as f:
     for n, line in enumerate(f, 1):
