@@ -574,12 +574,14 @@ def load_checkpoint(model, path, fmt: str | None = None, image_size: int = 224):
   try:
     named = guess_format(path)
   except CheckpointError:
-    named = fmt  # a name that tells nothing (no known suffix): the format given, if any
+    if not fmt:
+      raise
+    named = fmt  # a name that tells nothing (no known suffix): the format given
   if fmt and named != fmt:
     raise CheckpointError(f"{path} is named like a {named!r} checkpoint, not {fmt!r}: set checkpoint_format to "
                           f"{named!r} (in a config: --config.model.checkpoint_format={named}), or to '' to tell the "
                           "format from the name")
-  fmt = fmt or guess_format(path)
+  fmt = named
   if fmt == "tflite":
     return load_tflite(model, path, image_size)
   if fmt == "keras_h5":
