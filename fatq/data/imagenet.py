@@ -203,7 +203,8 @@ def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int
   try:
     builder = tfds.builder(name, data_dir=str(data_dir))
   except tfds.core.registered.DatasetNotFoundError:
-    close = difflib.get_close_matches(name, tfds.list_builders(), n=1)
+    # the built-in names only: the community index is fetched from the network
+    close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=1)
     raise ValueError(f"tfds has no dataset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                      + "; set --config.data.tfds_name, or leave it empty to read image folders") from None
   if not builder.is_prepared():
