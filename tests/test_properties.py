@@ -290,3 +290,12 @@ def test_fake_quant_module_calibrated_output_and_factor_gradients(data, bits, sy
   _grid_checks(x, y, p, exact_zero=False)
   for g in jax.tree.leaves((gf, gx)):
     assert np.all(np.isfinite(np.asarray(g)))
+  # a factor moved beyond its bounds (the spec's; the shift's as the grid's signedness, chosen from the data) is clipped:
+  # zero gradient there. Compared in float32, as JAX compares.
+  grid_signed = x.min() < 0 if signed is None else signed
+  bounds = dict(scale=spec.scale_bounds, width=spec.scale_bounds,
+                shift=spec.signed_shift_bounds if grid_signed else spec.unsigned_shift_bounds)
+  for name, g in gf.items():
+    factor = np.float32(0.0 if name == "shift" else 1.0) + delta
+    outside = (factor < np.float32(bounds[name][0])) | (factor > np.float32(bounds[name][1]))
+    assert np.all(np.asarray(g)[outside] == 0.0), name

@@ -424,6 +424,10 @@ def test_mobilenet_task_reads_the_folders_it_names(tmp_path, monkeypatch, imagen
   assert (len(task.data.train), len(task.data.calibration), len(task.data.holdout)) == (4, 4, 2)
   assert task.data.sources == dict(unlabeled=str(unlabeled), evaluation=str(val)) == X._sources(t)
   assert X._dataset(t) == str(val)
+  # a label file of another numbering stops the task, as it stops finetune.py, rather than scoring 0 % top-1
+  (val / "labels.txt").write_text("".join(f"{n},{int(label) + 1000}\n" for n, label in (s.split(",") for s in lines)))
+  with pytest.raises(ValueError, match="labels run from 1.* but the model has 1000 classes"):
+    X.load_task(t, str(tmp_path / "w"), log=lambda *_: None)
   assert X._dataset(dict(model="mobilenet_v1_0.75", tfds_name="imagenet2012")) == "tfds imagenet2012 validation"
   monkeypatch.setenv("FATQ_DATA", str(tmp_path / "root"))
   assert X._dataset(dict(model="mobilenet_v1_0.75")) == str(tmp_path / "root" / "imagenet" / "val")

@@ -23,7 +23,7 @@ import numpy as np
 
 from fatq import calibration, training
 from fatq.config import QuantConfig, QuantRule, QuantSpec
-from fatq.experiment import Data, atomic_write_json, load_variables, save_variables, scores
+from fatq.experiment import Data, atomic_write_json, check_labels, load_variables, save_variables, scores
 from fatq.layers import STATS, THRESHOLDS
 from fatq.workbench import analysis
 
@@ -67,6 +67,8 @@ def _lenet5(t, workdir, seed, log):
   ds = t.get("dataset", "mnist")
   train_x, train_y = idx.load(ds, "train", t.get("data_dir") or None)
   test_x, test_y = idx.load(ds, "test", t.get("data_dir") or None)
+  for labels in (train_y, test_y):  # a user's data_dir: before the float model trains on them
+    check_labels(labels, 0, 10)
   model = LeNet5(num_classes=10)
   ckpt = t.get("checkpoint") or os.path.join(workdir, task_name(t), "float_checkpoint")
   if os.path.isdir(ckpt):
@@ -103,6 +105,7 @@ def _mobilenet(t, seed, log, need_data):
     return Task(task_name(t), model, params, None, input_shape=(224, 224, 3))
   d = imagenet_data(t)
   val = imagenet.evaluation_set(d, limit=t.get("num_eval", 500) or None, progress=False)
+  check_labels(val.labels, 0, cfg["num_classes"])  # a user's label file of another numbering: not 0 % top-1
   pool = imagenet.unlabeled_pool(d, progress=False).images
   cfg_data = ml_collections.ConfigDict(dict(num_train=t.get("num_train", 400),
                                             num_calibration=t.get("num_calibration", 100),
