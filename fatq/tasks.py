@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -134,6 +135,11 @@ def _imagenet(cfg, progress: bool):
   for name, s in (("validation", val), ("unlabeled", pool)):
     if s.skipped:
       print(f"{name}: skipped {len(s.skipped)} unreadable image(s), e.g. {s.skipped[0]}")
+  shared = imagenet.shared_images(val, pool)
+  if shared:
+    warnings.warn(f"{len(shared)} of the {len(val.files)} validation images are also in the unlabeled pool (e.g. "
+                  f"{shared[0]}): the scores are then measured on images that calibration and fine-tuning saw. Keep "
+                  "the two sets apart (data.val_dir / data.unlabeled_dir, or the tfds splits)")
   train, cal, hold = split_unlabeled(pool.images, d, cfg.seed)
   print(f"images: {len(train)} train, {len(cal)} calibration, {len(hold)} held-out (unlabeled); "
         f"{len(val.images)} labeled validation")

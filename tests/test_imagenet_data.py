@@ -60,6 +60,84 @@ def test_cache_is_used(folder, tmp_path, monkeypatch):
     imagenet.load_folder(folder, "crop0875", 16, folder / "labels.txt", cache_dir=tmp_path / "c")
 
 
+def _images(folder, names, seed=0):
+  rng = np.random.default_rng(seed)
+  for name in names:
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(folder / name)
+
+
+def test_cache_entries_of_dotted_names_stay_apart(tmp_path):
+  """A folder name with a dot (``imagenet.val``) named its cache entry up to the dot only: the pool of
+  ``imagenet.unlabeled`` came back as the ``imagenet.val`` images, and another size as the old one."""
+  val, pool = tmp_path / "imagenet.val", tmp_path / "imagenet.unlabeled"
+  _images(val, ["v0.png", "v1.png"], seed=1)
+  _images(pool, ["u0.png", "u1.png", "u2.png"], seed=2)
+  a = imagenet.load_folder(val, "fat", 16, cache_dir=tmp_path / "c")
+  b = imagenet.load_folder(pool, "fat", 16, cache_dir=tmp_path / "c")
+  assert [len(a.images), len(b.images)] == [2, 3] and all("imagenet.unlabeled" in f for f in b.files)
+  assert imagenet.load_folder(val, "crop0875", 12, cache_dir=tmp_path / "c").images.shape == (2, 12, 12, 3)
+  assert len(list((tmp_path / "c").glob("*.npy"))) == 3  # one entry each, none overwritten
+  np.testing.assert_array_equal(imagenet.load_folder(pool, "fat", 16, cache_dir=tmp_path / "c").images, b.images)
+
+
+def test_cache_entry_of_another_key_or_half_written_is_decoded_again(tmp_path, monkeypatch):
+  _images(tmp_path / "imgs", ["a.png", "b.png"])
+  first = imagenet.load_folder(tmp_path / "imgs", "fat", 16, cache_dir=tmp_path / "c")
+  (npy,) = (tmp_path / "c").glob("*.npy")
+  npy.write_bytes(b"")  # a write cut short (or an older fatq's entry) must not be read as these images
+  with pytest.warns(UserWarning, match="cannot be read; decoding again"):
+    again = imagenet.load_folder(tmp_path / "imgs", "fat", 16, cache_dir=tmp_path / "c")
+  np.testing.assert_array_equal(again.images, first.images)
+  meta = npy.with_name(npy.name.removesuffix(".npy") + ".json")
+  meta.write_text(meta.read_text().replace('"key": "', '"key": "0'))  # an entry written for other images
+  monkeypatch.setattr(imagenet, "load_rgb", lambda p: np.zeros((20, 24, 3), np.uint8))
+  assert imagenet.load_folder(tmp_path / "imgs", "fat", 16, cache_dir=tmp_path / "c").images.max() == -1.0
+  assert not list((tmp_path / "c").glob("*.tmp"))
+
+
+def test_labels_by_relative_path_and_names_that_two_images_share(tmp_path):
+  d = tmp_path / "val"
+  _images(d, ["cat/1.png", "dog/1.png", "top.png"])
+  (d / "labels.txt").write_text("\ufeffcat/1.png, 3\ndog/1.png, 5\ntop.png, 7\ntop.png, 7\n", encoding="utf-8")
+  s = imagenet.load_folder(d, "fat", 8, d / "labels.txt", cache_dir=tmp_path / "c")  # a BOM, a repeated line
+  assert [f.rsplit("/", 2)[-2:] for f in s.files] == [["cat", "1.png"], ["dog", "1.png"], ["val", "top.png"]]
+  np.testing.assert_array_equal(s.labels, [3, 5, 7])
+  (d / "labels.txt").write_text("1.png, 3\ntop.png, 7\n")
+  with pytest.raises(ValueError, match=r"labels '1.png', but 2 images .* have that name \(cat/1.png, dog/1.png\)"):
+    imagenet.load_folder(d, "fat", 8, d / "labels.txt", cache_dir=tmp_path / "c")
+  (d / "labels.txt").write_text("top.png, 7\ncat/1.png, 2\ntop.png, 4\n")
+  with pytest.raises(ValueError, match=r"labels.txt:3: top.png is labeled 4 here and 7 on line 1"):
+    imagenet.load_folder(d, "fat", 8, d / "labels.txt", cache_dir=tmp_path / "c")
+  (d / "labels.txt").write_text("x/top.png, 7\n")
+  with pytest.raises(FileNotFoundError, match=r"none of the 3 images .* is listed .*it lists e.g. 'x/top.png'"):
+    imagenet.load_folder(d, "fat", 8, d / "labels.txt", cache_dir=tmp_path / "c")
+  (d / "labels.txt").write_text("top.png, 7\ngone.png, 1\ncat/1.png, 2\ndog/1.png, 2\n")
+  with pytest.warns(UserWarning, match="1 file.* listed in .* are not images .* e.g. gone.png"):
+    imagenet.load_folder(d, "fat", 8, d / "labels.txt", cache_dir=tmp_path / "c")
+
+
+def test_listing_follows_symlinked_folders_and_skips_hidden_files(tmp_path):
+  d = tmp_path / "pool"
+  _images(d, ["a.png", ".ipynb_checkpoints/a.png", "._b.png"])
+  _images(tmp_path / "elsewhere", ["c.JPG"])
+  (d / "linked").symlink_to(tmp_path / "elsewhere")
+  (d / "loop").symlink_to(d)  # each real folder is read once
+  assert [p.relative_to(d).as_posix() for p in imagenet.list_images(d)] == ["a.png", "linked/c.JPG"]
+
+
+def test_shared_images_between_evaluation_and_unlabeled_sets(tmp_path):
+  _images(tmp_path / "val", ["a.png", "b.png"])
+  (tmp_path / "pool").mkdir()
+  (tmp_path / "pool" / "val").symlink_to(tmp_path / "val")  # the validation folder inside the pool
+  _images(tmp_path / "pool", ["c.png"])
+  val = imagenet.load_folder(tmp_path / "val", "fat", 8, cache_dir=tmp_path / "c")
+  pool = imagenet.load_folder(tmp_path / "pool", "fat", 8, cache_dir=tmp_path / "c")
+  assert imagenet.shared_images(val, pool) == val.files and len(pool.files) == 3
+  alone = imagenet.load_folder(tmp_path / "pool", "fat", 8, cache_dir=tmp_path / "c", limit=1)
+  assert imagenet.shared_images(val, alone) == []
+
+
 def test_preprocessing_crops():
   img = np.zeros((100, 200, 3), np.uint8)
   img[:, 50:150] = 255  # the central 100x100 square is white, the sides black

@@ -28,6 +28,31 @@ def test_read_idx_rejects_corrupt_and_truncated(tmp_path):
     idx.read_idx(raw)
 
 
+def test_prepared_records_follow_the_files_read(tmp_path, monkeypatch):
+  """tfds prepares the IDX files once; another folder, or the same folder's files replaced, must not be served the
+  records prepared from the first (they were, keyed by the dataset's name alone)."""
+  import gzip
+
+  monkeypatch.setenv("FATQ_TFDS_DIR", str(tmp_path / "tfds"))
+
+  def write(folder, value):
+    folder.mkdir(exist_ok=True)
+    for (images, labels), n in zip(idx.FILES.values(), (6, 3)):
+      with gzip.open(folder / images, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in (n, 28, 28)) + bytes([value]) * n * 784)
+      with gzip.open(folder / labels, "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes([value % 10]) * n)
+
+  write(tmp_path / "a", 10)
+  write(tmp_path / "b", 200)
+  for folder, value in (("a", 10), ("b", 200), ("a", 10)):
+    x, y = idx.load("mnist", "test", tmp_path / folder)
+    assert x.shape == (3, 28, 28, 1) and np.all(x == np.float32(value / 255)) and np.all(y == value % 10)
+  write(tmp_path / "a", 30)
+  x, y = idx.load("mnist", "test", tmp_path / "a")
+  assert np.all(x == np.float32(30 / 255)) and np.all(y == 0)
+
+
 def test_missing_data_folder_is_reported(tmp_path):
   with pytest.raises(FileNotFoundError, match="not found in .*FATQ_DATA"):
     idx.load("mnist", "test", tmp_path)

@@ -8,6 +8,7 @@ cached in the tfds data dir.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from pathlib import Path
 
@@ -76,14 +77,27 @@ def sources(name: str, directory: str | os.PathLike | None = None) -> dict[str, 
 def load(name: str, split: str, directory: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
   """``(images float32 in [0, 1] of shape (N, 28, 28, 1), labels int32)`` of one split.
 
-  ``directory`` defaults to ``<data root>/<name>``; prepared records are cached under ``$FATQ_TFDS_DIR``.
+  ``directory`` defaults to ``<data root>/<name>``; prepared records are cached under ``$FATQ_TFDS_DIR``, keyed by
+  the files' contents.
   """
   directory = resolve(directory, name)
   missing = [f for f in FILES[split] if not (directory / f).exists()]
   if missing:
     raise FileNotFoundError(f"{name} {split} split: {missing} not found in {directory}. Put the gzipped IDX files "
                             f"there, or point data.dir / $FATQ_DATA at the folder that holds them")
-  builder = IdxImages(config=name, data_dir=str(tfds_dir()))
+  # prepared once per content of the files: records prepared from other files (another data.dir, files replaced)
+  # sit in another folder and are never read for these
+  builder = IdxImages(config=name, data_dir=str(tfds_dir() / "fatq_idx" / _fingerprint(directory)))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(directory)))
   data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   return (data["image"].astype(np.float32) / 255.0), data["label"].astype(np.int32)
+
+
+def _fingerprint(directory: Path) -> str:
+  """SHA-1 of the IDX files in ``directory`` (tens of MB at most: a fraction of a second)."""
+  digest = hashlib.sha1()
+  for name in sorted(n for names in FILES.values() for n in names):
+    if (directory / name).exists():
+      digest.update(name.encode())
+      digest.update(hashlib.sha1((directory / name).read_bytes()).digest())
+  return digest.hexdigest()[:16]

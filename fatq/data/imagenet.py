@@ -2,18 +2,21 @@
 decoding, preprocessing, labels and an on-disk cache. :func:`evaluation_set` and :func:`unlabeled_pool` pick the
 source a config's ``data`` section names.
 
-* Recursive ``*.jpg / *.jpeg / *.png`` (any case); grayscale (8 or 16 bit), CMYK, palette and RGBA images become
-  RGB; a file that cannot be decoded (corrupt, truncated, not an image) is skipped with a warning and counted (never
-  a crash). Images smaller than the crop are upsampled.
+* Recursive ``*.jpg / *.jpeg / *.png`` (any case; symlinked folders followed; hidden files and folders, such as
+  ``.ipynb_checkpoints``, skipped); grayscale (8 or 16 bit), CMYK, palette and RGBA images become RGB; a file that
+  cannot be decoded (corrupt, truncated, not an image) is skipped with a warning and counted (never a crash). Images
+  smaller than the crop are upsampled.
 * Labeled folders use a label file of ``file, label`` lines (``#`` comments), 0-based 1000-class indices in
   sorted-synset order; ``label_offset=1`` maps them onto 1001-class TF-slim/TFLite models (class 0 = background).
+  ``file`` is a path relative to the folder (``n01440764/a.JPEG``) or, where no two images share it, a bare file name.
 * Preprocessing (``x / 127.5 - 1`` after a bilinear resize without antialiasing, half-pixel centres as
   ``tf.image.resize``):
     - ``'fat'``: central square crop of 0.85 of the short side (the FAT reference code);
     - ``'crop0875'``: central crop of 0.875 of each side (TF-slim's ``central_crop(0.875)`` evaluation);
     - ``'none'``: resize the whole image.
 * Decoded and resized arrays are cached as ``.npy`` (float16; returned rounded to float16 also when computed) per
-  (folder contents, preprocessing, size, limit) in ``cache_dir`` so that they are not recomputed every run.
+  (folder contents, preprocessing, size, limit) in ``cache_dir`` so that they are not recomputed every run. Each
+  cache entry records its key, and is used only when the key matches; entries are written whole or not at all.
 
 :func:`data_config` writes the ``data`` section itself, for the model configs.
 """
@@ -26,8 +29,10 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -35,6 +40,7 @@ EXTENSIONS = (".jpg", ".jpeg", ".png")
 PREPROCESSING = {"fat": 0.85, "crop0875": 0.875, "none": 1.0}
 VAL_FOLDER, UNLABELED_FOLDER = "imagenet/val", "imagenet/unlabeled"  # the embedded defaults, under the data root
 EVAL_SPLIT, UNLABELED_SPLIT = "validation", "train[:1000]"  # tfds splits read when tfds_name is set
+CACHE_VERSION = 2  # in every cache key: a change to decoding or preprocessing must not reuse older caches
 
 
 def data_config(preprocessing: str = "fat", image_size: int = 224, **extra) -> dict:
@@ -65,29 +71,81 @@ class ImageSet:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
+  """The JPEG/PNG files under ``folder``, sorted: recursively, following symlinked folders (each real folder once),
+  skipping hidden files and folders (``.ipynb_checkpoints`` copies, macOS ``._`` files)."""
   folder = Path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f"image folder {folder} does not exist")
-  return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
+  found, seen = [], set()
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    real = os.path.realpath(root)
+    if real in seen:  # a symlink loop, or a folder linked twice
+      dirs[:] = []
+      continue
+    seen.add(real)
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found += [Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in EXTENSIONS]
+  return sorted(p for p in found if p.is_file())
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
-  """``{file name: label}`` from a ``file, label`` text file (comments start with ``#``)."""
+  """``{file: label}`` from a ``file, label`` text file (comments start with ``#``; a UTF-8 byte-order mark is
+  ignored). A file listed twice with two labels is an error."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"label file {path} not found: a labeled folder holds a labels.txt with one 'file, label' "
                             "line per image, e.g. 'ILSVRC2012_val_00000363.JPEG, 133' (an integer class index)")
-  labels = {}
-  with open(path) as f:
+  labels, lines = {}, {}
+  with open(path, encoding="utf-8-sig") as f:
     for n, line in enumerate(f, 1):
       line = line.strip()
       if not line or line.startswith("#"):
         continue
       try:
         name, label = line.rsplit(",", 1)
-        labels[name.strip()] = int(label)
+        name, label = name.strip(), int(label)
       except ValueError:
         raise ValueError(f"{path}:{n}: expected 'file, label', got {line!r}") from None
+      if labels.get(name, label) != label:
+        raise ValueError(f"{path}:{n}: {name} is labeled {label} here and {labels[name]} on line {lines[name]}: keep "
+                         "one line per image")
+      labels[name], lines[name] = label, n
   return labels
+
+
+def match_labels(files: Sequence[Path], folder: Path, table: dict[str, int], labels_file) -> dict[Path, int]:
+  """``{file: label}`` for the ``files`` of ``folder`` that ``table`` (:func:`read_labels`) lists: by the path
+  relative to ``folder`` (``/``-separated), or by file name where the table lists bare names. Raises where a bare name
+  would label two images; warns about images without a label and listed files that are missing."""
+  relative = {f: f.relative_to(folder).as_posix() for f in files}
+  by_name: dict[str, list[Path]] = {}
+  for f in files:
+    by_name.setdefault(f.name, []).append(f)
+  found, used = {}, set()
+  for f in files:
+    if relative[f] in table:
+      key = relative[f]
+    elif f.name in table:
+      key = f.name
+    else:
+      continue
+    if key != relative[f] and len(by_name[key]) > 1:  # a bare name that two images have
+      raise ValueError(f"{labels_file} labels {key!r}, but {len(by_name[key])} images in {folder} have that name "
+                       f"({', '.join(relative[g] for g in by_name[key][:3])}): list them by their paths relative to "
+                       "the folder")
+    found[f] = table[key]
+    used.add(key)
+  if not found and files:
+    raise FileNotFoundError(f"none of the {len(files)} images in {folder} is listed in {labels_file} (it lists e.g. "
+                            f"{next(iter(table), 'nothing')!r}; the folder holds e.g. {relative[files[0]]!r}): name "
+                            "each image by its path relative to the folder, or by its file name")
+  unlabeled = [f for f in files if f not in found]
+  if unlabeled:
+    warnings.warn(f"{len(unlabeled)} image(s) in {folder} have no label in {labels_file} and are ignored, "
+                  f"e.g. {relative[unlabeled[0]]}")
+  missing = [k for k in table if k not in used]
+  if missing:
+    warnings.warn(f"{len(missing)} file(s) listed in {labels_file} are not images in {folder}, e.g. {missing[0]}")
+  return found
 
 
 def load_rgb(path) -> np.ndarray:
@@ -156,31 +214,40 @@ def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, label
                 progress: bool = False) -> ImageSet:
   """Images of ``folder`` (recursively), preprocessed, with labels if ``labels_file`` is given.
 
-  With a label file only the files it lists are used (matched by file name); ``limit`` takes the first N files in
+  With a label file only the files it lists are used (:func:`match_labels`); ``limit`` takes the first N files in
   sorted order. Results are cached in ``cache_dir`` (default ``$FATQ_CACHE`` or ``~/.cache/fatq``).
   """
   _check_preprocessing(preprocessing)  # before any decoding
+  folder = Path(folder)
   files = list_images(folder)
   labels = None
-  if labels_file:
-    table = read_labels(labels_file)
-    unlabeled = [f for f in files if f.name not in table]
-    if unlabeled:
-      warnings.warn(f"{len(unlabeled)} image(s) in {folder} have no label in {labels_file} and are ignored, "
-                    f"e.g. {unlabeled[0].name}")
-    files = [f for f in files if f.name in table]
+  if labels_file and files:
+    label_of = match_labels(files, folder, read_labels(labels_file), labels_file)
+    files = [f for f in files if f in label_of]
   if limit:
     files = files[:limit]
   if not files:
     raise FileNotFoundError(f"no JPEG/PNG images found in {folder}")
-  key = hashlib.sha1(json.dumps([str(Path(folder).resolve()), preprocessing, image_size,
-                                 [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files]]).encode())
-  cache = Path(cache_dir or default_cache_dir()) / f"{Path(folder).name}_{preprocessing}_{image_size}_{key.hexdigest()[:16]}"
-  images, kept, skipped, _ = _decode_cached(cache, lambda: ((str(f), f, None) for f in files), preprocessing,
+  key = _cache_key(str(folder.resolve()), preprocessing, image_size,
+                   [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+  cache = _cache_path(cache_dir, folder.name, preprocessing, image_size, key)
+  images, kept, skipped, _ = _decode_cached(cache, key, lambda: ((str(f), f, None) for f in files), preprocessing,
                                             image_size, use_cache, f"the {len(files)} images in {folder}", progress)
   if labels_file:
-    labels = np.asarray([table[Path(f).name] + label_offset for f in kept], np.int32)
+    label_of = {str(f): label for f, label in label_of.items()}
+    labels = np.asarray([label_of[f] + label_offset for f in kept], np.int32)
   return ImageSet(images, labels, kept, skipped)
+
+
+def _cache_key(*parts) -> str:
+  return hashlib.sha1(json.dumps([CACHE_VERSION, *parts]).encode()).hexdigest()
+
+
+def _cache_path(cache_dir, name: str, preprocessing: str, image_size: int, key: str) -> Path:
+  """``<cache_dir>/<name>_<preprocessing>_<size>_<key>``, the stem of a cache entry's ``.npy`` and ``.json``; the
+  name made safe for a file name (a dot would read as a suffix, ``:`` is not allowed everywhere)."""
+  safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+  return Path(cache_dir or default_cache_dir()) / f"{safe}_{preprocessing}_{image_size}_{key[:16]}"
 
 
 def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int = 224, labeled: bool = True,
@@ -232,9 +299,9 @@ def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int
     raise ValueError(f"tfds {name}: cannot read split {split!r} ({str(e).splitlines()[0]}); its splits: "
                      + ", ".join(f"{k} ({n} images)" for k, n in splits.items())) from None
   count = min(num_examples, limit) if limit else num_examples
-  key = hashlib.sha1(json.dumps([str(data_dir.resolve()), name, str(builder.version), split, count, labeled,
-                                 preprocessing, image_size, splits]).encode())
-  cache = Path(cache_dir or default_cache_dir()) / f"tfds_{name}_{preprocessing}_{image_size}_{key.hexdigest()[:16]}"
+  key = _cache_key(str(data_dir.resolve()), name, str(builder.version), split, count, labeled, preprocessing,
+                   image_size, splits)
+  cache = _cache_path(cache_dir, f"tfds_{name}", preprocessing, image_size, key)
 
   def examples():
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
@@ -243,7 +310,7 @@ def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int
       yield (file_name.decode() if isinstance(file_name, bytes) else file_name, io.BytesIO(ex["image"]),
              int(ex["label"]) if labeled else None)  # cached without the offset, which is applied below
 
-  images, kept, skipped, labels = _decode_cached(cache, examples, preprocessing, image_size, use_cache,
+  images, kept, skipped, labels = _decode_cached(cache, key, examples, preprocessing, image_size, use_cache,
                                                  f"the {count} images of tfds {name} {split}", progress=progress)
   if labeled and min(labels) < 0:  # ImageNet's test split: label -1 on every image
     raise ValueError(f"tfds {name} {split} has no labels (label -1): evaluate on a labeled split, such as "
@@ -255,21 +322,24 @@ def _instructions(builder) -> str:
   return " ".join(str(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or "see the dataset's tfds page").split())
 
 
-def _decode_cached(cache: Path, examples, preprocessing: str, image_size: int, use_cache: bool, what: str,
+def _decode_cached(cache: Path, key: str, examples, preprocessing: str, image_size: int, use_cache: bool, what: str,
                    progress: bool = False) -> tuple[np.ndarray, list[str], list[str], list[int] | None]:
-  """``(images, kept names, skipped names, labels or None)`` from ``cache`` (``.npy`` + ``.json``) if it is there,
-  else by decoding ``examples()``, an iterable of ``(name, file path or object, label or None)``, and caching them."""
-  if use_cache and cache.with_suffix(".npy").exists() and cache.with_suffix(".json").exists():
+  """``(images, kept names, skipped names, labels or None)`` from ``cache`` (``.npy`` + ``.json``) if it is there
+  with this ``key``, else by decoding ``examples()``, an iterable of ``(name, file path or object, label or None)``,
+  and caching them."""
+  npy, meta_file = _suffixed(cache, ".npy"), _suffixed(cache, ".json")
+  if use_cache and npy.exists() and meta_file.exists():
     try:
-      meta = json.loads(cache.with_suffix(".json").read_text())
-      images = np.load(cache.with_suffix(".npy")).astype(np.float32)
-      if len(images) == len(meta["files"]) and np.all(np.isfinite(images)):
-        for s in meta["skipped"]:
-          warnings.warn(f"skipping unreadable image {s} (cached result)")
-        return images, meta["files"], meta["skipped"], meta.get("labels")
-      warnings.warn(f"the image cache {cache}.npy is damaged (NaN/Inf or a wrong image count); decoding again")
-    except (OSError, ValueError, KeyError):
-      pass
+      meta = json.loads(meta_file.read_text())
+      if meta.get("key") == key:  # an entry of another key (or of older code, without one) is decoded again
+        images = np.load(npy).astype(np.float32)
+        if len(images) == len(meta["files"]) and np.all(np.isfinite(images)):
+          for s in meta["skipped"]:
+            warnings.warn(f"skipping unreadable image {s} (cached result)")
+          return images, meta["files"], meta["skipped"], meta.get("labels")
+        warnings.warn(f"the image cache {npy} is damaged (NaN/Inf or a wrong image count); decoding again")
+    except (OSError, ValueError, KeyError, EOFError):  # EOFError: an empty .npy
+      warnings.warn(f"the image cache {npy} cannot be read; decoding again")
   from tqdm.auto import tqdm
 
   arrays, kept, skipped, labels = [], [], [], []
@@ -290,12 +360,39 @@ def _decode_cached(cache: Path, examples, preprocessing: str, image_size: int, u
   if use_cache:
     try:
       cache.parent.mkdir(parents=True, exist_ok=True)
-      np.save(cache.with_suffix(".npy"), images.astype(np.float16))
-      meta = dict(files=kept, skipped=skipped, **({"labels": labels} if labels is not None else {}))
-      cache.with_suffix(".json").write_text(json.dumps(meta))
+      meta = dict(key=key, files=kept, skipped=skipped, **({"labels": labels} if labels is not None else {}))
+      # the .json last: an entry is complete when its .json names its key; each file is renamed into place whole, so
+      # an interrupted or concurrent write never leaves a partial file under the entry's name
+      _write_whole(npy, lambda f: np.save(f, images.astype(np.float16)))
+      _write_whole(meta_file, lambda f: f.write(json.dumps(meta).encode()))
     except OSError as e:
       warnings.warn(f"could not write the image cache {cache}: {e}")
   return images, kept, skipped, labels
+
+
+def _suffixed(path: Path, suffix: str) -> Path:
+  return path.with_name(path.name + suffix)  # not with_suffix: it would cut a name at its last dot
+
+
+def _write_whole(path: Path, write) -> None:
+  """``write(binary file)`` into a temporary file beside ``path``, then rename it to ``path`` (atomic)."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def shared_images(a: ImageSet, b: ImageSet) -> list[str]:
+  """The images of ``a`` that ``b`` holds too: the same file (through any symlink), or for tfds the same file name."""
+  def identity(name):
+    return os.path.realpath(name) if os.path.isabs(name) else name
+
+  in_b = {identity(f) for f in b.files}
+  return [f for f in a.files if identity(f) in in_b]
 
 
 def evaluation_set(d, label_offset: int = 0, limit: int | None = None, progress: bool = True) -> ImageSet:
