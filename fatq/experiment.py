@@ -103,8 +103,17 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError("learn_biases: the bias offsets are learned by FAT fine-tuning; set fat=True on this row")
       if row.get("bias_correction", row.get("equalize", False)) and not row.get("weight_bits", 8):
         raise ValueError("bias_correction corrects the error of quantized weights: it needs weight_bits")
+      if row.get("fat", False) and not _may_train(row):
+        raise ValueError("fat=True with trainable=False: the row has nothing to fine-tune (its PTQ row is the same "
+                         "model); drop fat, or set trainable=True")
     except (ValueError, TypeError) as e:
       raise ValueError(f"config.rows[{i}] ({row_name(row)}): {e}") from None
+  first = {}
+  for i, row in enumerate(rows):  # a row's name is its folder, its checkpoints and its key for --resume
+    j = first.setdefault(row_name(row), i)
+    if j != i:
+      raise ValueError(f"config.rows[{j}] and config.rows[{i}] are both named {row_name(row)!r} (the name says bits, "
+                       "granularity, symmetry and calibration, not every setting): give one of them name='...'")
   if not any(row.get("fat", False) for row in rows):
     return
   fat = cfg.get("fat", None)
@@ -251,6 +260,14 @@ def quant_config(row: ml_collections.ConfigDict, base_rules=()) -> QuantConfig:
   cfg = QuantConfig.from_dict(opts)
   return dataclasses.replace(cfg, rules=tuple(base_rules) + cfg.rules,
                              track_bias_correction=row.get("bias_correction", False) == "tracked")
+
+
+def _may_train(row) -> bool:
+  """Whether a row has something for FAT to learn: trainable factors, a rule that makes some trainable, or bias
+  offsets."""
+  rules = row.get("rules", None) or ()
+  return bool(row.get("trainable", True) or row.get("learn_biases", False)
+              or any(spec is not None and spec.get("trainable", True) for _, spec in rules))
 
 
 def row_name(row) -> str:
@@ -486,8 +503,9 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
                                    os.path.join(row_dir, "activation_ranges.png"))
     logits = training.predict(qmodel, variables, eval_x, bs)
     metrics = scores(logits, eval_y, float_logits, off)
-    metrics["holdout_loss"] = {"initial": history[0]["holdout_loss"],
-                               "best": min(h["holdout_loss"] for h in history)}
+    if history:  # none where the rules leave no point trainable
+      metrics["holdout_loss"] = {"initial": history[0]["holdout_loss"],
+                                 "best": min(h["holdout_loss"] for h in history)}
     add(name, "fat", row, metrics, time.perf_counter() - t0)
   return results
 

@@ -32,7 +32,7 @@ def plot_training(metrics: list[dict], out_png: str, title: str = "") -> None:
   fig, (ax_loss, ax_f) = plt.subplots(1, 2, figsize=(13, 4.5))
   steps = [m["step"] for m in metrics]
   ax_loss.plot(steps, [m["holdout_loss"] for m in metrics], "o-", label="held-out")
-  train = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
+  train = [(m["step"], m["train_loss"]) for m in metrics if m.get("train_loss") is not None]
   if train:
     ax_loss.plot(*zip(*train), ".-", label="train (window mean)")
   ax_loss.set(xlabel="step", ylabel="distillation loss", title=f"{title} loss".strip())

@@ -83,7 +83,14 @@ def reset_every(inner: optax.GradientTransformation, period: int) -> optax.Gradi
 
 
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Adam under the configured schedule: ``cosine_restarts`` (lr, lr_min, restart_period) or ``reference``."""
+  """Adam under the configured schedule: ``cosine_restarts`` (lr, lr_min, restart_period), ``reference`` or
+  ``constant``; Adam's moments reset every ``restart_period`` steps.
+
+  ``chain(reset_every(scale_by_adam, P), scale_by_learning_rate(schedule))``: the schedule keeps its own step count,
+  which the resets do not touch, so update ``t`` is scaled by ``schedule(t)``. (``reset_every(adam(schedule), P)``
+  would reset the schedule's count with the moments: fine for cosine restarts, which wrap every P steps anyway, but the
+  reference schedule's decay would never get past step P.)
+  """
   if cfg.schedule == "cosine_restarts":
     schedule = cosine_restarts(cfg.lr, cfg.restart_period, cfg.get("lr_min", 0.0))
   elif cfg.schedule == "reference":
@@ -92,7 +99,16 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = optax.constant_schedule(cfg.lr)
   else:
     raise ValueError(f"unknown schedule {cfg.schedule!r}; choose 'cosine_restarts', 'reference' or 'constant'")
-  return reset_every(optax.adam(schedule), cfg.restart_period), schedule
+  return optax.chain(reset_every(optax.scale_by_adam(), cfg.restart_period),
+                     optax.scale_by_learning_rate(schedule)), schedule
+
+
+def reset_optimizer_state(optimizer: optax.GradientTransformation, thresholds: Tree, step: int) -> Tree:
+  """A state of :func:`make_optimizer`'s optimizer with fresh Adam moments whose next update is update ``step``: the
+  schedule and the restart cycle go on where they were (after a NaN/Inf, training resumes from good thresholds)."""
+  (resets, schedule) = optimizer.init(thresholds)
+  count = jnp.asarray(step, jnp.int32)
+  return (resets._replace(count=count), schedule._replace(count=count))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -178,14 +194,16 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   targets (the workbench's LSQ rows: one-hot labels), without adding it to the losses that configs can name.
 
   Every ``cfg.eval_every`` steps (and at the end) the distillation loss on the held-out images is measured; the
-  thresholds returned are those of the best held-out loss, not the last step. A non-finite threshold restores the
-  last good thresholds and resets the optimizer.
+  thresholds returned are those of the best held-out loss, not the last step. A non-finite threshold or loss restores
+  the thresholds of the last checkpoint (every evaluation and periodic checkpoint; the calibrated ones before the
+  first) and resets Adam's moments; the schedule goes on where it was.
 
   With a ``workdir``: metrics go to ``workdir/metrics.jsonl`` (one JSON object per evaluation, with each point's
   mean factor values for trajectory plots), and an orbax checkpoint of the whole training state is kept in
   ``workdir/train_state`` every ``cfg.checkpoint_every`` steps, at every evaluation and on Ctrl-C.
   ``resume=True`` continues from the latest checkpoint exactly: the batch order is a pure function of
-  ``(seed, epoch)``, so the resumed run sees the same batches as an uninterrupted one.
+  ``(seed, epoch)``, so the resumed run sees the same batches as an uninterrupted one. A step is saved only once its
+  held-out evaluation is recorded: interrupted during one, the run resumes at that step again.
 
   Data parallel over ``mesh`` (default: every visible device, ``fatq.parallel``): each batch is split over the
   devices, thresholds, optimizer state and ``frozen`` are replicated. The global batch is
@@ -231,15 +249,16 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   ckpt = _TrainCheckpoints(workdir, cfg.get("checkpoint_every", 0)) if workdir else None
   history: list[dict] = []
   if resume and ckpt and ckpt.latest() is not None:
-    restored = ckpt.restore(dict(state=state, best=best, best_loss=0.0, last_good=thresholds))
+    restored = ckpt.restore(dict(state=state, best=best, best_loss=0.0, last_good=thresholds, window=np.zeros(2)))
     state, best, best_loss = restored["state"], restored["best"], float(restored["best_loss"])
+    window = restored["window"]  # the train losses since the last evaluation: their sum and count
     state = parallel.replicate(mesh, state)  # restored as host numpy arrays
     last_good = restored["last_good"]
     history = _read_history(ckpt.metrics_path, int(state.step))
     _check_same_batches(history, batches, n_dev, ckpt.metrics_path)
     log(f"resumed at step {int(state.step)} of {total} (best held-out loss {best_loss:.4f})")
   else:
-    last_good = state.thresholds
+    last_good, window = state.thresholds, np.zeros(2)
 
   def record(entry):
     history.append(entry)
@@ -256,38 +275,45 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
 
   def save(reason: str):
     if ckpt:
-      ckpt.save(int(state.step), dict(state=state, best=best, best_loss=best_loss, last_good=last_good), reason)
+      ckpt.save(int(state.step), dict(state=state, best=best, best_loss=best_loss, last_good=last_good,
+                                      window=window), reason)
 
   bar = tqdm(total=total, initial=int(state.step), disable=not progress, unit="step", dynamic_ncols=True)
-  t0, seen, window = time.perf_counter(), 0, []
+  t0, seen = time.perf_counter(), 0
   try:
     while int(state.step) < total:
+      # ``state`` is committed: saved on Ctrl-C. The step's state becomes it only once its evaluation is recorded.
       step = int(state.step)
       epoch, b = divmod(step, steps_per_epoch)
       order = np.random.default_rng([seed, epoch]).permutation(n)
       idx = np.sort(order[b * bs:(b + 1) * bs])
       new_state, loss = step_fn(state, frozen, *parallel.shard_batch(mesh, (images[idx], teacher_logits[idx])))
-      if not bool(finite(new_state.thresholds)) or not np.isfinite(float(loss)):
-        log(f"step {step + 1}: loss or a threshold became NaN/Inf; restoring the last good thresholds and "
-            "resetting Adam")
-        state = parallel.replicate(mesh, TrainState(new_state.step, last_good, optimizer.init(last_good)))
-        continue
-      state, step = new_state, step + 1
-      seen += bs
-      window.append(float(loss))
+      step += 1
       lr = float(schedule(step - 1))
+      new_window = window  # the committed state's, until the step is committed
+      if bool(finite(new_state.thresholds)) and np.isfinite(float(loss)):
+        seen += bs
+        new_window = window + np.array([float(loss), 1.0])
+      else:
+        log(f"step {step}: loss or a threshold became NaN/Inf; restoring the last checkpoint's thresholds and "
+            "resetting Adam's moments")
+        new_state = parallel.replicate(mesh, TrainState(new_state.step, last_good,
+                                                        reset_optimizer_state(optimizer, last_good, step)))
       if step % eval_every == 0 or step == total:
-        hl = holdout_loss(state.thresholds)
+        hl = holdout_loss(new_state.thresholds)
         if hl < best_loss:
-          best, best_loss = state.thresholds, hl
-        last_good = state.thresholds
-        record(dict(step=step, epoch=epoch, train_loss=float(np.mean(window)), holdout_loss=hl,
+          best, best_loss = new_state.thresholds, hl
+        train_loss = float(new_window[0] / new_window[1]) if new_window[1] else None
+        record(dict(step=step, epoch=epoch, train_loss=train_loss, holdout_loss=hl,
                     best_holdout_loss=best_loss, lr=lr, images_per_s=seen / (time.perf_counter() - t0),
-                    factors=factor_summary(state.thresholds)))
-        window = []
+                    factors=factor_summary(new_state.thresholds)))
+        state, last_good, window = new_state, new_state.thresholds, np.zeros(2)
         save("eval")
-      elif ckpt and ckpt.every and step % ckpt.every == 0:
-        save("periodic")
+      else:
+        state, window = new_state, new_window
+        if ckpt and ckpt.every and step % ckpt.every == 0:
+          last_good = state.thresholds
+          save("periodic")
       bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}",
                       img_s=f"{seen / (time.perf_counter() - t0):.1f}", refresh=False)
       bar.update(1)
@@ -299,7 +325,8 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   bar.close()
   if ckpt:
     ckpt.close()
-  log(f"fine-tuned {total} steps: held-out loss {history[0]['holdout_loss']:.4f} -> best {best_loss:.4f}")
+  start = f"held-out loss {history[0]['holdout_loss']:.4f} -> " if history else "held-out loss: "
+  log(f"fine-tuned {total} steps: {start}best {best_loss:.4f}")
   return best, history
 
 
@@ -400,8 +427,8 @@ class _TrainCheckpoints:
                       + "; ".join(errors))
       return restored
     raise RuntimeError(f"no checkpoint in {self.manager.directory} can be restored ({'; '.join(errors)}). If the "
-                       "model or quantization config changed since it was written, use a new --workdir; otherwise "
-                       "delete that directory to start this run over")
+                       "model or quantization config changed since it was written, or it was written by an older fatq, "
+                       "use a new --workdir; otherwise delete that directory to start this run over")
 
   def close(self):
     self.manager.wait_until_finished()

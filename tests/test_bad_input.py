@@ -198,6 +198,10 @@ def test_activation_calibration_variants_pair_their_rows():
      r"config.data.unlabeled_dir = '/my/images': images come from tfds 'imagenet2012' \(data.tfds_name\) or from "
      r"folders, not both"),
     (lambda c: c.calibration.update(batch_size=0), r"config.calibration.batch_size = 0: must be a positive integer"),
+    (lambda c: c.rows.append(dict(c.rows[1], variant="reference")),  # the name does not say the variant
+     r"config.rows\[1\] and config.rows\[13\] are both named 'W8A32-tensor-sym' \(.*\): give one of them name="),
+    (lambda c: c.rows.append(dict(weight_bits=4, act_bits=4, fat=True, trainable=False, name="frozen")),
+     r"config.rows\[13\] \(frozen\): fat=True with trainable=False: the row has nothing to fine-tune"),
 ])
 def test_out_of_range_config_values(edit, message):
   cfg = _load_config("lenet5_mnist.py")

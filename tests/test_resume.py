@@ -45,12 +45,14 @@ def _steps(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(workdir / "train_state") if d.isdigit())
 
 
-def _start_and_wait(env, workdir, after=9, extra=()):
+def _start_and_wait(env, workdir, after=9, extra=(), line=None):
   """Start a run that pauses 2 s before each step after ``after``, and return it once it reports the first pause:
-  its state is then at step ``after`` (for 9: of which no checkpoint exists, the last is step 8)."""
-  line = f"waiting before step {after + 1}"
+  its state is then at step ``after`` (for 9: of which no checkpoint exists, the last is step 8). With ``line``,
+  ``extra`` sets the pause and ``line`` is the report to wait for."""
+  line = line or f"waiting before step {after + 1}"
   err = open(workdir.parent / f"{workdir.name}.stderr", "w")
-  proc = subprocess.Popen([sys.executable, SCRIPT, str(workdir), "--slow-after", str(after), *extra],
+  pause = [] if extra and "--slow-eval-from" in extra else ["--slow-after", str(after)]
+  proc = subprocess.Popen([sys.executable, SCRIPT, str(workdir), *pause, *extra],
                           stdout=subprocess.PIPE, stderr=err, text=True, env=env)
   watchdog = threading.Timer(240, proc.kill)  # never hang the test suite on a stuck child
   watchdog.start()
@@ -77,6 +79,8 @@ def _assert_same_as_reference(workdir, resumed, reference):
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   ref_lines = [json.loads(x) for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
   assert [(x["step"], x["holdout_loss"]) for x in lines] == [(x["step"], x["holdout_loss"]) for x in ref_lines]
+  # the logged train loss (mean since the last evaluation) too: the checkpoints keep the steps' losses since then
+  assert [x.get("train_loss") for x in lines] == [x.get("train_loss") for x in ref_lines]
   assert _steps(workdir) == _steps(ref_dir) == [20, 21]
 
 
@@ -100,6 +104,22 @@ def test_ctrl_c_saves_state_then_resume_equals_uninterrupted(env, reference, tmp
   assert rc == 130, rest
   assert "interrupted at step 9: state saved; continue with --resume" in rest
   assert _steps(workdir) == [8, 9]  # the interrupted step is checkpointed on the way out
+  resumed, out = _run(env, workdir, "--resume")
+  assert "resumed at step 9 of 21" in out.stdout
+  _assert_same_as_reference(workdir, resumed, reference)
+
+
+def test_ctrl_c_during_an_evaluation_resumes_at_that_step_again(env, reference, tmp_path):
+  """Interrupted while step 10's thresholds are being evaluated (the 7th held-out batch: 3 per evaluation, at steps
+  0, 5, 10): step 10 is not saved without its evaluation, which a resume would otherwise never run (it could never
+  become the best, and metrics.jsonl would skip it)."""
+  workdir = tmp_path / "interrupted_eval"
+  proc = _start_and_wait(env, workdir, extra=("--slow-eval-from", "7"), line="evaluating (7)")
+  proc.send_signal(signal.SIGINT)
+  rc, rest = _finish(proc)
+  assert rc == 130, rest
+  assert "interrupted at step 9: state saved; continue with --resume" in rest
+  assert _steps(workdir) == [8, 9]
   resumed, out = _run(env, workdir, "--resume")
   assert "resumed at step 9 of 21" in out.stdout
   _assert_same_as_reference(workdir, resumed, reference)

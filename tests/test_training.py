@@ -56,6 +56,72 @@ def test_reset_every_reinitialises_adam_state():
   np.testing.assert_allclose(u_reset["a"], u_fresh["a"], rtol=1e-6)
 
 
+def _adam_steps(tx, state, n, grad=1.0):
+  """``n`` updates of a 2-element parameter under a constant gradient: their magnitudes."""
+  params, out = {"a": jnp.zeros(2)}, []
+  for _ in range(n):
+    u, state = tx.update({"a": jnp.full(2, grad)}, state, params)
+    out.append(float(jnp.abs(u["a"][0])))
+  return out, state
+
+
+@pytest.mark.parametrize("schedule", ["reference", "cosine_restarts"])
+def test_optimizer_applies_the_schedule_at_the_global_step(schedule):
+  """Update t is scaled by schedule(t), also after each restart's reset of Adam's moments. Under a constant gradient
+  Adam's bias-corrected direction is exactly 1, so each update's magnitude is the learning rate applied. (The
+  reference schedule's decay used to restart with the moments: after the reset at step 4 it applied lr(0) again.)"""
+  cfg = ml_collections.ConfigDict(dict(schedule=schedule, lr=1e-2, lr_min=1e-4, restart_period=4))
+  tx, sched = training.make_optimizer(cfg)
+  params = {"a": jnp.zeros(2)}
+  sizes, _ = _adam_steps(tx, tx.init(params), 12)
+  np.testing.assert_allclose(sizes, [float(sched(t)) for t in range(12)], rtol=1e-4)
+  if schedule == "reference":  # its decay goes on past the first period: step 8 is not step 0
+    assert sizes[8] < 0.6 * sizes[0]
+
+
+def test_reset_optimizer_state_keeps_the_schedule_and_the_restart_cycle():
+  """After a NaN/Inf the loop resets Adam's moments at step s: the next update is a fresh Adam step (magnitude
+  lr(s) whatever the gradients before), the schedule does not start over, and restarts stay at multiples of P."""
+  cfg = ml_collections.ConfigDict(dict(schedule="cosine_restarts", lr=1e-2, lr_min=0.0, restart_period=4))
+  tx, sched = training.make_optimizer(cfg)
+  params = {"a": jnp.zeros(2)}
+  _, state = _adam_steps(tx, tx.init(params), 5, grad=-3.0)  # moments pointing the other way
+  state = training.reset_optimizer_state(tx, params, 5)
+  sizes, _ = _adam_steps(tx, state, 7)  # updates 5..11, a restart at 8
+  np.testing.assert_allclose(sizes, [float(sched(t)) for t in range(5, 12)], rtol=1e-4)
+  assert sizes[3] == pytest.approx(1e-2, rel=1e-4)  # update 8: the cycle's peak again
+
+
+def test_nan_step_restores_good_thresholds_and_still_evaluates_the_last_step():
+  """A batch whose loss is NaN (here: a NaN teacher logit on one image) restores the last checkpoint's thresholds and
+  training goes on; when that batch is the very last step, the final evaluation still runs."""
+  from scripts.finetune_tiny import TinyMLP  # tests/scripts: the model of the crash-safety tests
+
+  qcfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, per_channel=True), fatq.QuantSpec.fat(4, symmetric=False))
+  model = TinyMLP(quant=qcfg)
+  x = np.random.default_rng(0).uniform(-1, 1, (100, 8)).astype(np.float32)
+  params = TinyMLP().init(jax.random.key(1), x[:1])["params"]
+  stats = fatq.calibrate(model, params, [x[:40]])
+  th = fatq.init_thresholds(model, params, stats, x[:1])
+  teacher = np.asarray(TinyMLP().apply({"params": params}, x))
+  cfg = ml_collections.ConfigDict(dict(epochs=2, batch_size=20, loss="rmse", schedule="cosine_restarts", lr=3e-2,
+                                       lr_min=0.0, restart_period=3, eval_every=2, seed=0))
+  train, steps_per_epoch = x[:80], 4
+  last_batch = np.random.default_rng([0, 1]).permutation(80)[3 * 20:]  # step 8's images (training.finetune's order)
+  teacher_train = teacher[:80].copy()
+  teacher_train[last_batch[0], 0] = np.nan  # that image is in one batch of each epoch, the last step's in epoch 1
+  logs = []
+  best, history = training.finetune(model, {"params": params, "quant_stats": stats}, th, train, teacher_train,
+                                    (x[80:], teacher[80:]), cfg, progress=False, log=logs.append)
+  nan_steps = [int(line.split(":")[0].split()[1]) for line in logs if "became NaN/Inf" in line]
+  assert len(nan_steps) == 2 and nan_steps[-1] == 2 * steps_per_epoch, logs
+  assert [h["step"] for h in history] == [0, 2, 4, 6, 8]  # the last step evaluated after its NaN
+  assert all(np.isfinite(h["holdout_loss"]) for h in history)
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(best))
+  # after the NaN at step 8 the thresholds are step 6's (the last evaluation): the same held-out loss
+  assert history[-1]["holdout_loss"] == history[-2]["holdout_loss"]
+
+
 def test_bad_schedule_name():
   cfg = ml_collections.ConfigDict(dict(schedule="cosine", lr=1e-3, restart_period=10))
   with pytest.raises(ValueError, match="unknown schedule 'cosine'"):

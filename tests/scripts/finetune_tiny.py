@@ -1,11 +1,12 @@
 """A tiny FAT run for the crash-safety tests (tests/test_resume.py), which kill or interrupt it.
 
-    finetune_tiny.py WORKDIR [--resume] [--slow-after N] [--lr LR] [--per-device-batch-size B]
+    finetune_tiny.py WORKDIR [--resume] [--slow-after N] [--slow-eval-from C] [--lr LR] [--per-device-batch-size B]
 
 A two-layer MLP on random 8-feature inputs (compiles in about a second), 4-bit per-channel weights and asymmetric
 activations, 21 steps (3 epochs of 7 batches), held-out evaluation every 5 steps, a checkpoint every 2 steps.
 ``--slow-after N`` prints ``waiting before step K`` and sleeps 2 s before every step K > N, so that a test can signal
-the process at a known point of training however loaded the machine is. Prints the best thresholds and the history as JSON on its last line;
+the process at a known point of training however loaded the machine is; ``--slow-eval-from C`` does the same before
+the C-th and later held-out batch evaluations (3 per evaluation: steps 0, 5, 10, ...), printing ``evaluating (C)``. Prints the best thresholds and the history as JSON on its last line;
 exits with 130 after Ctrl-C (SIGINT), once the training loop has saved its state.
 """
 import argparse
@@ -38,14 +39,30 @@ def main():
   ap.add_argument("workdir")
   ap.add_argument("--resume", action="store_true")
   ap.add_argument("--slow-after", type=int, default=0)
+  ap.add_argument("--slow-eval-from", type=int, default=0)
   ap.add_argument("--lr", type=float, default=3e-2)
   ap.add_argument("--per-device-batch-size", type=int, default=0)  # else a global batch of 20
   args = ap.parse_args()
 
-  if args.slow_after:  # wrap the jitted step: the sleep happens between steps, in Python, where signals land
+  if args.slow_after or args.slow_eval_from:
     # Ctrl-C as from a terminal: a shell starts background jobs (`pytest ... &`) with SIGINT ignored, which this
     # process would inherit, and Python would then never raise KeyboardInterrupt
     signal.signal(signal.SIGINT, signal.default_int_handler)
+  if args.slow_eval_from:
+    make_eval, calls = training.make_eval_loss, [0]
+
+    def slow_make_eval(*a, **k):
+      eval_fn = make_eval(*a, **k)
+
+      def slow(*rest):
+        calls[0] += 1
+        if calls[0] >= args.slow_eval_from:
+          print(f"evaluating ({calls[0]})", flush=True)
+          time.sleep(2.0)
+        return eval_fn(*rest)
+      return slow
+    training.make_eval_loss = slow_make_eval
+  if args.slow_after:  # wrap the jitted step: the sleep happens between steps, in Python, where signals land
     make = training.make_train_step
 
     def slow_make(*a, **k):
