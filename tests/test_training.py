@@ -95,15 +95,9 @@ def test_reset_optimizer_state_keeps_the_schedule_and_the_restart_cycle():
 def test_nan_step_restores_good_thresholds_and_still_evaluates_the_last_step():
   """A batch whose loss is NaN (here: a NaN teacher logit on one image) restores the last checkpoint's thresholds and
   training goes on; when that batch is the very last step, the final evaluation still runs."""
-  from scripts.finetune_tiny import TinyMLP  # tests/scripts: the model of the crash-safety tests
+  from scripts.finetune_tiny import tiny_problem  # tests/scripts: the crash-safety tests' model and data
 
-  qcfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, per_channel=True), fatq.QuantSpec.fat(4, symmetric=False))
-  model = TinyMLP(quant=qcfg)
-  x = np.random.default_rng(0).uniform(-1, 1, (100, 8)).astype(np.float32)
-  params = TinyMLP().init(jax.random.key(1), x[:1])["params"]
-  stats = fatq.calibrate(model, params, [x[:40]])
-  th = fatq.init_thresholds(model, params, stats, x[:1])
-  teacher = np.asarray(TinyMLP().apply({"params": params}, x))
+  model, x, teacher, frozen, th = tiny_problem(100, 40)
   cfg = ml_collections.ConfigDict(dict(epochs=2, batch_size=20, loss="rmse", schedule="cosine_restarts", lr=3e-2,
                                        lr_min=0.0, restart_period=3, eval_every=2, seed=0))
   train, steps_per_epoch = x[:80], 4
@@ -111,7 +105,7 @@ def test_nan_step_restores_good_thresholds_and_still_evaluates_the_last_step():
   teacher_train = teacher[:80].copy()
   teacher_train[last_batch[0], 0] = np.nan  # that image is in one batch of each epoch, the last step's in epoch 1
   logs = []
-  best, history = training.finetune(model, {"params": params, "quant_stats": stats}, th, train, teacher_train,
+  best, history = training.finetune(model, frozen, th, train, teacher_train,
                                     (x[80:], teacher[80:]), cfg, progress=False, log=logs.append)
   nan_steps = [int(line.split(":")[0].split()[1]) for line in logs if "became NaN/Inf" in line]
   assert len(nan_steps) == 2 and nan_steps[-1] == 2 * steps_per_epoch, logs

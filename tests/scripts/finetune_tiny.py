@@ -34,6 +34,19 @@ class TinyMLP(nn.Module):
     return fatq.QDense(4, quant=self.quant, name="fc2")(x)
 
 
+def tiny_problem(n: int, n_calibration: int):
+  """``(model, x, teacher logits, frozen, thresholds)``: ``n`` random inputs, 4-bit per-channel weights and asymmetric
+  activations calibrated on the first ``n_calibration``."""
+  qcfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, per_channel=True), fatq.QuantSpec.fat(4, symmetric=False))
+  model = TinyMLP(quant=qcfg)
+  x = np.random.default_rng(0).uniform(-1, 1, (n, 8)).astype(np.float32)
+  params = TinyMLP().init(jax.random.key(1), x[:1])["params"]
+  stats = fatq.calibrate(model, params, [x[:n_calibration]])
+  th = fatq.init_thresholds(model, params, stats, x[:1])
+  teacher = np.asarray(TinyMLP().apply({"params": params}, x))
+  return model, x, teacher, {"params": params, "quant_stats": stats}, th
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("workdir")
@@ -76,18 +89,12 @@ def main():
       return slow
     training.make_train_step = slow_make
 
-  qcfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, per_channel=True), fatq.QuantSpec.fat(4, symmetric=False))
-  model = TinyMLP(quant=qcfg)
-  x = np.random.default_rng(0).uniform(-1, 1, (200, 8)).astype(np.float32)
-  params = TinyMLP().init(jax.random.key(1), x[:1])["params"]
-  stats = fatq.calibrate(model, params, [x[:50]])
-  th = fatq.init_thresholds(model, params, stats, x[:1])
-  teacher = np.asarray(TinyMLP().apply({"params": params}, x))
+  model, x, teacher, frozen, th = tiny_problem(200, 50)
   cfg = ml_collections.ConfigDict(dict(epochs=3, batch_size=20, loss="rmse", schedule="cosine_restarts", lr=args.lr,
                                        lr_min=0.0, restart_period=10, eval_every=5, seed=0, checkpoint_every=2,
                                        per_device_batch_size=args.per_device_batch_size))
   try:
-    best, hist = training.finetune(model, {"params": params, "quant_stats": stats}, th, x[:140], teacher[:140],
+    best, hist = training.finetune(model, frozen, th, x[:140], teacher[:140],
                                    (x[140:], teacher[140:]), cfg, workdir=args.workdir, resume=args.resume,
                                    progress=False, log=lambda s: print(s, flush=True))
   except KeyboardInterrupt:
