@@ -26,6 +26,12 @@ def test_read_idx_rejects_corrupt_and_truncated(tmp_path):
   raw.write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(5))
   with pytest.raises(ValueError, match="truncated"):
     idx.read_idx(raw)
+  raw.write_bytes(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big"))  # three dimensions, one given
+  with pytest.raises(ValueError, match=r"truncated: its header of 3 dimensions is cut short \(8 bytes\)"):
+    idx.read_idx(raw)
+  raw.write_bytes(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes(5))
+  with pytest.raises(ValueError, match=r"longer than its header says: header says \(2,\) = 2 values, found 5"):
+    idx.read_idx(raw)
 
 
 def test_prepared_records_follow_the_files_read(tmp_path, monkeypatch):

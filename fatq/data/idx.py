@@ -33,10 +33,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
     raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number {raw[:4].hex()})")
   ndim = raw[3]
+  if len(raw) < 4 + 4 * ndim:
+    raise ValueError(f"{path} is truncated: its header of {ndim} dimensions is cut short ({len(raw)} bytes)")
   dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
   data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
   if data.size != int(np.prod(dims)):
-    raise ValueError(f"{path} is truncated: header says {dims} = {int(np.prod(dims))} values, found {data.size}")
+    problem = "truncated" if data.size < int(np.prod(dims)) else "longer than its header says"
+    raise ValueError(f"{path} is {problem}: header says {dims} = {int(np.prod(dims))} values, found {data.size}")
   return data.reshape(dims)
 
 
