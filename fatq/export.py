@@ -103,10 +103,13 @@ class Point:
   # weight scales, symmetrized weights)
   model_scale: np.ndarray | None = None
   model_zero_point: np.ndarray | None = None
+  model_qmin: int | None = None
 
   def __post_init__(self):
     if self.model_scale is None:
       self.model_scale, self.model_zero_point = np.array(self.scale), np.array(self.zero_point)
+    if self.model_qmin is None:
+      self.model_qmin = self.qmin
 
   @property
   def narrow(self) -> bool:
@@ -340,9 +343,10 @@ class _Translator:
       self.raw[id(y)] = w
     else:
       xt = self.tensor(x)
-      if p.bits < 8:
-        # TFLite's kernels clamp only to the 8-bit range (and a fused ReLU/ReLU6); the n-bit range's clamp becomes
-        # MINIMUM / MAXIMUM ops (same scale) in front of the carrier's quantization.
+      if p.bits < 8 or p.narrow:
+        # TFLite's kernels clamp only to the full 8-bit range (and a fused ReLU/ReLU6); the clamp of an n-bit range,
+        # or of a narrow one (a symmetric signed activation, [-127, 127]), becomes MINIMUM / MAXIMUM ops (same scale)
+        # in front of the carrier's quantization.
         xt = tf.minimum(xt, float(p.nudged_max))
         relu = getattr(x, "op", None) is not None and x.op.type in ("Relu", "Relu6")
         if not (relu and float(p.nudged_min) == 0.0):
@@ -360,7 +364,7 @@ class _Translator:
     # ones: TF's fake quant multiplies by 1 / scale and rounded a near-tie weight the other way (measured: 1 weight
     # of a MobileNet v1 layer). On the exported grid below they are then exact (n < 8 bits: stored as int8 codes of
     # the same scale, the converter rejects sub-8-bit tensors: an exact subset of the int8 grid).
-    grid = QuantParams(p.model_scale, p.model_zero_point, p.qmin, p.qmax)
+    grid = QuantParams(p.model_scale, p.model_zero_point, p.model_qmin, p.qmax)
     w = np.asarray((quantize(w, grid) - p.model_zero_point) * p.model_scale, np.float32)
     if p.scale.ndim:
       return tf.quantization.fake_quant_with_min_max_vars_per_channel(
@@ -905,7 +909,26 @@ class Exported:
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.inference_input_type = getattr(tf, input_type)
     conv.inference_output_type = getattr(tf, output_type)
-    return conv.convert()
+    blob = conv.convert()
+    _check_integer_only(blob)
+    return blob
+
+
+def _check_integer_only(blob: bytes) -> None:
+  """Raise where the converter kept an op in float (it falls back silently for ops without integer kernels, e.g.
+  SQUARE, POW, DIV): the file would not be the full-integer model it claims to be. Float tensors are allowed only as
+  the model's own input and output (``input_type`` / ``output_type`` float32)."""
+  from ai_edge_litert.interpreter import Interpreter
+
+  interp = Interpreter(model_content=blob)
+  io = {d["index"] for d in interp.get_input_details() + interp.get_output_details()}
+  floats = {d["index"] for d in interp.get_tensor_details() if d["dtype"] == np.float32 and d["index"] not in io}
+  ops = sorted({o["op_name"] for o in interp._get_ops_details()
+                if floats & (set(o["inputs"]) | set(o["outputs"])) and o["op_name"] not in ("QUANTIZE", "DEQUANTIZE")})
+  if floats:
+    raise ExportError(f"the converter kept {len(floats)} tensor(s) in float32 (ops {', '.join(ops) or 'none'}): "
+                      "TFLite has no integer kernel for them, so the file would not be full-integer. Replace those "
+                      "operations in the model, or export the float model")
 
 
 def float_function(model, params: Tree, sample_images: np.ndarray) -> "Exported":

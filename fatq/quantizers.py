@@ -309,9 +309,14 @@ def histogram(values: jax.Array, lo: jax.Array, hi: jax.Array, bins: int = HISTO
 def histogram_quantile(counts: jax.Array, lo: jax.Array, hi: jax.Array, q: float) -> jax.Array:
   """The ``q``-quantile of the values :func:`histogram` counted on ``[lo, hi]``, rounded up to a bin edge, per slice:
   ``lo + (k + 1) (hi - lo) / bins`` for the first bin ``k`` whose cumulative count reaches ``q`` of the total
-  (``q = 1``: the last non-empty bin's upper edge, ``hi`` for the values' own range)."""
-  cumulative = jnp.cumsum(counts, axis=-1)
-  k = jnp.argmax(cumulative >= q * cumulative[..., -1:], axis=-1)
+  (``q = 1``: the last non-empty bin's upper edge, ``hi`` for the values' own range).
+
+  Counted from the top: the first ``k`` whose count above it, ``sum_{j > k} counts_j``, is at most ``(1 - q)`` of the
+  total. Those tail sums are small, so float32 keeps them exact; a running sum from the bottom passes 2^24 on a large
+  calibration set (MobileNet at 224 px: ~1e8 values per tensor), and then a bin of a few values added nothing."""
+  from_top = jnp.cumsum(counts[..., ::-1], axis=-1)[..., ::-1]  # sum_{j >= k}
+  above = jnp.concatenate([from_top[..., 1:], jnp.zeros_like(from_top[..., :1])], axis=-1)
+  k = jnp.argmax(above <= (1 - q) * from_top[..., :1], axis=-1)
   return lo + (k + 1) * (hi - lo) / counts.shape[-1]
 
 

@@ -182,6 +182,25 @@ def test_training_quantizer_equals_tflite_integer_arithmetic(tmp_path, depthwise
   assert np.mean(fake_quant == lite_codes) > 0.99
 
 
+def test_symmetric_signed_activations_keep_their_narrow_grid():
+  """Symmetric 8-bit activations of a signed tensor use the narrow grid [-127, 127] (zero point 0); TFLite's kernels
+  clamp activations only to [-128, 127], so without a clamp of its own the file outputs -128 where the model clips at
+  -127. Calibrated on the data scaled by 0.3: many outputs clip at both ends."""
+  x = np.random.default_rng(2).normal(size=(32, 9, 9, 4)).astype(np.float32)
+  sym = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True), fatq.QuantSpec.fat(8))
+  params = OneConv().init(jax.random.key(0), x[:1])["params"]
+  model, variables = quantized(OneConv, sym, params, 0.3 * x, perturb=False)  # ranges of a third of the data
+  ex = E.Exported(model, variables, x[:1])
+  th = {t["name"]: t for t in ex.thresholds()["tensors"]}
+  assert th["conv/output"]["zero_point"] == 0 and th["conv/output"]["codes"] == [-127, 127]
+  lite = E.TFLiteModel(ex.convert("float32", "int8"))
+  codes = np.concatenate([lite.raw(xi[None]) for xi in x]).astype(np.int64)
+  want = np.asarray(model.apply(ex.snap_biases(variables), x)) / lite.output_step
+  assert np.mean(np.abs(want) >= 126.5) > 0.05  # the clipped ends are exercised
+  assert codes.min() == -127 and codes.max() == 127
+  assert np.abs(codes - np.round(want)).max() <= 1 and np.mean(codes == np.round(want)) > 0.99
+
+
 def test_refuses_asymmetric_weights_in_int8(mnist, lenet_params):
   xtr, _, xte, _ = mnist
   model, variables = quantized(LeNet5, PER_TENSOR_ASYM, lenet_params, xtr[:100])
@@ -195,6 +214,20 @@ def test_refuses_asymmetric_weights_in_int8(mnist, lenet_params):
   int8 = E.thresholds_json(model, variables, xte[:1], scheme="int8", asymmetric_weights="symmetrize")
   assert {e["name"]: e for e in int8["tensors"]}["input"]["zero_point"] == t["input"]["zero_point"] - 128
   assert np.all(np.asarray({e["name"]: e for e in int8["tensors"]}["conv1/kernel"]["zero_point"]) == 0)
+  # the symmetrized file stores the fake-quant model's weights (on its own grid, lowest code included) on [-t, t]
+  ex = E.Exported(model, variables, xte[:1], asymmetric_weights="symmetrize")
+  blob = ex.convert("float32", "int8")
+  from ai_edge_litert.interpreter import Interpreter
+  interp = Interpreter(model_content=blob)
+  stored = interp.get_tensor(E.match_tflite(blob, ex.thresholds())["conv1/kernel"]["index"]).astype(np.int64)
+  r = fatq.quant_ranges(model, variables, xte[:1])["conv1/kernel"]
+  grid = fatq.quantizers.QuantParams(r["scale"], r["zero_point"], int(r["qmin"]), int(r["qmax"]))
+  w = np.asarray(lenet_params["conv1"]["kernel"])
+  on_grid = (np.asarray(fatq.quantizers.quantize(w, grid)) - r["zero_point"]) * r["scale"]
+  t = max(abs((grid.qmin - grid.zero_point) * grid.scale), abs((grid.qmax - grid.zero_point) * grid.scale))
+  want = np.round(on_grid / (t / 127)).transpose(3, 0, 1, 2)  # TFLite's OHWI
+  assert np.abs(stored - want).max() <= 1 and np.mean(stored == want) > 0.99
+  assert stored.min() == want.min() and stored.max() == want.max()  # both ends, -127 or 127 among them
 
 
 def test_refuses_per_channel_in_uint8_and_per_channel_activations(mnist, lenet_params):
@@ -261,6 +294,24 @@ def test_unsupported_primitive_is_named():
   model, variables = quantized(Odd, PER_CHANNEL, {}, x, perturb=False)
   with pytest.raises(E.ExportError, match="'sin'"):
     E.Exported(model, variables, x)
+
+
+def test_an_op_the_converter_keeps_in_float_is_refused():
+  """x^2 translates (TF's Square), but TFLite has no int8 SQUARE: the converter would silently keep it in float
+  between DEQUANTIZE and QUANTIZE, and the file would not be full-integer."""
+  class Squared(nn.Module):
+    quant: fatq.QuantConfig | None = None
+
+    @nn.compact
+    def __call__(self, x):
+      x = quant_point(self, self.quant, "input", x)
+      return quant_point(self, self.quant, "out", jnp.square(x))
+
+  x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
+  model, variables = quantized(Squared, PER_CHANNEL, {}, x, perturb=False)
+  ex = E.Exported(model, variables, x)
+  with pytest.raises(E.ExportError, match=r"kept \d+ tensor\(s\) in float32 \(ops SQUARE\).*not be full-integer"):
+    ex.convert("float32", "int8")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -332,3 +332,20 @@ def test_entropy_divergence_keeps_a_uniform_range_and_clips_a_heavy_tail():
   assert factors[np.argmin(np.asarray(Q.entropy_divergences(counts, 0.0, relu.max(), factors, 255)))] >= 0.7
   empty = np.asarray(Q.entropy_divergences(jnp.zeros(2048), 0.0, 1.0, factors, 15))  # no values: no NaN, full range
   assert np.all(empty == 0)
+
+
+def test_histogram_quantile_of_a_large_calibration_set_keeps_its_tail():
+  """1.2e8 values (100 MobileNet activations at 224 px): half zeros, the rest spread with a thin tail. Each quantile
+  equals numpy's in float64, the last values included (a float32 running sum from the bottom stopped ~150 bins low
+  at q = 1: past 2^24, a bin of a few values added nothing)."""
+  bins = Q.HISTOGRAM_BINS
+  counts = np.zeros(bins, np.float64)
+  counts[0] = 6e7
+  counts[1:1800] = np.round(6e7 * np.exp(-np.arange(1, 1800) / 150.0) / 150.0)
+  counts[1800:] = [3, 0, 1] * 82 + [2] * 2  # a tail of a few values per bin, up to the last
+  cumulative = np.cumsum(counts)
+  for q in (0.5, 0.99, 0.9999, 0.99999, 0.999999, 1.0):
+    want = int(np.argmax(cumulative >= q * cumulative[-1]))
+    got = Q.histogram_quantile(jnp.asarray(counts, jnp.float32), 0.0, 1.0, q)
+    assert float(got) == pytest.approx((want + 1) / bins, abs=1e-7), q
+  assert float(Q.histogram_quantile(jnp.asarray(counts, jnp.float32), 0.0, 1.0, 1.0)) == 1.0
