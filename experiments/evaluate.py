@@ -31,6 +31,7 @@ def evaluate(cfg, workdir: str) -> dict:
   from fatq import models
   from fatq.data import imagenet
 
+  _check_workdir(workdir)  # before minutes of loading and evaluation
   t0 = time.perf_counter()
   model, params, report = models.load(cfg.model)
   print(report.summary())
@@ -57,10 +58,29 @@ def evaluate(cfg, workdir: str) -> dict:
                                                                  if k != "tensors"},
                  num_images=len(val.images), skipped_images=len(val.skipped),
                  timings=dict(load=round(t_load, 1), data=round(t_data, 1), eval=round(t_eval, 1)))
-  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   return results
+
+
+def _check_workdir(workdir: str) -> None:
+  """Create ``workdir``; refuse one that holds another kind of run (finetune.py's results.json, which the export
+  scripts read, would be overwritten)."""
+  path = os.path.join(workdir, "results.json")
+  if os.path.exists(path):
+    try:
+      earlier = json.load(open(path))
+    except (OSError, ValueError):
+      earlier = {}
+    if "rows" in earlier.get("config", {}):
+      raise ValueError(f"{path} holds the results of an experiments/finetune.py run, which this would overwrite: "
+                       "choose another --workdir")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot create --workdir {workdir}: {e.strerror or e}") from None
+  if not os.access(workdir, os.W_OK):
+    raise ValueError(f"--workdir {workdir} is not writable: choose another")
 
 
 def main(argv):

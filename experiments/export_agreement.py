@@ -34,12 +34,17 @@ def main():
   from fatq import experiment, tasks
   from fatq import export as E
 
-  cfg = ml_collections.ConfigDict(json.load(open(os.path.join(args.workdir, "results.json")))["config"])
+  results_path = os.path.join(args.workdir, "results.json")
+  if not os.path.exists(results_path):
+    sys.exit(f"error: {results_path} not found: run experiments/finetune.py with this --workdir first")
+  if args.limit < 0:
+    ap.error(f"--limit {args.limit}: must be >= 0 (a count of images)")
+  cfg = ml_collections.ConfigDict(json.load(open(results_path))["config"])
   rows = {experiment.row_name(r): r for r in cfg.rows}
-  done = sorted(r for r in rows if os.path.isdir(os.path.join(args.workdir, "rows", r, "tflite")))
+  done = sorted(r for r in rows if os.path.isfile(os.path.join(args.workdir, "rows", r, "tflite", "model.tflite")))
   row = args.row or (done[0] if len(done) == 1 else None)
   if row not in done:
-    sys.exit(f"error: choose --row among the exported rows {done}")
+    sys.exit(f"error: choose --row among the exported rows {done} (export one with experiments/export_tflite.py)")
   d = os.path.join(args.workdir, "rows", row, "tflite")
   model, params, data = tasks.prepare(cfg, args.workdir, progress=False)
   images, labels = data.eval_images, data.eval_labels
@@ -51,7 +56,7 @@ def main():
             for t in th["tensors"] if t["kind"] == "bias"}
   quant = experiment.quant_config(rows[row], experiment.base_rules(cfg))
   variables = experiment.load_variables(os.path.join(args.workdir, "rows", row, "checkpoint"))
-  qmodel = model.clone(quant=quant)
+  qmodel = experiment.row_model(model, rows[row]).clone(quant=quant)  # as exported: equalize='relu' rows use ReLU
   tied, tied_vars, src = E.tie_pool(qmodel, variables, images[:1])
 
   lite = {}

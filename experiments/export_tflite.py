@@ -32,7 +32,9 @@ def main():
   ap.add_argument("--output_type", default=None, choices=["int8", "uint8", "float32"], help="default: the scheme's")
   ap.add_argument("--asymmetric_weights", default="refuse", choices=["refuse", "symmetrize"])
   ap.add_argument("--float_pool", action="store_true",
-                  help="keep the global average pool's output unquantized in the JAX model (TFLite still rounds it)")
+                  help="keep the global average pool's output unquantized in the JAX model's float-arithmetic "
+                       "evaluation (eval_float_arithmetic); the file, and the integer-arithmetic comparison that "
+                       "decides the checks, round it as TFLite does")
   ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="interpreter threads for the latency")
   ap.add_argument("--limit", type=int, default=0, help="evaluate on the first N evaluation images only (0: all)")
   ap.add_argument("--reference_images", type=int, default=200,
@@ -40,6 +42,11 @@ def main():
   ap.add_argument("--no_integer", action="store_true", help="skip the JAX integer evaluation (fatq.integer)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
+  if min(args.threads) < 1:
+    ap.error(f"--threads {min(args.threads)}: interpreter threads must be >= 1")
+  for flag in ("limit", "reference_images"):
+    if getattr(args, flag) < 0:
+      ap.error(f"--{flag} {getattr(args, flag)}: must be >= 0 (a count of images)")
 
   results_path = os.path.join(args.workdir, "results.json")
   if not os.path.exists(results_path):
@@ -48,10 +55,11 @@ def main():
   import ml_collections
 
   from fatq import tasks
-  from fatq.export import ExportError, export_row
+  from fatq.export import ExportError, export_row, fine_tuned_row
 
   cfg = ml_collections.ConfigDict(json.load(open(results_path))["config"])
   try:
+    fine_tuned_row(cfg, args.workdir, args.row)  # a wrong --row stops before the data is read
     model, params, data = tasks.prepare(cfg, args.workdir, progress=False)
     if args.limit:
       data.eval_images, data.eval_labels = data.eval_images[:args.limit], data.eval_labels[:args.limit]
@@ -60,9 +68,14 @@ def main():
                         asymmetric_weights=args.asymmetric_weights, tie_pool_grid=not args.float_pool,
                         threads=tuple(args.threads), integer_check=not args.no_integer,
                         reference_images=args.reference_images)
-  except (ExportError, FileNotFoundError) as e:
+  except (ExportError, FileNotFoundError, ValueError) as e:  # ValueError: a damaged row checkpoint, bad data
     sys.exit(f"error: {e}")
   print(f"\nreport: {report['files']['report']}")
+  mismatches = report["readback"]["mismatches"]
+  if mismatches:
+    sys.exit(f"error: {len(mismatches)} tensor(s) of model.tflite do not have the scale / zero point of "
+             f"thresholds.json (e.g. {mismatches[0]}): the file is kept for inspection, but it is not the fine-tuned "
+             "model")
 
 
 if __name__ == "__main__":

@@ -967,6 +967,17 @@ def thresholds_json(model, variables: Tree, sample_images: np.ndarray, scheme: s
   return Exported(model, variables, sample_images, scheme, asymmetric_weights).thresholds()
 
 
+def _make_out_dir(out: Path) -> None:
+  """``out`` created, without the report of an earlier export in it (which would describe another file)."""
+  if out.exists() and not out.is_dir():
+    raise ExportError(f"output folder {out} is a file: choose another --out")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ExportError(f"cannot create the output folder {out}: {e.strerror or e}; choose another --out") from None
+  (out / "export_report.json").unlink(missing_ok=True)
+
+
 def export_tflite(model, variables: Tree, sample_images: np.ndarray, out_dir: str | os.PathLike,
                   scheme: str = "int8", input_type: str = "int8", output_type: str = "int8",
                   asymmetric_weights: str = "refuse", log=print, exported: "Exported | None" = None) -> dict:
@@ -974,10 +985,10 @@ def export_tflite(model, variables: Tree, sample_images: np.ndarray, out_dir: st
   model can be expressed in it). ``variables`` = {'params', 'quant_stats', 'quant'}; ``exported``: the
   :class:`Exported` of these arguments when the caller has built it already. Returns a small report."""
   out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
   ex = exported or Exported(model, variables, sample_images, scheme, asymmetric_weights)
-  blob = ex.convert(input_type, output_type)
+  blob = ex.convert(input_type, output_type)  # a refused model leaves no folder and no file behind
+  _make_out_dir(out)
   (out / "model.tflite").write_bytes(blob)
   th = ex.thresholds()
   th.update(input_type=input_type, output_type=output_type)
@@ -1232,7 +1243,6 @@ def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, i
   Writes out_dir/export_report.json and returns the report.
   """
   out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
   input_type, output_type = input_type or scheme, output_type or scheme
   sample = np.asarray(images[:1], np.float32)
   variables = fold_biases(qmodel, variables, sample)  # the biases TFLite gets, and snap_biases replaces
@@ -1379,6 +1389,20 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
+def fine_tuned_row(cfg, workdir: str | os.PathLike, row: str | None = None) -> str:
+  """``row``, or the only fine-tuned row of the run in ``workdir`` when ``row`` is None; raises ExportError naming the
+  fine-tuned rows otherwise (checked before any data is read)."""
+  from fatq import experiment
+
+  done = sorted(name for name in map(experiment.row_name, cfg.rows)
+                if os.path.isdir(os.path.join(workdir, "rows", name, "checkpoint")))
+  if row is None and len(done) == 1:
+    return done[0]
+  if row not in done:
+    raise ExportError(f"choose a row among the fine-tuned rows {done}" + (f" (got {row!r})" if row else ""))
+  return row
+
+
 def export_row(cfg, model, params: Tree, data, workdir: str | os.PathLike, row: str | None = None,
                out_dir: str | os.PathLike | None = None, **kwargs) -> dict:
   """Export one fine-tuned row of an ``experiments/finetune.py`` run and check it (:func:`export_and_check`).
@@ -1390,11 +1414,7 @@ def export_row(cfg, model, params: Tree, data, workdir: str | os.PathLike, row: 
   from fatq import experiment
 
   rows = {experiment.row_name(r): r for r in cfg.rows}
-  done = sorted(r for r in rows if os.path.isdir(os.path.join(workdir, "rows", r, "checkpoint")))
-  if row is None and len(done) == 1:
-    row = done[0]
-  if row not in done:
-    raise ExportError(f"choose a row among the fine-tuned rows {done}" + (f" (got {row!r})" if row else ""))
+  row = fine_tuned_row(cfg, workdir, row)
   quant = experiment.quant_config(rows[row], experiment.base_rules(cfg))
   lax_model = model.clone(impl="lax") if hasattr(model, "impl") else model
   # The row's own model (an equalize='relu' row: ReLU instead of ReLU6); its checkpoint holds the params it was

@@ -57,6 +57,29 @@ def test_bad_config_flag_stops_before_any_work(tmp_path, flag, message):
   assert not (tmp_path / "w" / "results.json").exists() and not (tmp_path / "w" / "float_checkpoint").exists()
 
 
+def test_export_and_evaluate_refuse_mistakes_before_any_work(tmp_path):
+  """A wrong --row or count, or a finetune.py run's workdir given to evaluate.py: one line, before data is read (no
+  float model trained, nothing written), and the finetune.py results are not overwritten."""
+  (tmp_path / "rows" / "W8A8-tensor-sym" / "checkpoint").mkdir(parents=True)
+  results = json.dumps(dict(config=dict(rows=[dict(weight_bits=8, act_bits=8, fat=True)])))
+  (tmp_path / "results.json").write_text(results)
+  cases = [
+      ("export_tflite.py", ["--workdir", str(tmp_path), "--row", "W8A8"], 1,
+       "error: choose a row among the fine-tuned rows ['W8A8-tensor-sym'] (got 'W8A8')"),
+      ("export_tflite.py", ["--workdir", str(tmp_path), "--threads", "0"], 2, "--threads 0: interpreter threads"),
+      ("export_tflite.py", ["--workdir", str(tmp_path), "--limit", "-10"], 2, "--limit -10: must be >= 0"),
+      ("export_agreement.py", ["--workdir", str(tmp_path / "none")], 1, "results.json not found: run"),
+      ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", str(tmp_path)], 1,
+       "holds the results of an experiments/finetune.py run, which this would overwrite: choose another --workdir"),
+  ]
+  for script, args, rc, message in cases:
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == rc and message in out.stderr.strip().splitlines()[-1], (script, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr
+  assert sorted(os.listdir(tmp_path)) == ["results.json", "rows"] and (tmp_path / "results.json").read_text() == results
+
+
 @pytest.mark.parametrize("script,args,message", [
     ("finetune.py", ["--config", "configs/lenet5_mnist.py:quik", "--workdir", "W"],
      "error: --config=configs/lenet5_mnist.py:quik: unknown config variant 'quik'; use '', 'quick', 'actmse', "

@@ -296,7 +296,7 @@ def test_unsupported_primitive_is_named():
     E.Exported(model, variables, x)
 
 
-def test_an_op_the_converter_keeps_in_float_is_refused():
+def test_an_op_the_converter_keeps_in_float_is_refused(tmp_path):
   """x^2 translates (TF's Square), but TFLite has no int8 SQUARE: the converter would silently keep it in float
   between DEQUANTIZE and QUANTIZE, and the file would not be full-integer."""
   class Squared(nn.Module):
@@ -312,6 +312,9 @@ def test_an_op_the_converter_keeps_in_float_is_refused():
   ex = E.Exported(model, variables, x)
   with pytest.raises(E.ExportError, match=r"kept \d+ tensor\(s\) in float32 \(ops SQUARE\).*not be full-integer"):
     ex.convert("float32", "int8")
+  with pytest.raises(E.ExportError, match="not be full-integer"):  # and a refused export writes nothing
+    E.export_tflite(model, variables, x, tmp_path / "out", input_type="float32", log=lambda *_: None)
+  assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
