@@ -333,7 +333,8 @@ class _Translator:
   def marker(self, x, name):
     tf = self.tf
     if name not in self.points:
-      raise ExportError(f"quantization point {name!r} has no range; calibrate the model first")
+      raise ExportError(f"quantization point {name!r} has no range: calibrate the model first; a workbench "
+                        "quantizer (kind 'pot', 'lsq' or 'fixed_point') has no TFLite form and cannot be exported")
     p = self.points[name]
     p.kind = "weight" if self.is_const(x) else "activation"
     _check_point(p, self.scheme, self.asymmetric_weights)
