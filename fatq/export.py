@@ -313,7 +313,7 @@ class _Translator:
         outs = self.run(jaxpr, consts, ins)
         return outs if eqn.primitive.multiple_results else outs[0]
     if prim == _marker_name():
-      return self.marker(ins[0], params["name"])
+      return self.marker(ins[0], params["name"], params.get("channel_axis"))
     if all(self.is_const(x) for x in ins) and prim not in ("conv_general_dilated",):
       return self.fold(eqn, ins)
     handler = getattr(self, "p_" + prim, None)
@@ -330,8 +330,12 @@ class _Translator:
     return np.asarray(outs)
 
   # quantization markers ----------------------------------------------------------------------------------------------
-  def marker(self, x, name):
+  def marker(self, x, name, channel_axis=None):
     tf = self.tf
+    if channel_axis is not None and channel_axis != len(x.shape) - 1:
+      raise ExportError(f"tensor {name!r}: per-channel ranges along axis {channel_axis} of a {len(x.shape)}-d tensor "
+                        "cannot be represented: TFLite's per-channel axis is the output channels' (fatq's last axis); "
+                        "use channel_axis=-1")
     if name not in self.points:
       raise ExportError(f"quantization point {name!r} has no range: calibrate the model first; a workbench "
                         "quantizer (kind 'pot', 'lsq' or 'fixed_point') has no TFLite form and cannot be exported")

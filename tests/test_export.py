@@ -201,6 +201,18 @@ def test_symmetric_signed_activations_keep_their_narrow_grid():
   assert np.abs(codes - np.round(want)).max() <= 1 and np.mean(codes == np.round(want)) > 0.99
 
 
+def test_refuses_per_channel_ranges_on_another_axis():
+  """TFLite's per-channel axis is a kernel's output channels; ranges along another axis (here the kernel's first)
+  would be stored as if they were theirs, silently wrong where the two sizes agree."""
+  x = np.random.default_rng(2).normal(size=(4, 9, 9, 4)).astype(np.float32)
+  cfg = fatq.QuantConfig.uniform(fatq.QuantSpec.fat(8, per_channel=True, channel_axis=0),
+                                 fatq.QuantSpec.fat(8, symmetric=False))
+  params = OneConv(depthwise=True).init(jax.random.key(0), x[:1])["params"]
+  model, variables = quantized(lambda quant: OneConv(quant=quant, depthwise=True), cfg, params, x, perturb=False)
+  with pytest.raises(E.ExportError, match=r"'dw/kernel': per-channel ranges along axis 0 .* use channel_axis=-1"):
+    E.Exported(model, variables, x[:1])
+
+
 def test_refuses_asymmetric_weights_in_int8(mnist, lenet_params):
   xtr, _, xte, _ = mnist
   model, variables = quantized(LeNet5, PER_TENSOR_ASYM, lenet_params, xtr[:100])
