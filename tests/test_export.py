@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -293,17 +294,23 @@ def test_uint8_scheme_export(mnist, lenet_params, tmp_path):
   assert m["max_logit_diff_steps"] <= 2.0 + 1e-6 and m["agreement_tie_aware"] >= 0.99, m
 
 
-def test_unsupported_primitive_is_named():
-  class Odd(nn.Module):
-    quant: fatq.QuantConfig | None = None
+class OneOp(nn.Module):
+  """The quantized input, one element-wise ``op``, the quantized output."""
+  op: Callable
+  quant: fatq.QuantConfig | None = None
 
-    @nn.compact
-    def __call__(self, x):
-      x = quant_point(self, self.quant, "input", x)
-      return quant_point(self, self.quant, "out", jnp.sin(x))
+  @nn.compact
+  def __call__(self, x):
+    return quant_point(self, self.quant, "out", self.op(quant_point(self, self.quant, "input", x)))
 
+
+def one_op(op):
   x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
-  model, variables = quantized(Odd, PER_CHANNEL, {}, x, perturb=False)
+  return (x, *quantized(lambda quant: OneOp(op, quant=quant), PER_CHANNEL, {}, x, perturb=False))
+
+
+def test_unsupported_primitive_is_named():
+  x, model, variables = one_op(jnp.sin)
   with pytest.raises(E.ExportError, match="'sin'"):
     E.Exported(model, variables, x)
 
@@ -311,16 +318,7 @@ def test_unsupported_primitive_is_named():
 def test_an_op_the_converter_keeps_in_float_is_refused(tmp_path):
   """x^2 translates (TF's Square), but TFLite has no int8 SQUARE: the converter would silently keep it in float
   between DEQUANTIZE and QUANTIZE, and the file would not be full-integer."""
-  class Squared(nn.Module):
-    quant: fatq.QuantConfig | None = None
-
-    @nn.compact
-    def __call__(self, x):
-      x = quant_point(self, self.quant, "input", x)
-      return quant_point(self, self.quant, "out", jnp.square(x))
-
-  x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
-  model, variables = quantized(Squared, PER_CHANNEL, {}, x, perturb=False)
+  x, model, variables = one_op(jnp.square)
   ex = E.Exported(model, variables, x)
   with pytest.raises(E.ExportError, match=r"kept \d+ tensor\(s\) in float32 \(ops SQUARE\).*not be full-integer"):
     ex.convert("float32", "int8")
