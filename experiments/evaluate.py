@@ -31,7 +31,6 @@ def evaluate(cfg, workdir: str) -> dict:
   from fatq import models
   from fatq.data import imagenet
 
-  _check_workdir(workdir)  # before minutes of loading and evaluation
   t0 = time.perf_counter()
   model, params, report = models.load(cfg.model)
   print(report.summary())
@@ -63,30 +62,24 @@ def evaluate(cfg, workdir: str) -> dict:
   return results
 
 
-def _check_workdir(workdir: str) -> None:
-  """Create ``workdir``; refuse one that holds another kind of run (finetune.py's results.json, which the export
-  scripts read, would be overwritten)."""
+def _refuse_a_finetune_workdir(workdir: str) -> None:
+  """A workdir holding a finetune.py run: its results.json, which the export scripts read, would be overwritten."""
   path = os.path.join(workdir, "results.json")
-  if os.path.exists(path):
-    try:
-      earlier = json.load(open(path))
-    except (OSError, ValueError):
-      earlier = {}
-    if "rows" in earlier.get("config", {}):
-      raise ValueError(f"{path} holds the results of an experiments/finetune.py run, which this would overwrite: "
-                       "choose another --workdir")
   try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"cannot create --workdir {workdir}: {e.strerror or e}") from None
-  if not os.access(workdir, os.W_OK):
-    raise ValueError(f"--workdir {workdir} is not writable: choose another")
+    earlier = json.load(open(path))
+  except (OSError, ValueError):
+    return
+  if "rows" in earlier.get("config", {}):
+    sys.exit(f"error: {path} holds the results of an experiments/finetune.py run, which this would overwrite: "
+             "choose another --workdir")
 
 
 def main(argv):
   del argv
   cfg = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", f"eval_{cfg.get('name', cfg.model.name)}")
+  _refuse_a_finetune_workdir(workdir)  # both before minutes of loading and evaluation
+  cli.make_workdir(workdir)
   try:
     r = evaluate(cfg, workdir)
   except (FileNotFoundError, ValueError) as e:

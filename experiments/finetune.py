@@ -35,13 +35,7 @@ def main(argv):
   from fatq import experiment, tasks  # after flag parsing: importing JAX/TF is slow
 
   cfg, workdir = FLAGS.config, FLAGS.workdir
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    open(probe, "w").close()
-    os.remove(probe)
-  except OSError as e:
-    sys.exit(f"error: workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir")
+  cli.make_workdir(workdir)
   t0 = time.perf_counter()
   try:
     if FLAGS.resume:  # before any data or model is loaded

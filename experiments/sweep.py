@@ -28,10 +28,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from fatq.workbench import experiments
 
-  try:
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-  except OSError as e:
-    sys.exit(f"error: workdir {FLAGS.workdir!r} is not writable ({e.strerror})")
+  cli.make_workdir(FLAGS.workdir)
   try:
     results, text = experiments.run(FLAGS.config, FLAGS.workdir, log=lambda s: print(s, flush=True))
   except (FileNotFoundError, ValueError) as e:

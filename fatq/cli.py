@@ -292,6 +292,17 @@ def _article(word: str) -> str:
   return "an" if word[:1] in "aeiou" else "a"
 
 
+def make_workdir(workdir: str) -> None:
+  """Create ``workdir`` and check that a file can be written in it, before any work; else end in one line."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    open(probe, "w").close()
+    os.remove(probe)
+  except OSError as e:
+    sys.exit(f"error: workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir")
+
+
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
