@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from fatq import calibration, equalize, layers, parallel, plots, training
 from fatq.config import QuantConfig, QuantRule, QuantSpec
+from fatq.fileio import write_atomically
 from fatq.layers import STATS, THRESHOLDS
 
 Tree = Any
@@ -42,16 +43,9 @@ class Data:
 
 
 def atomic_write_json(path: str, obj) -> None:
-  """Write to ``path.tmp``, then rename: a crash or a full disk while writing leaves the previous file intact."""
-  tmp = f"{path}.tmp"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)  # a partial temporary file: nothing worth keeping
-    raise
+  """``obj`` as JSON, written whole (:func:`fatq.fileio.write_atomically`): a crash or a full disk while writing
+  leaves the previous file intact."""
+  write_atomically(path, lambda f: json.dump(obj, f, indent=2, default=_json_default))
 
 
 def _is_disk_full(e: BaseException) -> bool:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fatq import parallel
 from fatq.calibration import finite
+from fatq.fileio import write_atomically
 from fatq.layers import THRESHOLDS
 
 Tree = Any
@@ -368,9 +369,7 @@ def _read_history(path: str, up_to_step: int) -> list[dict]:
           break  # a line cut short by a crash
         if entry["step"] <= up_to_step:
           history.append(entry)
-    with open(path + ".tmp", "w") as f:
-      f.writelines(json.dumps(e) + "\n" for e in history)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda f: f.writelines(json.dumps(e) + "\n" for e in history))
   return history
 
 

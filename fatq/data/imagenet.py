@@ -29,12 +29,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from fatq.fileio import write_atomically
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 PREPROCESSING = {"fat": 0.85, "crop0875": 0.875, "none": 1.0}
@@ -363,8 +364,8 @@ def _decode_cached(cache: Path, key: str, examples, preprocessing: str, image_si
       meta = dict(key=key, files=kept, skipped=skipped, **({"labels": labels} if labels is not None else {}))
       # the .json last: an entry is complete when its .json names its key; each file is renamed into place whole, so
       # an interrupted or concurrent write never leaves a partial file under the entry's name
-      _write_whole(npy, lambda f: np.save(f, images.astype(np.float16)))
-      _write_whole(meta_file, lambda f: f.write(json.dumps(meta).encode()))
+      write_atomically(npy, lambda f: np.save(f, images.astype(np.float16)), "wb")
+      write_atomically(meta_file, lambda f: json.dump(meta, f))
     except OSError as e:
       warnings.warn(f"could not write the image cache {cache}: {e}")
   return images, kept, skipped, labels
@@ -372,18 +373,6 @@ def _decode_cached(cache: Path, key: str, examples, preprocessing: str, image_si
 
 def _suffixed(path: Path, suffix: str) -> Path:
   return path.with_name(path.name + suffix)  # not with_suffix: it would cut a name at its last dot
-
-
-def _write_whole(path: Path, write) -> None:
-  """``write(binary file)`` into a temporary file beside ``path``, then rename it to ``path`` (atomic)."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def shared_images(a: ImageSet, b: ImageSet) -> list[str]:
