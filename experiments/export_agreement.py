@@ -41,10 +41,10 @@ def main():
     ap.error(f"--limit {args.limit}: must be >= 0 (a count of images)")
   cfg = ml_collections.ConfigDict(json.load(open(results_path))["config"])
   rows = {experiment.row_name(r): r for r in cfg.rows}
-  done = sorted(r for r in rows if os.path.isfile(os.path.join(args.workdir, "rows", r, "tflite", "model.tflite")))
-  row = args.row or (done[0] if len(done) == 1 else None)
-  if row not in done:
-    sys.exit(f"error: choose --row among the exported rows {done} (export one with experiments/export_tflite.py)")
+  try:
+    row = E.fine_tuned_row(cfg, args.workdir, args.row, has=os.path.join("tflite", "model.tflite"), what="exported")
+  except E.ExportError as e:
+    sys.exit(f"error: {e} (export one with experiments/export_tflite.py)")
   d = os.path.join(args.workdir, "rows", row, "tflite")
   model, params, data = tasks.prepare(cfg, args.workdir, progress=False)
   images, labels = data.eval_images, data.eval_labels

@@ -1394,17 +1394,19 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
-def fine_tuned_row(cfg, workdir: str | os.PathLike, row: str | None = None) -> str:
-  """``row``, or the only fine-tuned row of the run in ``workdir`` when ``row`` is None; raises ExportError naming the
-  fine-tuned rows otherwise (checked before any data is read)."""
+def fine_tuned_row(cfg, workdir: str | os.PathLike, row: str | None = None, has: str = "checkpoint",
+                   what: str = "fine-tuned") -> str:
+  """``row``, or the only row of the run in ``workdir`` that has ``rows/<row>/<has>`` (its checkpoint; an exported
+  row: ``tflite/model.tflite``) when ``row`` is None; raises ExportError naming the ``what`` rows otherwise (checked
+  before any data is read)."""
   from fatq import experiment
 
   done = sorted(name for name in map(experiment.row_name, cfg.rows)
-                if os.path.isdir(os.path.join(workdir, "rows", name, "checkpoint")))
+                if os.path.exists(os.path.join(workdir, "rows", name, has)))
   if row is None and len(done) == 1:
     return done[0]
   if row not in done:
-    raise ExportError(f"choose a row among the fine-tuned rows {done}" + (f" (got {row!r})" if row else ""))
+    raise ExportError(f"choose a row among the {what} rows {done}" + (f" (got {row!r})" if row else ""))
   return row
 
 
