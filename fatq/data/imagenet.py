@@ -230,7 +230,7 @@ def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, label
   if not files:
     raise FileNotFoundError(f"no JPEG/PNG images found in {folder}")
   key = _cache_key(str(folder.resolve()), preprocessing, image_size,
-                   [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+                   [(str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]])
   cache = _cache_path(cache_dir, folder.name, preprocessing, image_size, key)
   images, kept, skipped, _ = _decode_cached(cache, key, lambda: ((str(f), f, None) for f in files), preprocessing,
                                             image_size, use_cache, f"the {len(files)} images in {folder}", progress)
