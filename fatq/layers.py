@@ -406,7 +406,9 @@ class FakeQuant(nn.Module):
         self.put_variable(RANGES, key, jnp.squeeze(jnp.asarray(value, jnp.float32)))
     layers = _GRIDS.get()
     if layers is None:
-      if linearize and self.spec.trainable and not self.is_mutable_collection(THRESHOLDS) and all(
+      # linearized slices lie along the last axis (what the fast depthwise kernel sums over); others stay dense
+      last = not self.spec.per_channel or self.spec.channel_axis % x.ndim == x.ndim - 1
+      if linearize and last and self.spec.trainable and not self.is_mutable_collection(THRESHOLDS) and all(
           self.has_variable(THRESHOLDS, name) for name in self._factor_names()):
         return self._linearized(x, lo, hi, narrow)
       return quantizers.fake_quant(x, lo, hi, self.spec.bits, narrow)

@@ -50,13 +50,15 @@ def test_fast_pointwise_equals_lax(stride):
   _assert_same_gradients(lambda x, k, impl: conv2d(x, k, (stride, stride), "SAME", impl=impl), x, k)
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("channel_axis", [None, -1, 0])  # None: per tensor
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_fast_depthwise_threshold_gradients_equal_lax(per_channel, symmetric, stride, monkeypatch):
+def test_fast_depthwise_threshold_gradients_equal_lax(channel_axis, symmetric, stride, monkeypatch):
   # a fast depthwise layer takes its quantized kernel linearized in the FAT factors and computes their gradient
-  # forward (layers._depthwise_linearized): the same output and threshold gradients as the plain convolution
-  spec = fatq.QuantSpec.fat(8, per_channel=per_channel, symmetric=symmetric)
+  # forward (layers._depthwise_linearized): the same output and threshold gradients as the plain convolution.
+  # Ranges along another axis than the channels' (here the kernel's rows) take the dense kernel instead.
+  spec = fatq.QuantSpec.fat(8, per_channel=channel_axis is not None, symmetric=symmetric)
+  spec = spec if channel_axis is None else dataclasses.replace(spec, channel_axis=channel_axis)
   quant = dataclasses.replace(fatq.QuantConfig.uniform(spec, fatq.QuantSpec.fat(8, symmetric=False)),
                               learn_biases=".*")
   x = _rand(6, (3, 9, 9, 6))
@@ -78,7 +80,7 @@ def test_fast_depthwise_threshold_gradients_equal_lax(per_channel, symmetric, st
 
     outputs[impl] = model.apply({**variables, "quant": thresholds}, x)
     grads[impl] = jax.grad(loss)(thresholds)
-  assert taken, "the fast layer did not take the linearized kernel"
+  assert bool(taken) == (channel_axis != 0), "the fast layer took the wrong kernel form"
   np.testing.assert_allclose(outputs["fast"], outputs["lax"], atol=1e-5, rtol=1e-5)
   flat_fast, flat_lax = (jax.tree_util.tree_leaves_with_path(grads[impl]) for impl in ("fast", "lax"))
   assert len(flat_fast) == len(flat_lax) == (4 if symmetric else 5)  # kernel factors, output factors, bias offset
