@@ -86,6 +86,58 @@ def test_keras_h5_round_trip(tmp_path):
     loaders.load_checkpoint(model, tmp_path / "m.weights.h5", image_size=32)
 
 
+def test_mobilenet_v1_pads_as_its_checkpoint_at_odd_sizes(tmp_path):
+  # Keras 2.1 (the tfjs checkpoint) pads stride-2 convolutions SAME, Keras 2.2+ by (0, 1) + VALID: the same at even
+  # sizes, not at odd ones. The model takes the padding of the checkpoint's stored topology, compared here with the
+  # file's own Keras 2.1 network rebuilt in tf.keras (SAME everywhere) at 35 px (the tfjs default was Keras 2.2's)
+  import tensorflow as tf
+
+  size, raw, L = 35, loaders.read_tfjs(TFJS)[0], tf.keras.layers
+  inp = tf.keras.Input((size, size, 3))
+
+  def layer(x, lay, weights, bn=None):
+    y = lay(x)
+    lay.set_weights(weights)
+    if bn is None:
+      return y
+    norm = L.BatchNormalization(epsilon=1e-3)
+    y = norm(y)
+    norm.set_weights([raw[bn][k] for k in ("gamma", "beta", "moving_mean", "moving_variance")])
+    return L.ReLU(6.0)(y)
+
+  x = layer(inp, L.Conv2D(24, 3, 2, padding="same", use_bias=False), [raw["conv1"]["kernel"]], "conv1_bn")
+  for i, (filters, stride) in enumerate(mobilenet_v1.BLOCKS, 1):
+    x = layer(x, L.DepthwiseConv2D(3, stride, padding="same", use_bias=False),
+              [raw[f"conv_dw_{i}"]["depthwise_kernel"]], f"conv_dw_{i}_bn")
+    x = layer(x, L.Conv2D(int(filters * 0.75), 1, use_bias=False), [raw[f"conv_pw_{i}"]["kernel"]], f"conv_pw_{i}_bn")
+  x = L.GlobalAveragePooling2D()(x)
+  keras21 = tf.keras.Model(inp, layer(x, L.Dense(1000), [raw["conv_preds"]["kernel"][0, 0], raw["conv_preds"]["bias"]]))
+  images = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+  want = keras21.predict(images, verbose=0)
+  for fmt in ("tfjs", ""):  # as named, and guessed from the path
+    model, params, _ = models.load(dict(name="mobilenet_v1", width=0.75, num_classes=1000, checkpoint=str(TFJS),
+                                        checkpoint_format=fmt, image_size=size))
+    assert not model.keras_padding
+    np.testing.assert_allclose(model.apply({"params": params}, images), want, atol=1e-4, rtol=0)
+  assert np.max(np.abs(model.clone(keras_padding=True).apply({"params": params}, images) - want)) > 0.1
+
+  # a Keras 2.2+ model saved whole stores its ZeroPadding2D layers; a weights-only file stores no topology
+  keras = _random_keras_v1(tf)
+  keras.save(tmp_path / "m.h5")
+  import h5py
+  import shutil
+  shutil.copy(tmp_path / "m.h5", tmp_path / "w.h5")
+  with h5py.File(tmp_path / "w.h5", "r+") as f:
+    del f.attrs["model_config"]
+  assert loaders.stored_keras_padding(tmp_path / "m.h5", "keras_h5") is True
+  assert loaders.stored_keras_padding(tmp_path / "w.h5", "keras_h5") is None
+  assert loaders.stored_keras_padding(TFJS, "tfjs") is False
+  cfg = dict(name="mobilenet_v1", width=0.25, num_classes=10, checkpoint_format="")
+  assert models.build(dict(cfg, checkpoint=str(tmp_path / "m.h5"))).keras_padding
+  assert not models.build(dict(cfg, checkpoint=str(tmp_path / "m.h5"), keras_padding=False)).keras_padding
+  assert not models.build(dict(cfg, checkpoint=str(V1_TFLITE))).keras_padding
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors.
 
@@ -109,8 +161,28 @@ def test_bad_checkpoints(tmp_path):
     loaders.load_checkpoint(mobilenet_v1.MobileNetV1(0.5, 1000), TFJS)
   with pytest.raises(CheckpointError, match=r"width multiplier ~0\.25"):
     loaders.load_checkpoint(mobilenet_v1.MobileNetV1(0.5, 1001), V1_TFLITE)
-  with pytest.raises(CheckpointError, match="operators"):
+  with pytest.raises(CheckpointError, match=r"conv1/kernel.*file has 28 convolution/dense operators and the model 53 "
+                                            r".*another architecture"):
     loaders.load_checkpoint(mnasnet.MnasNet(1.0, 1001), V1_TFLITE)
+  # another architecture whose first layers fit is named as such, not as a width (the hint said "~2" here)
+  with pytest.raises(CheckpointError, match=r"block1/expand.*layers before it matched.*another architecture"):
+    loaders.load_checkpoint(mnasnet.MnasNet(1.0, 1001), V2_INT8)
+  # a Keras 3 .keras file is a zip archive, not HDF5
+  import zipfile
+  with zipfile.ZipFile(tmp_path / "m.keras", "w") as z:
+    z.writestr("config.json", "{}")
+  with pytest.raises(CheckpointError, match=r"'\.keras' archive.*model\.save\('model\.h5'\)"):
+    loaders.load_checkpoint(m, tmp_path / "m.keras")
+  # a tfjs weight of a dtype the reader does not know (was a bare KeyError)
+  import json
+  import shutil
+
+  shutil.copytree(TFJS, tmp_path / "tfjs")
+  manifest = json.loads((tmp_path / "tfjs" / "model.json").read_text())
+  manifest["weightsManifest"][0]["weights"][0]["dtype"] = "float16"
+  (tmp_path / "tfjs" / "model.json").write_text(json.dumps(manifest))
+  with pytest.raises(CheckpointError, match="dtype 'float16'"):
+    loaders.load_checkpoint(m, tmp_path / "tfjs")
   junk = tmp_path / "junk.tflite"
   junk.write_bytes(b"not a model at all" * 10)
   with pytest.raises(CheckpointError, match="not a TFLite flatbuffer"):
@@ -213,6 +285,20 @@ def test_mnasnet_tflite_round_trip(tmp_path):
   assert np.max(np.abs(got - np.stack(want))) <= 1e-4
   with pytest.raises(CheckpointError, match="width multiplier"):
     loaders.load_checkpoint(mnasnet.tiny(width=1.0), path, image_size=size)
+
+  # float16 weights: a DEQUANTIZE operator computes each float32 kernel, which the interpreter has not run (the
+  # loader read its uninitialised output before: values up to 1e38, NaN logits); they come from the stored constants
+  converter = tf.lite.TFLiteConverter.from_keras_model(keras)
+  converter.optimizations = [tf.lite.Optimize.DEFAULT]
+  converter.target_spec.supported_types = [tf.float16]
+  half = tmp_path / "mnasnet_tiny_fp16.tflite"
+  half.write_bytes(converter.convert())
+  loaded, _ = loaders.load_checkpoint(mnasnet.tiny(), half, image_size=size)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a).astype(np.float16).astype(np.float32), np.asarray(b))
+  # a file with float activations has no ranges for the fake-quant model to reproduce
+  with pytest.raises(CheckpointError, match="not an integer-quantized"):
+    loaders.tflite_quant_state(mnasnet.tiny(), half, image_size=size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -123,13 +123,18 @@ def _set(tree: dict, path: str, name: str, value: np.ndarray) -> None:
   node[name] = jnp.asarray(value, jnp.float32)
 
 
-def _check(path: str, what: str, got, want, ckpt_name: str, model=None) -> None:
+def _check(path: str, what: str, got, want, ckpt_name: str, model=None, first: bool = True) -> None:
+  """Refuse a checkpoint tensor of the wrong shape. ``first``: no layer was loaded before this one, so that channel
+  counts that differ point to the width multiplier (a width changes the first layer already); past it, to the
+  architecture."""
   if tuple(got) == tuple(want):
     return
   hint = ""
   if path.endswith("logits") and tuple(got[:-1]) == tuple(want[:-1]):
     hint = (f"; the checkpoint has {got[-1]} classes but the model was configured with {want[-1]} "
             f"(set num_classes={got[-1]}: 1000 for Keras, 1001 for TF-slim/TFLite models)")
+  elif not first:
+    hint = "; the layers before it matched, so the checkpoint is likely of another architecture or block layout"
   elif len(got) == len(want) and got[-1] != want[-1] and model is not None and hasattr(model, "width"):
     ratio = got[-1] / want[-1] * model.width
     hint = (f"; the channel counts differ by a factor {got[-1] / want[-1]:.3g}: the checkpoint looks like width "
@@ -205,7 +210,7 @@ def load_keras_weights(model, weights: dict[str, dict[str, np.ndarray]], eps: fl
       k = k.transpose(0, 1, 3, 2)  # Keras HW(C)(multiplier=1) -> fatq HW1C
     if len(want) == 2 and k.ndim == 4 and k.shape[:2] == (1, 1):
       k = k.reshape(k.shape[2:])  # 1x1 conv classifier (conv_preds) -> dense
-    _check(path, "kernel", k.shape, want, f"{conv_name}/{kname}", model)
+    _check(path, "kernel", k.shape, want, f"{conv_name}/{kname}", model, first=not params)
     bias = layer.get("bias")
     if bn_name is not None:
       if bn_name not in weights:
@@ -218,7 +223,7 @@ def load_keras_weights(model, weights: dict[str, dict[str, np.ndarray]], eps: fl
         raise CheckpointError(f"batch norm layer {bn_name!r} lacks {missing}; expected 4 vectors of shape "
                               f"({want[-1]},)")
       for n in ("gamma", "beta", "moving_mean", "moving_variance"):
-        _check(path, f"batch norm {n}", np.shape(bn[n]), (want[-1],), f"{bn_name}/{n}", model)
+        _check(path, f"batch norm {n}", np.shape(bn[n]), (want[-1],), f"{bn_name}/{n}", model, first=not params)
       e = eps.get(bn_name, KERAS_BN_EPS) if isinstance(eps, dict) else eps
       k, bias = fold_batch_norm(k, bias, bn["gamma"], bn["beta"], bn["moving_mean"], bn["moving_variance"], e)
       report.folded_batch_norms += 1
@@ -226,7 +231,7 @@ def load_keras_weights(model, weights: dict[str, dict[str, np.ndarray]], eps: fl
         report.eps = e
     if bias is None:
       raise CheckpointError(f"checkpoint layer {conv_name!r} has no bias (expected shape ({want[-1]},))")
-    _check(path, "bias", np.shape(bias), (want[-1],), f"{conv_name}/bias", model)
+    _check(path, "bias", np.shape(bias), (want[-1],), f"{conv_name}/bias", model, first=not params)
     _set(params, path, "kernel", k)
     _set(params, path, "bias", np.asarray(bias, np.float32))
     report.loaded.append((f"{path}/kernel", want, f"{conv_name}/{kname}"))
@@ -244,8 +249,13 @@ def load_keras_weights(model, weights: dict[str, dict[str, np.ndarray]], eps: fl
 def read_keras_h5(path: str | os.PathLike) -> tuple[dict, dict | float]:
   """``({layer: {weight: array}}, eps)`` from a Keras ``.h5`` (full model or weights-only, TF2 / Keras 3 legacy
   layout). ``eps`` is ``{bn layer: eps}`` from the stored model config, or the Keras default 1e-3."""
+  import zipfile
+
   import h5py
 
+  if zipfile.is_zipfile(path):
+    raise CheckpointError(f"{path} is a Keras 3 '.keras' archive, which fatq does not read; save the model as HDF5 "
+                          "with model.save('model.h5') and pass that file")
   try:
     f = h5py.File(path, "r")
   except OSError as e:
@@ -272,6 +282,28 @@ def read_keras_h5(path: str | os.PathLike) -> tuple[dict, dict | float]:
       cfg = json.loads(cfg.decode() if isinstance(cfg, bytes) else cfg)
       eps = _bn_eps_from_config(cfg)
   return weights, eps
+
+
+def stored_keras_padding(path: str | os.PathLike, fmt: str) -> bool | None:
+  """Whether the Keras model stored at ``path`` pads its stride-2 convolutions with ZeroPadding2D layers (Keras 2.2
+  and later; then VALID), read from the stored topology: False if it has none (Keras 2.1's MobileNet used SAME, as
+  the tfjs checkpoint of ../shared/data does), None if the file stores no topology or cannot be read (weights-only
+  files; the loader reports a damaged one). The two agree on even sizes such as 224, not on odd ones."""
+  try:
+    if fmt == "tfjs":
+      mj = Path(path) / "model.json" if Path(path).is_dir() else Path(path)
+      topology = json.loads(mj.read_text()).get("modelTopology")
+    elif fmt == "keras_h5":
+      import h5py
+
+      with h5py.File(path, "r") as f:
+        topology = f.attrs.get("model_config")
+      topology = json.loads(topology.decode() if isinstance(topology, bytes) else topology) if topology else None
+    else:
+      return None
+  except (OSError, ValueError, AttributeError):
+    return None
+  return None if not topology else '"ZeroPadding2D"' in json.dumps(topology)
 
 
 def _bn_eps_from_config(cfg) -> dict:
@@ -308,6 +340,9 @@ def read_tfjs(path: str | os.PathLike) -> tuple[dict, dict | float]:
     for w in g["weights"]:
       if "quantization" in w:
         raise CheckpointError(f"tfjs weight {w['name']!r} is quantized; convert the model without quantization")
+      if w.get("dtype") not in dtypes:
+        raise CheckpointError(f"tfjs weight {w['name']!r} has dtype {w.get('dtype')!r}; fatq reads "
+                              f"{sorted(dtypes)} (re-convert the model with float32 weights)")
       dt = np.dtype(dtypes[w["dtype"]]).newbyteorder("<")
       n = int(np.prod(w["shape"])) if w["shape"] else 1
       size = n * dt.itemsize
@@ -359,6 +394,7 @@ class TFLiteGraph:
     self.interpreter = _interpreter(path)
     self.tensors = {t["index"]: t for t in self.interpreter.get_tensor_details()}
     self.ops = [o for o in self.interpreter._get_ops_details() if o["op_name"] != "DELEGATE"]
+    self.producers = {t: o for o in self.ops for t in o["outputs"]}
 
   def name(self, i: int) -> str:
     return self.tensors[i]["name"]
@@ -371,7 +407,17 @@ class TFLiteGraph:
     return self.tensors[i]["dtype"] not in (np.float32, np.float16) and len(self.qparams(i)[0]) > 0
 
   def value(self, i: int) -> tuple[np.ndarray, bool]:
-    """Constant tensor ``i`` as float32 (dequantized ``(q - zero_point) * scale`` if integer) and whether it was."""
+    """Constant tensor ``i`` as float32 (dequantized ``(q - zero_point) * scale`` if integer) and whether it was.
+
+    A weight that a DEQUANTIZE operator computes (float16 files, some others) is read from that operator's input: the
+    interpreter only allocates the file, so the operator's output holds no values yet."""
+    op = self.producers.get(i)
+    if op is not None:
+      if op["op_name"] != "DEQUANTIZE":
+        raise CheckpointError(f"TFLite tensor {self.name(i)!r} of {self.path} is computed by a {op['op_name']} "
+                              "operator, not stored in the file; fatq reads weights stored as float32, float16 or "
+                              "int8/uint8 constants (re-convert the model without that optimization)")
+      return self.value(op["inputs"][0])
     a = self.interpreter.get_tensor(i)
     if a.dtype in (np.float32, np.float16, np.float64):
       return a.astype(np.float32), False
@@ -411,36 +457,42 @@ def load_tflite(model, path, image_size: int = 224):
   expected = ordered_layers(model, image_size)
   convs = g.conv_ops()
   report = LoadReport(str(path), "tflite")
+  params: dict = {}
+  try:
+    for (path_, exp), op in zip(expected, convs):  # the first layer that differs is named; then the count
+      want = tuple(exp["kernel"].shape)
+      wi = op["inputs"][1]
+      w, deq = g.value(wi)
+      report.dequantized += deq
+      got = _tflite_kernel(op["op_name"], w, want)
+      _check(path_, "kernel", got.shape, want, g.name(wi), model, first=not params)
+      if path_.endswith("depthwise") != (op["op_name"] == "DEPTHWISE_CONV_2D"):
+        raise CheckpointError(f"TFLite operator {op['op_name']} with weights {g.name(wi)!r} sits where the model has "
+                              f"{path_} (kernel shape {want}): graph and architecture differ")
+      bi = op["inputs"][2] if len(op["inputs"]) > 2 else -1
+      if bi >= 0:
+        b, deq = g.value(bi)
+        report.dequantized += deq
+        _check(path_, "bias", b.shape, (want[-1],), g.name(bi), model, first=not params)
+      else:
+        b = np.zeros(want[-1], np.float32)
+      _set(params, path_, "kernel", got)
+      _set(params, path_, "bias", b)
+      report.loaded.append((f"{path_}/kernel", want, g.name(wi)))
+      report.loaded.append((f"{path_}/bias", (want[-1],), g.name(bi) if bi >= 0 else "(none: zeros)"))
+  except CheckpointError as e:
+    if len(convs) == len(expected):
+      raise
+    raise CheckpointError(f"{e}; the file has {len(convs)} convolution/dense operators and the model {len(expected)} "
+                          "conv/dense layers: likely another architecture") from None
   if len(convs) != len(expected):
     n_fc = sum(o["op_name"] == "FULLY_CONNECTED" for o in convs)
     have = [g.name(o["inputs"][1]) for o in convs]
     raise CheckpointError(
         f"TFLite file {path} has {len(convs)} convolution/dense operators ({n_fc} FULLY_CONNECTED), the model has "
-        f"{len(expected)} conv/dense layers; first unmatched: "
+        f"{len(expected)} conv/dense layers; the first {min(len(convs), len(expected))} match, then "
         + (f"checkpoint tensor {have[len(expected)]!r} is extra" if len(convs) > len(expected) else
            f"{expected[len(convs)][0]}/kernel with shape {tuple(expected[len(convs)][1]['kernel'].shape)} is missing"))
-  params: dict = {}
-  for (path_, exp), op in zip(expected, convs):
-    want = tuple(exp["kernel"].shape)
-    wi = op["inputs"][1]
-    w, deq = g.value(wi)
-    report.dequantized += deq
-    got = _tflite_kernel(op["op_name"], w, want)
-    _check(path_, "kernel", got.shape, want, g.name(wi), model)
-    if path_.endswith("depthwise") != (op["op_name"] == "DEPTHWISE_CONV_2D"):
-      raise CheckpointError(f"TFLite operator {op['op_name']} with weights {g.name(wi)!r} sits where the model has "
-                            f"{path_} (kernel shape {want}): graph and architecture differ")
-    bi = op["inputs"][2] if len(op["inputs"]) > 2 else -1
-    if bi >= 0:
-      b, deq = g.value(bi)
-      report.dequantized += deq
-      _check(path_, "bias", b.shape, (want[-1],), g.name(bi), model)
-    else:
-      b = np.zeros(want[-1], np.float32)
-    _set(params, path_, "kernel", got)
-    _set(params, path_, "bias", b)
-    report.loaded.append((f"{path_}/kernel", want, g.name(wi)))
-    report.loaded.append((f"{path_}/bias", (want[-1],), g.name(bi) if bi >= 0 else "(none: zeros)"))
   report.notes.append("batch norm already folded in the TFLite graph")
   return params, report
 
@@ -470,6 +522,9 @@ def tflite_quant_state(model, path, image_size: int = 224, params=None) -> TFLit
   adds = [o for o in g.ops if o["op_name"] == "ADD"]
   if not convs or not g.is_quantized(convs[0]["inputs"][1]):
     raise CheckpointError(f"{path} is not an integer-quantized TFLite model (its weights are float)")
+  if not g.is_quantized(convs[0]["inputs"][0]):
+    raise CheckpointError(f"{path} quantizes its weights only (dynamic range): its activations are float and have no "
+                          "ranges to reproduce; convert it with a representative dataset for full-integer quantization")
   per_channel = len(g.qparams(convs[0]["inputs"][1])[0]) > 1
   act = QuantSpec(bits=8, symmetric=False, trainable=False)
   weight = (QuantSpec(bits=8, symmetric=True, per_channel=True, trainable=False) if per_channel

@@ -61,6 +61,6 @@ class MnasNet(nn.Module):
 
 
 def tiny(**kwargs) -> MnasNet:
-  """Test-only configuration: width 0.5, four blocks (3x3 and 5x5 kernels, residual adds), head 64 (32x32 images)."""
+  """Test-only configuration: width 0.5, five blocks (3x3 and 5x5 kernels, residual adds), head 64 (32x32 images)."""
   return MnasNet(**{"width": 0.5, "blocks": ((1, 3, 1, 1, 16, False), (2, 3, 2, 3, 24, True), (2, 5, 2, 6, 40, True)),
                     "head_features": 64, "num_classes": 10, **kwargs})

@@ -1,8 +1,9 @@
 """MobileNet v1 (Howard et al., 2017) with folded batch norm and ReLU6, in two padding flavours.
 
 Layers: ``conv1`` (3x3/2, 32*w) -> ``block1..block13`` each ``depthwise`` (3x3) + ``pointwise`` (1x1) -> global
-average pool -> ``logits``. ``keras_padding=True`` reproduces keras.applications.MobileNet, which pads stride-2
-convolutions by (0, 1) and uses VALID (equal to SAME on even sizes such as 224); TF-slim / TFLite use SAME.
+average pool -> ``logits``. ``keras_padding=True`` reproduces keras.applications.MobileNet since Keras 2.2, which pads
+stride-2 convolutions by (0, 1) and uses VALID (equal to SAME on even sizes such as 224); TF-slim / TFLite, and
+Keras 2.1 (the tfjs checkpoint in ../shared/data), use SAME.
 Keras weights have 1000 classes, TF-slim / TFLite ones 1001 (class 0 = background).
 """
 

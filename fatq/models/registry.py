@@ -2,8 +2,9 @@
 
 ``cfg`` keys: ``name`` ('mobilenet_v1', 'mobilenet_v2', 'mnasnet'), ``width``, ``num_classes`` (1000 Keras,
 1001 TF-slim/TFLite), ``checkpoint`` (path), ``checkpoint_format`` ('keras_h5', 'tfjs', 'tflite' or '' to guess),
-optional ``image_size`` (224), ``impl`` ('lax'), ``keras_padding`` (MobileNet v1 only; default: True for Keras
-formats).
+optional ``image_size`` (224), ``impl`` ('lax'), ``keras_padding`` (MobileNet v1 only; default: what the Keras
+checkpoint's stored topology does, :func:`fatq.models.loaders.stored_keras_padding`, True for a Keras file without
+one, False for TFLite).
 """
 
 from __future__ import annotations
@@ -32,13 +33,29 @@ def build(cfg, quant=None):
   common = dict(width=float(_get(cfg, "width", 1.0)), num_classes=int(_get(cfg, "num_classes", 1001)),
                 quant=quant, impl=_get(cfg, "impl", "lax"))
   if name == "mobilenet_v1":
-    fmt = _get(cfg, "checkpoint_format", "") or ""
-    return MobileNetV1(keras_padding=bool(_get(cfg, "keras_padding", fmt in ("keras_h5", "tfjs"))), **common)
+    return MobileNetV1(keras_padding=_keras_padding(cfg), **common)
   if name == "mobilenet_v2":
     return MobileNetV2(**common)
   if name == "mnasnet":
     return MnasNet(**common)
   raise ValueError(f"unknown model {name!r} in config.model.name; known: {NAMES}")
+
+
+def _keras_padding(cfg) -> bool:
+  """MobileNet v1's padding of stride-2 convolutions: as configured, else as the checkpoint's own model has it."""
+  given = _get(cfg, "keras_padding")
+  if given is not None:
+    return bool(given)
+  ckpt, fmt = _get(cfg, "checkpoint", ""), _get(cfg, "checkpoint_format", "") or ""
+  if not fmt and ckpt:
+    try:
+      fmt = loaders.guess_format(ckpt)
+    except loaders.CheckpointError:
+      return False
+  if fmt not in ("keras_h5", "tfjs"):
+    return False
+  stored = loaders.stored_keras_padding(ckpt, fmt) if ckpt else None
+  return True if stored is None else stored
 
 
 def load(cfg, quant=None):
