@@ -25,7 +25,7 @@ def calibrate(model, params: Tree, batches: Iterable[np.ndarray]) -> Tree:
   quantization error or of least divergence from the values' histogram, or the range that keeps the spec's
   percentile of the values.
   """
-  batches = list(batches)  # read twice where a second pass searches activation ranges
+  batches = [b for b in batches if len(b)]  # read twice where a second pass searches activation ranges
 
   # params are arguments, not closed-over constants: XLA would otherwise constant-fold every weight statistic
   @jax.jit

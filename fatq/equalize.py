@@ -25,10 +25,12 @@ with ReLU instead of ReLU6 (the models' field ``relu6_clip=False``, the experime
 changes the float function (measured by the experiment's ``-cle-relu`` rows as ``equalized_float``), then equalize.
 
 Which layers are pairs (:func:`pairs`): consecutive conv / dense layers in execution order whose shapes chain (``B``
-has as many input channels as ``A`` has outputs, so a flatten to a dense layer is excluded), whose ``A`` ends in
-ReLU or no activation, and where no residual add (the quantization point ``<block>/add`` of fatq's models) reads
+has as many input channels as ``A`` has outputs, so a flatten to a dense layer is excluded), neither a grouped (not
+depthwise) convolution, whose ``A`` ends in ReLU, no activation, or ReLU6 (a conv layer: dense layers have no
+per-channel bound), and where no residual add (the quantization point ``<block>/add`` of fatq's models) reads
 the tensor between them. This assumes what every fatq model is: a chain of layers with per-channel pooling and
-residual adds in between, no branches or concatenations.
+residual adds in between, no branches or concatenations; :func:`equalize` compares the float outputs before and
+after on random images and refuses a model where that assumption fails.
 
 Bias correction (paper section 4.2, the *empirical* variant, per layer): quantizing a kernel from ``W`` to ``W_q``
 shifts the mean pre-activation output of channel ``o`` by ``E[(W_q - W) * x]_o``; it is measured on the float
@@ -187,13 +189,14 @@ def scales(r1: np.ndarray, r2: np.ndarray, bias: np.ndarray | None, activation: 
   batch norm with gamma ~0, or a weight rounded to zero in an int8 checkpoint).
 
   * B ignores channel i (dead in B): A's channel i may be scaled freely. If its range is above the median of A's
-    live channels, it is brought down to that median, so that a large meaningless range (seen: 34 against ~0.5
+    channels live on both sides, it is brought down to that median, so that a large meaningless range (seen: 34 against ~0.5
     in MobileNet v2's block2/depthwise) no longer sets A's per-tensor range. Never up (s >= 1): scaling up a
     channel whose output is mostly its bias would scale up that bias too, and A's activation range with it
     (seen: 1e5 in MobileNet v1's block6/depthwise).
   * A's channel i is dead and outputs exactly 0 (ReLU with bias <= 0, or no activation and bias 0): B's weights
-    for it multiply zeros, so B's channel i gets the median range of B's live channels, for the same reason.
-  * A's channel i is dead but outputs a constant act(bias) > 0: ``s = 1``. A scale ~ sqrt(1e-12 / r2) would
+    for it multiply zeros, so B's channel i gets the median range of B's channels live on both sides, for the
+    same reason.
+  * A's channel i is dead but outputs a non-zero constant act(bias): ``s = 1``. A scale ~ sqrt(1e-12 / r2) would
     multiply that constant by ~1e6 and wreck A's activation range.
   """
   live1, live2 = r1 > dead * r1.max(), r2 > dead * r2.max()
@@ -249,9 +252,28 @@ def equalize(model, params: Tree, input_shape: tuple[int, ...], *, max_sweeps: i
       change = max(change, float(np.max(np.abs(s - 1.0))))
   new = {p: {k: v.astype(np.float32 if k == RELU6_BOUND else np.asarray(original[p][k]).dtype)
              for k, v in leaves.items()} for p, leaves in work.items()}
+  equalized = _set_layer_params(params, new)
   report = dict(pairs=[(p.a, p.b) for p in found], skipped=skipped, sweeps=sweeps, last_change=change,
-                spread={p: (spread_before[p], _spread(work[p]["kernel"])) for p in work})
-  return _set_layer_params(params, new), report
+                spread={p: (spread_before[p], _spread(work[p]["kernel"])) for p in work},
+                float_change=_check_same_function(model, params, equalized, input_shape))
+  return equalized, report
+
+
+def _check_same_function(model, params: Tree, equalized: Tree, input_shape: tuple[int, ...],
+                         tolerance: float = 1e-3) -> float:
+  """``max |f'(x) - f(x)| / max |f(x)|`` on two random images; raises where it exceeds ``tolerance``: a structure
+  :func:`pairs` cannot see (a residual written as a plain ``+``, a branch) was rescaled across. Float rounding alone
+  gives ~1e-6."""
+  probe = jax.random.normal(jax.random.key(0), (2, *input_shape), jnp.float32)
+  run = jax.jit(lambda p: model.apply({"params": p}, probe))
+  before, after = np.asarray(run(params), np.float64), np.asarray(run(equalized), np.float64)
+  change = float(np.max(np.abs(after - before)) / max(np.max(np.abs(before)), 1e-30))
+  if not np.isfinite(change) or change > tolerance:
+    raise ValueError(f"cross-layer equalization changed {type(model).__name__}'s float outputs by {change:.3g} of "
+                     f"their largest (more than {tolerance:g}): the model likely adds or branches in a way the pairs "
+                     "cannot see (CLE assumes a chain whose residual adds are '<block>/add' quantization points, "
+                     "as fatq's models have); leave equalization off for it")
+  return change
 
 
 def _spread(kernel: np.ndarray) -> float:
@@ -269,6 +291,9 @@ def _spread(kernel: np.ndarray) -> float:
 
 def weight_only(qmodel):
   """``qmodel`` with its kernels quantized as configured and every other point (activations, input) in float."""
+  if getattr(qmodel, "quant", None) is None:
+    raise ValueError(f"bias correction needs the quantized model (its quant rules say how each kernel is rounded); "
+                     f"{type(qmodel).__name__} was given with quant=None")
   return qmodel.clone(quant=QuantConfig((QuantRule(r"(?!.*kernel$).*", None),) + tuple(qmodel.quant.rules)))
 
 
@@ -329,7 +354,7 @@ def correct_bias(qmodel, params: Tree, batches: Iterable[np.ndarray]) -> tuple[T
   (see the module docstring). ``batches``: calibration images (their first image also calibrates the kernels,
   whose statistics do not depend on images). Returns ``(params, {layer: max |correction|})``; layers without a
   bias are left alone."""
-  batches = list(batches)
+  batches = [b for b in batches if len(b)]  # an empty batch adds nothing to the means
   if not batches:
     raise ValueError("bias correction got no images: the calibration set is empty")
   flat = _layer_params(params)

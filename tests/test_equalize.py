@@ -84,6 +84,7 @@ def test_cle_keeps_the_float_function_and_evens_the_channel_ranges(name, images3
   y0, y1 = f(params, images32), f(new, images32)
   assert np.max(np.abs(y1 - y0)) <= 1e-4 * np.max(np.abs(y0))
   assert report["last_change"] <= 1e-6 and report["sweeps"] < 100
+  assert report["float_change"] <= 1e-5  # the check equalize makes on random images
   depthwise = [p for p in report["spread"] if p.endswith("depthwise")]
   before, after = spreads(params, depthwise), spreads(new, depthwise)
   # the worst max/median ratio of a depthwise kernel's channel ranges drops at least 2x
@@ -140,6 +141,39 @@ def test_equalize_says_why_nothing_can_be_rescaled():
   x = np.zeros((1, 4, 4, 1), np.float32)
   with pytest.raises(ValueError, match="no pair of layers it can rescale.*fc1 -> fc2: tanh is not positive-homogeneous"):
     equalize.equalize(model, init(model, x), (4, 4, 1))
+
+
+def test_equalize_refuses_a_model_whose_adds_it_cannot_see():
+  # a residual written as a plain "+" (no '<block>/add' point): pairs() pairs a -> b across it, which changed the
+  # outputs by a third without a word; the float outputs are compared and the model refused
+  class PlainAdd(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = QConv(8, (3, 3), activation="relu", name="a")(x)
+      return QConv(8, (1, 1), name="b")(h) + h
+
+  model = PlainAdd()
+  x = np.zeros((1, 6, 6, 3), np.float32)
+  params = uneven(init(model, x))
+  assert equalize.pairs(model, params, (6, 6, 3))[0] == [equalize.Pair("a", "b", "conv", "relu")]
+  with pytest.raises(ValueError, match=r"changed PlainAdd's float outputs by 0\.\d+.*leave equalization off"):
+    equalize.equalize(model, params, (6, 6, 3))
+
+
+def test_bias_correction_and_calibration_refuse_or_skip_bad_batches():
+  model = OneLayer("conv")
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+  params = init(model, x)
+  with pytest.raises(ValueError, match="needs the quantized model.*quant=None"):  # was an AttributeError
+    equalize.correct_bias(model, params, [x])
+  # a zero-length batch adds nothing (it raised from inside numpy and the model before)
+  qmodel = model.clone(quant=QuantConfig.uniform(QuantSpec(4, per_channel=False), None))
+  with_empty, _ = equalize.correct_bias(qmodel, params, [x[:2], x[:0], x[2:]])
+  without, _ = equalize.correct_bias(qmodel, params, [x[:2], x[2:]])
+  np.testing.assert_array_equal(with_empty["layer"]["bias"], without["layer"]["bias"])
+  stats = [fatq.calibrate(qmodel.clone(quant=QuantConfig.uniform(QuantSpec(8), QuantSpec(8))), params, batches)
+           for batches in ([x[:0], x], [x])]
+  jax.tree.map(np.testing.assert_array_equal, *stats)
 
 
 def test_dead_channel_keeps_its_scale(images32):
