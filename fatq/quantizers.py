@@ -417,7 +417,7 @@ def asymmetric_range(shift: jax.Array, width: jax.Array, t_left: jax.Array, t_ri
       range  = [T_l', T_l' + R']
 
   The paper uses shift bounds ``[-0.2, 0.4]`` for signed tensors and ``[0, 0.4]`` for unsigned ones, width
-  ``[0.5, 1.0]``; the reference code uses width ``[0.5, 1.3]``. ``nudge`` later puts 0 back into the range if a shift
+  ``[0.5, 1.0]``; the reference code uses width ``[0.5, 1.3]`` and no shift for unsigned tensors. ``nudge`` later puts 0 back into the range if a shift
   moved it out, so training and the exported model agree.
   """
   r = t_right - t_left

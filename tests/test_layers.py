@@ -458,9 +458,19 @@ def test_fat_spec_bounds_by_variant_and_overridden():
   """The paper's bounds, the reference code's, and either with bounds of one's own (a TypeError before)."""
   assert fatq.QuantSpec.fat(4).scale_bounds == (0.5, 1.0)
   reference = fatq.QuantSpec.fat(4, variant="reference")
-  assert (reference.scale_bounds, reference.unsigned_shift_bounds) == ((0.5, 1.3), (-0.2, 0.4))
+  assert (reference.scale_bounds, reference.signed_shift_bounds) == ((0.5, 1.3), (-0.2, 0.4))
   wide = fatq.QuantSpec.fat(4, variant="reference", scale_bounds=(0.5, 2.0), calibration="mse")
-  assert (wide.scale_bounds, wide.unsigned_shift_bounds, wide.calibration) == ((0.5, 2.0), (-0.2, 0.4), "mse")
+  assert (wide.scale_bounds, wide.signed_shift_bounds, wide.calibration) == ((0.5, 2.0), (-0.2, 0.4), "mse")
+  # the reference code gives a tensor whose calibrated minimum is 0 (a ReLU output) one factor, the width (SPEC 2):
+  # its range starts at 0 whatever the shift factor (it moved to -0.2 .. 0.4 of the width before); the paper's
+  # shift moves it by up to 0.4 of the width
+  relu_output = jnp.linspace(0.0, 1.0, 11)
+  for variant, want in (("reference", (0.0, 1.2)), ("paper", (0.3, 1.3))):
+    fq = fatq.FakeQuant(fatq.QuantSpec.fat(8, symmetric=False, variant=variant))
+    _, v = fq.apply({}, relu_output, mutable=["quant_stats"])
+    lo, hi, _ = fq.apply(v, method=lambda m: m.range(
+        factor=lambda name, init, shape: jnp.full(shape, 0.3 if name == "shift" else 1.2)))
+    np.testing.assert_allclose((float(lo), float(hi)), want, rtol=1e-6, atol=1e-7, err_msg=variant)
   # a factor of 1.8 now widens the calibrated range 1.8 times
   fq = fatq.FakeQuant(wide)
   x = jnp.linspace(0.0, 1.0, 11)
