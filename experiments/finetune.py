@@ -35,6 +35,13 @@ def main(argv):
   from fatq import experiment, tasks  # after flag parsing: importing JAX/TF is slow
 
   cfg, workdir = FLAGS.config, FLAGS.workdir
+  if FLAGS.export:  # a misspelled row would otherwise be reported after the whole run
+    tuned = [experiment.row_name(r) for r in cfg.get("rows", None) or [] if r.get("fat", False)]
+    if not tuned:
+      sys.exit("error: --export exports fine-tuned rows, and this config has none (no row with fat=True)")
+    if FLAGS.export_row not in ("all", "best", *tuned):
+      sys.exit(f"error: --export_row {FLAGS.export_row!r} is not a fine-tuned row of this config; its fine-tuned rows: "
+               f"{', '.join(tuned)} (or 'all', 'best')")
   cli.make_workdir(workdir)
   t0 = time.perf_counter()
   try:
@@ -43,7 +50,10 @@ def main(argv):
     model, params, data = tasks.prepare(cfg, workdir, progress=FLAGS.progress)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
-  results = experiment.run(cfg, model, params, data, workdir, resume=FLAGS.resume, progress=FLAGS.progress)
+  try:
+    results = experiment.run(cfg, model, params, data, workdir, resume=FLAGS.resume, progress=FLAGS.progress)
+  except experiment.InputError as e:  # found before any row's work; other errors keep their traceback
+    sys.exit(f"error: {e}")
   results["timings"]["total"] = round(time.perf_counter() - t0, 1)
   experiment.atomic_write_json(os.path.join(workdir, "results.json"), results)
   print()
@@ -62,8 +72,6 @@ def export(cfg, model, params, data, workdir, results):
     fat = sorted(fat, key=lambda r: -r["top1"])[:1]
   elif FLAGS.export_row != "all":
     fat = [r for r in fat if r["name"] == FLAGS.export_row]
-    if not fat:
-      sys.exit(f"error: --export_row {FLAGS.export_row!r} is not a fine-tuned row of this run")
   for r in fat:
     print(f"\n== export {r['name']} ({FLAGS.export_scheme})")
     try:

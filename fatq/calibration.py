@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fatq.config import QuantConfig, QuantRule, QuantSpec
 from fatq.layers import RANGES, SEARCH, STATS, THRESHOLDS
 
 Tree = Any
@@ -134,6 +135,15 @@ def points(tree: Tree) -> dict[str, Any]:
     name = "/".join((*module, quantizer.removesuffix("_quant")))
     out.setdefault(name, {})[leaf] = value
   return out
+
+
+def point_names(model, sample: np.ndarray) -> list[str]:
+  """Every quantization point of ``model``, whether its rules quantize it or leave it in float (the names that
+  :meth:`fatq.config.QuantConfig.check_matches` takes): traced with a rule that quantizes everything, no compute."""
+  probe = model.clone(quant=QuantConfig((QuantRule(".*", QuantSpec(trainable=False)),)))
+  shapes = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x), jax.ShapeDtypeStruct(np.shape(sample),
+                                                                                           jnp.float32))
+  return list(points(shapes.get(STATS, {})))
 
 
 def count(tree: Tree) -> int:

@@ -160,17 +160,29 @@ class QuantConfig:
         return rule.spec
     return None
 
+  def _first_match(self, name: str) -> int:
+    return next((i for i, rule in enumerate(self.rules) if re.fullmatch(rule.pattern, name)), len(self.rules))
+
   def learns_bias(self, layer: str) -> bool:
     return self.learn_biases is not None and re.fullmatch(self.learn_biases, layer) is not None
 
   def check_matches(self, names: Iterable[str]) -> None:
-    """Raise if a rule matches none of the model's quantization points (almost always a typo in a pattern)."""
+    """Raise if a rule matches none of the model's quantization points (almost always a typo in a pattern), or if
+    earlier rules take every point it matches (first match wins: it would never apply). ``names``: every point,
+    quantized or left in float (:func:`fatq.calibration.point_names`)."""
     names = list(names)
-    for rule in self.rules:
-      if not any(re.fullmatch(rule.pattern, n) for n in names):
+    for i, rule in enumerate(self.rules):
+      matched = [n for n in names if re.fullmatch(rule.pattern, n)]
+      if not matched:
         close = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise ValueError(f"quantization rule {rule.pattern!r} matches no tensor of this model; "
                          f"its quantization points are named like: {close}")
+      if all(self._first_match(n) < i for n in matched):
+        before = sorted({self.rules[self._first_match(n)].pattern for n in matched})
+        raise ValueError(f"quantization rule {rule.pattern!r} never applies: every tensor it matches "
+                         f"({', '.join(matched[:4])}{' ...' if len(matched) > 4 else ''}) is matched first by "
+                         f"{', '.join(map(repr, before))} (the first matching rule wins; the input image's rule comes "
+                         "from config.input_bits): narrow the earlier rule, or set what you meant there")
     if self.learn_biases is None:
       return
     layers = sorted({n.rpartition("/")[0] for n in names if "/" in n})

@@ -66,20 +66,57 @@ def _saving(what: str, workdir: str):
                   "fine-tuning checkpoints are kept") from e
 
 
+class InputError(ValueError):
+  """Bad input found before the work it would spoil (a config value, non-finite weights or images, a rule that
+  matches nothing): entry points print it as one line."""
+
+
+def _is_int(value, least: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def check_config(cfg: ml_collections.ConfigDict) -> None:
   """Reject values that would fail (or silently do nothing) only after minutes of data loading or training, with
-  the config key and the fix in the message."""
+  the config key and the fix in the message. Raises :class:`InputError`."""
+  try:
+    _check_config(cfg)
+  except InputError:
+    raise
+  except ValueError as e:
+    raise InputError(str(e)) from None
 
+
+def _check_config(cfg: ml_collections.ConfigDict) -> None:
   def need(ok: bool, key: str, value, want: str):
     if not ok:
       raise ValueError(f"config.{key} = {value!r}: {want} (set it with --config.{key}=...)")
 
-  for key in ("calibration.batch_size", "eval_batch_size"):
+  def value_of(key: str):
     section, _, leaf = key.rpartition(".")
     node = cfg.get(section) if section else cfg
-    value = node.get(leaf) if node is not None else None
+    return node.get(leaf) if node is not None and hasattr(node, "get") else None
+
+  for key in ("calibration.batch_size", "eval_batch_size"):
+    value = value_of(key)
     if value is not None:
-      need(isinstance(value, int) and value >= 1, key, value, "must be a positive integer")
+      need(_is_int(value, 1), key, value, "must be a positive integer")
+  # sizes are slice bounds: a negative one would quietly drop images from the other end
+  for key, least, want in (("seed", 0, "must be an integer >= 0"),
+                           ("data.num_train", 0, "must be an integer >= 0 (0: every image left)"),
+                           ("data.num_calibration", 1, "must be a positive integer"),
+                           ("data.val_limit", 0, "must be an integer >= 0 (0: every image)")):
+    value = value_of(key)
+    if value is not None:
+      need(_is_int(value, least), key, value, want)
+  model = cfg.get("model", None)
+  if model is not None and model.get("name", "") == "lenet5" and not model.get("checkpoint", ""):
+    # the float LeNet-5 is trained here first: a bad setting would train (and cache) a useless teacher
+    for key, ok, want in (("float_epochs", _is_int(model.get("float_epochs"), 1), "must be a positive integer"),
+                          ("float_batch_size", _is_int(model.get("float_batch_size"), 1),
+                           "must be a positive integer"),
+                          ("float_lr", isinstance(model.get("float_lr"), (int, float)) and model.get("float_lr") > 0,
+                           "must be a positive learning rate")):
+      need(ok, f"model.{key}", model.get(key), want)
   rows = cfg.get("rows", None) or []
   try:
     base = base_rules(cfg)
@@ -127,6 +164,12 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.rows[{i}] ({row_name(row)}): "
                        + "; ".join((f"fat.{key} = {value!r}: " if key else "") + want for key, value, want in problems))
   data = cfg.get("data", None)
+  num_train = data.get("num_train", 0) if data is not None else 0
+  if num_train:  # 0: every image left, known only once the data is read
+    for i, fat in enumerate([cfg.fat] + [row_fat_config(cfg, r) for r in rows if fat_overrides(r)]):
+      batch = parallel.global_batch_size(fat, jax.device_count())
+      need(num_train >= batch, "data.num_train", num_train, f"fewer than one training batch of {batch} "
+           f"({'config.fat' if i == 0 else 'a row'}'s batch_size): lower the batch or train on more images")
   if data is not None and data.get("tfds_name", ""):
     for key in ("val_dir", "unlabeled_dir"):
       need(not data.get(key, ""), f"data.{key}", data.get(key), f"images come from tfds {data.tfds_name!r} "
@@ -146,8 +189,21 @@ def fat_problems(fat) -> list[tuple[str, Any, str]]:
     value = fat.get(key, 0)
     if not (isinstance(value, int) and value >= 0):
       problems.append((key, value, "must be an integer >= 0 (0: default)"))
-  if not (isinstance(fat.get("lr"), (int, float)) and fat.get("lr") > 0):
-    problems.append(("lr", fat.get("lr"), "must be a positive learning rate"))
+  lr, lr_min = fat.get("lr"), fat.get("lr_min", 0.0)
+  if not (isinstance(lr, (int, float)) and lr > 0):
+    problems.append(("lr", lr, "must be a positive learning rate"))
+  elif not (isinstance(lr_min, (int, float)) and 0 <= lr_min <= lr):
+    problems.append(("lr_min", lr_min, f"the schedule's lowest learning rate: must be in [0, lr = {lr}]"))
+  if not _is_int(fat.get("seed", 0), 0):
+    problems.append(("seed", fat.get("seed"), "must be an integer >= 0"))
+  per_device = fat.get("per_device_batch_size", 0)
+  if not _is_int(per_device, 0):
+    problems.append(("per_device_batch_size", per_device, "must be an integer >= 0 (0: use batch_size)"))
+  elif not problems:  # batch_size must split over the devices (XLA_FLAGS / the machine decide how many)
+    try:
+      parallel.global_batch_size(fat, jax.device_count())
+    except ValueError as e:
+      problems.append(("batch_size", fat.get("batch_size"), str(e)))
   if fat.get("loss") not in training.LOSSES:
     problems.append(("loss", fat.get("loss"), f"choose one of {sorted(training.LOSSES)}"))
   schedules = ("cosine_restarts", "reference", "constant")
@@ -184,7 +240,7 @@ def check_finite(params: Tree, data: Data) -> None:
     value = np.asarray(value)
     bad = ~np.isfinite(value)
     if bad.any():
-      raise ValueError(f"the float weights contain NaN/Inf: {name} (shape {value.shape}) has {int(bad.sum())} "
+      raise InputError(f"the float weights contain NaN/Inf: {name} (shape {value.shape}) has {int(bad.sum())} "
                        "non-finite value(s). The checkpoint is damaged or comes from a diverged run: load another "
                        "one (or, for a model trained here, delete its float_checkpoint to retrain it)")
   for name in ("train", "calibration", "holdout", "eval_images"):
@@ -194,7 +250,7 @@ def check_finite(params: Tree, data: Data) -> None:
       chunk = np.asarray(images[i:i + 256])
       bad.extend(i + np.flatnonzero(~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)))
     if bad:
-      raise ValueError(f"{name} set: image {int(bad[0])} (of {len(images)}) contains NaN/Inf, {len(bad)} image(s) in "
+      raise InputError(f"{name} set: image {int(bad[0])} (of {len(images)}) contains NaN/Inf, {len(bad)} image(s) in "
                        "all. Check the preprocessing, or delete the image cache ($FATQ_CACHE) if it is damaged")
 
 
@@ -294,6 +350,20 @@ def dfq_suffix(row) -> str:
   return (("-cle" if eq else "") + ("-relu" if row.get("equalize") == "relu" else "")
           + ("-nobc" if eq and not bc else "") + ("-bc" if bc and not eq else "")
           + ("-tracked" if bc == "tracked" else ""))
+
+
+def check_rules(cfg: ml_collections.ConfigDict, model, sample: np.ndarray) -> None:
+  """Raise :class:`InputError` where a row's quantization rule or ``learn_biases`` pattern matches no point of the
+  model or never applies (:meth:`fatq.config.QuantConfig.check_matches`): before any row's work."""
+  names: dict = {}
+  for i, row in enumerate(cfg.get("rows", None) or []):
+    m = row_model(model, row)
+    if m not in names:
+      names[m] = calibration.point_names(m, sample)
+    try:
+      quant_config(row, base_rules(cfg)).check_matches(names[m])
+    except ValueError as e:
+      raise InputError(f"config.rows[{i}] ({row_name(row)}): {e}") from None
 
 
 def row_model(model, row):
@@ -407,6 +477,7 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
   """
   check_config(cfg)
   check_finite(params, data)
+  check_rules(cfg, model, data.calibration[:1])
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, "results.json")
   results = {"model": cfg.model.name, "dataset": cfg.data.name, "sources": data.sources, "rows": [],
@@ -467,7 +538,6 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
     if dfq:
       log(f"{name}: {json.dumps(dfq)}")
     stats = calibration.calibrate(qmodel, qparams, _batches(data.calibration, cfg.calibration.batch_size))
-    qmodel.quant.check_matches(calibration.points(stats))
     frozen = {"params": qparams, STATS: stats}
     if (name, "ptq") not in done:
       logits = training.predict(qmodel, frozen, eval_x, bs)

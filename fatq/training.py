@@ -234,14 +234,17 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
     log(f"data parallel over {parallel.describe(mesh)}: global batch {bs} ({bs // n_dev} per device)")
   frozen = parallel.replicate(mesh, frozen)  # placed once; the step's in_shardings then move nothing
 
-  # held-out batches of bs, or one of all the images when there are fewer, cut to a multiple of the device count
-  hb = min(bs, len(holdout[0])) // n_dev * n_dev
-  if hb == 0:
-    raise ValueError(f"{len(holdout[0])} held-out images is fewer than the {n_dev} devices: add held-out images")
+  # the held-out loss: the mean loss of whole batches of bs, or of one batch of all the images when there are fewer
+  hb = min(bs, len(holdout[0]))
+  if len(holdout[0]) % hb:
+    log(f"held-out loss over {len(holdout[0]) // hb * hb} of {len(holdout[0])} images (whole batches of {hb}); "
+        f"set data.num_holdout to a multiple of {hb} to use every one")
 
   def holdout_loss(th):
     x, t = holdout
-    starts = range(0, max(len(x) - hb, 0) + 1, hb)
+    starts = range(0, len(x) - hb + 1, hb)
+    if hb % n_dev:  # one batch that does not split over the devices: its logits padded, the loss on these images
+      return float(loss_fn(jnp.asarray(predict(model, {**frozen, THRESHOLDS: th}, x, hb, mesh)), jnp.asarray(t)))
     return float(np.mean([float(eval_fn(th, frozen, *parallel.shard_batch(mesh, (x[i:i + hb], t[i:i + hb]))))
                           for i in starts]))
 

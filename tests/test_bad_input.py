@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fatq import cli, experiment, tasks
+from fatq import cli, experiment, models, tasks
 from fatq.data import imagenet
 from fatq.models import LeNet5
 from scripts.finetune_tiny import TinyMLP  # tests/scripts: the model of the crash-safety tests
@@ -71,6 +71,13 @@ def test_export_and_evaluate_refuse_mistakes_before_any_work(tmp_path):
       ("export_agreement.py", ["--workdir", str(tmp_path / "none")], 1, "results.json not found: run"),
       ("evaluate.py", ["--config", "configs/mobilenet_v1_0.75.py", "--workdir", str(tmp_path)], 1,
        "holds the results of an experiments/finetune.py run, which this would overwrite: choose another --workdir"),
+      # reported after the whole run before
+      ("finetune.py", ["--config", "configs/lenet5_mnist.py:quick", "--workdir", str(tmp_path / "new"), "--export",
+                       "--export_row", "W3A3-channel"], 1,
+       "error: --export_row 'W3A3-channel' is not a fine-tuned row of this config; its fine-tuned rows: "
+       "W3A3-channel-symW-asymA"),
+      ("finetune.py", ["--config", "configs/lenet5_mnist.py:quick", "--workdir", str(tmp_path / "new"), "--export",
+                       "--config.rows[1].fat=False"], 1, "error: --export exports fine-tuned rows, and this config has"),
   ]
   for script, args, rc, message in cases:
     out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args], capture_output=True,
@@ -141,9 +148,16 @@ def test_shipped_configs_pass_the_checks():
               if f.endswith("_fat.py") and f != "imagenet_fat.py"]  # imagenet_fat.py: their shared layout
   configs += [_load_config("mobilenet_v1_0.75_fat.py", variant)
               for variant in ("cpu", "paper", "quick", "actmse", "actpercentile", "actentropy")]
-  assert len(configs) >= 11
+  configs += [_load_config("mobilenet_cle_ptq.py", variant) for variant in ("mobilenet_v1_0.75", "mobilenet_v2_1.0")]
+  assert len(configs) >= 13
   for cfg in configs:
     experiment.check_config(cfg)
+    # every row's rules apply somewhere (traced, no weights: the point names do not depend on the image size)
+    if cfg.model.name == "lenet5":
+      model, sample = LeNet5(num_classes=cfg.model.num_classes), np.zeros((1, 28, 28, 1), np.float32)
+    else:
+      model, sample = models.build(cfg.model), np.zeros((1, 64, 64, 3), np.float32)
+    experiment.check_rules(cfg, model, sample)
 
 
 def test_activation_calibration_variants_pair_their_rows():
@@ -225,6 +239,21 @@ def test_activation_calibration_variants_pair_their_rows():
      r"config.rows\[1\] and config.rows\[13\] are both named 'W8A32-tensor-sym' \(.*\): give one of them name="),
     (lambda c: c.rows.append(dict(weight_bits=4, act_bits=4, fat=True, trainable=False, name="frozen")),
      r"config.rows\[13\] \(frozen\): fat=True with trainable=False: the row has nothing to fine-tune"),
+    # ran with a negative or rising learning rate before (gradient ascent, or 10x the configured peak)
+    (lambda c: c.fat.update(lr_min=-0.01), r"config.fat.lr_min = -0.01: the schedule's lowest learning rate: must be "
+                                           r"in \[0, lr = 0.005\]"),
+    (lambda c: c.fat.update(lr_min=0.05), r"config.fat.lr_min = 0.05: .*must be in \[0, lr = 0.005\]"),
+    (lambda c: c.fat.update(seed=-1), r"config.fat.seed = -1: must be an integer >= 0"),
+    (lambda c: setattr(c, "seed", -1), r"config.seed = -1: must be an integer >= 0"),
+    (lambda c: c.fat.update(per_device_batch_size=-3), r"config.fat.per_device_batch_size = -3: must be an integer >= 0"),
+    # slice bounds: -5 trained on all but 5 images before
+    (lambda c: c.data.update(num_train=-5), r"config.data.num_train = -5: must be an integer >= 0"),
+    (lambda c: c.data.update(num_train=50), r"config.data.num_train = 50: fewer than one training batch of 100"),
+    (lambda c: c.data.update(num_calibration=0), r"config.data.num_calibration = 0: must be a positive integer"),
+    # the float LeNet-5 is trained first: a negative rate gave an 11 % teacher, 0 a ZeroDivisionError after loading
+    (lambda c: c.model.update(float_lr=-1e-3), r"config.model.float_lr = -0.001: must be a positive learning rate"),
+    (lambda c: c.model.update(float_batch_size=0), r"config.model.float_batch_size = 0: must be a positive integer"),
+    (lambda c: c.model.update(float_epochs=0), r"config.model.float_epochs = 0: must be a positive integer"),
 ])
 def test_out_of_range_config_values(edit, message):
   cfg = _load_config("lenet5_mnist.py")
@@ -232,6 +261,35 @@ def test_out_of_range_config_values(edit, message):
   edit(cfg)
   with pytest.raises(ValueError, match=message):
     experiment.check_config(cfg)
+
+
+def test_batch_that_does_not_split_over_the_devices_stops_before_any_work(monkeypatch):
+  cfg = _load_config("lenet5_mnist.py")
+  monkeypatch.setattr(experiment.jax, "device_count", lambda: 3)  # as with XLA_FLAGS=..._device_count=3
+  with pytest.raises(experiment.InputError, match=r"config.fat.batch_size = 100: batch_size 100 is not a multiple "
+                                                  r"of the 3 devices"):
+    experiment.check_config(cfg)
+  cfg.fat.per_device_batch_size = 30
+  experiment.check_config(cfg)
+
+
+def test_rules_are_checked_against_every_point_before_any_work():
+  cfg = _load_config("lenet5_mnist.py")
+  model, sample = LeNet5(num_classes=10), np.zeros((1, 28, 28, 1), np.float32)
+  # points left in float were not counted, so these valid rows were refused as typos after their calibration
+  cfg.rows = [dict(weight_bits=0, act_bits=8), dict(weight_bits=8, rules=[("fc3/kernel", None)])]
+  cfg.input_bits = 0
+  experiment.check_rules(cfg, model, sample)
+  cfg.input_bits = 8
+  for row, message in (
+      (dict(weight_bits=8, rules=[("fc33/output", dict(bits=4))]), r"rule 'fc33/output' matches no tensor"),
+      # the base rule (config.input_bits) comes first: a row's input rule silently gave the input 8 bits
+      (dict(weight_bits=8, rules=[("input", dict(bits=4))]),
+       r"rule 'input' never applies: every tensor it matches \(input\) is matched first by 'input' .*input_bits"),
+      (dict(weight_bits=8, fat=True, learn_biases="fc9"), r"learn_biases 'fc9' matches no layer")):
+    cfg.rows = [row]
+    with pytest.raises(experiment.InputError, match=r"config.rows\[0\] \(.*\): .*" + message):
+      experiment.check_rules(cfg, model, sample)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -179,10 +179,17 @@ def test_rules_select_points_and_unmatched_rule_is_reported():
   m, params, x = _lenet(cfg)
   stats = fatq.calibrate(m, params, [x])
   assert set(fatq.points(stats)) == {"conv1/kernel", "conv1/output"}
-  cfg.check_matches(fatq.points(stats))
+  names = fatq.point_names(m, x[:1])  # every point, quantized or not
+  assert set(names) > {"conv1/kernel", "conv1/output", "fc3/kernel", "fc3/output"} and "conv1/output" in names
+  cfg.check_matches(names)
   bad = fatq.QuantConfig((fatq.QuantRule("conv9/.*", fatq.QuantSpec()),))
   with pytest.raises(ValueError, match=r"'conv9/\.\*' matches no tensor"):
-    bad.check_matches(fatq.points(stats))
+    bad.check_matches(names)
+  # first match wins: a rule whose every tensor an earlier rule takes would never apply
+  shadowed = fatq.QuantConfig((fatq.QuantRule(".*kernel", None), fatq.QuantRule("fc3/kernel", fatq.QuantSpec(4))))
+  with pytest.raises(ValueError, match=r"rule 'fc3/kernel' never applies: every tensor it matches \(fc3/kernel\) "
+                                       r"is matched first by '\.\*kernel'"):
+    shadowed.check_matches(names)
 
 
 def test_spec_validation_messages():

@@ -61,6 +61,13 @@ def test_same_thresholds_on_one_and_four_devices(runs):
   np.testing.assert_allclose(one["holdout"], four["holdout"], rtol=1e-9)
 
 
+def test_held_out_images_fewer_than_the_devices_split_all_count(runs):
+  one, four = runs
+  assert len(one["holdout7"]) == 2
+  np.testing.assert_allclose(one["holdout7"][0], one["holdout7_direct"], rtol=1e-9)
+  np.testing.assert_allclose(one["holdout7"], four["holdout7"], rtol=1e-9)
+
+
 def test_one_device_is_the_plain_program(runs):
   one, _ = runs
   assert one["mesh_vs_plain_step"] == 0.0

@@ -84,6 +84,13 @@ out.update(logs=logs, best=jax.tree.map(lambda a: np.asarray(a).tolist(), fatq.p
            batch_shard_rows=[s.data.shape[0] for s in xb.addressable_shards],
            state_devices=len(leaf.sharding.device_set), state_fully_replicated=bool(leaf.sharding.is_fully_replicated))
 
+# 7 held-out images, fewer than a batch and not a multiple of 4: every one counts, on any number of devices (on 4,
+# the loss was of 4 of them); one training step, the loss at steps 0 and 1
+_, hist7 = training.finetune(m, frozen, th, x[:20], teacher[:20], (x[140:147], teacher[140:147]), cfg,
+                             log=lambda *_: None, progress=False)
+out["holdout7"] = [h["holdout_loss"] for h in hist7]
+out["holdout7_direct"] = float(training.rmse(m.apply({**frozen, "quant": th}, x[140:147]), teacher[140:147]))
+
 # predict: 50 images in batches of 18 (rounded up to 20 on 4 devices), the last one padded.
 out["logits"] = training.predict(m, {**frozen, "quant": th}, x[:50], batch_size=18).tolist()
 
