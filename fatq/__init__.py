@@ -26,6 +26,6 @@ from fatq.training import finetune, predict
 
 __all__ = [
     "PAPER_BOUNDS", "REFERENCE_BOUNDS", "QuantConfig", "QuantRule", "QuantSpec", "FakeQuant", "QConv", "QDense",
-    "quant_point", "STATS", "THRESHOLDS", "RANGES", "calibrate", "init_thresholds", "quant_ranges", "points", "point_names",
-    "fold_batch_norm", "fake_quant", "nudge", "quantize_bias", "finetune", "predict", "equalize",
+    "quant_point", "STATS", "THRESHOLDS", "RANGES", "calibrate", "init_thresholds", "quant_ranges", "points",
+    "point_names", "fold_batch_norm", "fake_quant", "nudge", "quantize_bias", "finetune", "predict", "equalize",
 ]

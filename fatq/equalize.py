@@ -189,10 +189,10 @@ def scales(r1: np.ndarray, r2: np.ndarray, bias: np.ndarray | None, activation: 
   batch norm with gamma ~0, or a weight rounded to zero in an int8 checkpoint).
 
   * B ignores channel i (dead in B): A's channel i may be scaled freely. If its range is above the median of A's
-    channels live on both sides, it is brought down to that median, so that a large meaningless range (seen: 34 against ~0.5
-    in MobileNet v2's block2/depthwise) no longer sets A's per-tensor range. Never up (s >= 1): scaling up a
-    channel whose output is mostly its bias would scale up that bias too, and A's activation range with it
-    (seen: 1e5 in MobileNet v1's block6/depthwise).
+    channels live on both sides, it is brought down to that median, so that a large meaningless range (seen: 34 against
+    ~0.5 in MobileNet v2's block2/depthwise) no longer sets A's per-tensor range. Never up (s >= 1): scaling up a
+    channel whose output is mostly its bias would scale up that bias too, and A's activation range with it (seen: 1e5 in
+    MobileNet v1's block6/depthwise).
   * A's channel i is dead and outputs exactly 0 (ReLU with bias <= 0, or no activation and bias 0): B's weights
     for it multiply zeros, so B's channel i gets the median range of B's channels live on both sides, for the
     same reason.

@@ -416,9 +416,9 @@ def asymmetric_range(shift: jax.Array, width: jax.Array, t_left: jax.Array, t_ri
       R'     = clip(alpha_R, r_min, r_max) * R
       range  = [T_l', T_l' + R']
 
-  The paper uses shift bounds ``[-0.2, 0.4]`` for signed tensors and ``[0, 0.4]`` for unsigned ones, width
-  ``[0.5, 1.0]``; the reference code uses width ``[0.5, 1.3]`` and no shift for unsigned tensors. ``nudge`` later puts 0 back into the range if a shift
-  moved it out, so training and the exported model agree.
+  The paper uses shift bounds ``[-0.2, 0.4]`` for signed tensors and ``[0, 0.4]`` for unsigned ones, width ``[0.5,
+  1.0]``; the reference code uses width ``[0.5, 1.3]`` and no shift for unsigned tensors. ``nudge`` later puts 0 back
+  into the range if a shift moved it out, so training and the exported model agree.
   """
   r = t_right - t_left
   # XLA may fuse a * b + c into one multiply-add in one compiled program and not in another (measured: a MobileNet v1

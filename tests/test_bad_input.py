@@ -77,7 +77,8 @@ def test_export_and_evaluate_refuse_mistakes_before_any_work(tmp_path):
        "error: --export_row 'W3A3-channel' is not a fine-tuned row of this config; its fine-tuned rows: "
        "W3A3-channel-symW-asymA"),
       ("finetune.py", ["--config", "configs/lenet5_mnist.py:quick", "--workdir", str(tmp_path / "new"), "--export",
-                       "--config.rows[1].fat=False"], 1, "error: --export exports fine-tuned rows, and this config has"),
+                       "--config.rows[1].fat=False"], 1,
+       "error: --export exports fine-tuned rows, and this config has"),
   ]
   for script, args, rc, message in cases:
     out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args], capture_output=True,
@@ -245,7 +246,8 @@ def test_activation_calibration_variants_pair_their_rows():
     (lambda c: c.fat.update(lr_min=0.05), r"config.fat.lr_min = 0.05: .*must be in \[0, lr = 0.005\]"),
     (lambda c: c.fat.update(seed=-1), r"config.fat.seed = -1: must be an integer >= 0"),
     (lambda c: setattr(c, "seed", -1), r"config.seed = -1: must be an integer >= 0"),
-    (lambda c: c.fat.update(per_device_batch_size=-3), r"config.fat.per_device_batch_size = -3: must be an integer >= 0"),
+    (lambda c: c.fat.update(per_device_batch_size=-3),
+     r"config.fat.per_device_batch_size = -3: must be an integer >= 0"),
     # slice bounds: -5 trained on all but 5 images before
     (lambda c: c.data.update(num_train=-5), r"config.data.num_train = -5: must be an integer >= 0"),
     (lambda c: c.data.update(num_train=50), r"config.data.num_train = 50: fewer than one training batch of 100"),
