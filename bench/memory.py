@@ -194,8 +194,9 @@ def largest_batch(bench: Bench, phase: str, budget: int, known: dict, resolution
   fits(b1)
   slope = (probes[b1]["peak"] - probes[b0]["peak"]) / (b1 - b0)
   fixed = probes[b0]["peak"] - slope * b0
-  lo = max([b for b in probes if fits(b)], default=0)  # fits (0: nothing does)
-  hi = min([b for b in probes if not fits(b)], default=None)  # does not fit
+  # the answer is a multiple of resolution: --batch and 2 --batch need not be (they still feed the affine fit)
+  lo = max([b for b in probes if fits(b) and b % resolution == 0], default=0)  # fits (0: no multiple yet)
+  hi = min([-(-b // resolution) * resolution for b in probes if not fits(b)], default=None)  # does not fit
   sides = []
   while hi is None or hi - lo > resolution:
     # the affine prediction through the two probes nearest the budget (a secant step) ...
@@ -242,6 +243,12 @@ def main():
   ap.add_argument("--headroom", type=float, default=0.9, help="fraction of the available memory a batch may use")
   ap.add_argument("--out", default="", help="also write the figures as JSON to this file")
   a = ap.parse_args()
+  unknown = [p for p in a.search.split(",") if p and p not in PHASES]
+  if unknown:  # before minutes of compiling
+    ap.error(f"--search {a.search!r}: unknown phase(s) {unknown}; choose among {','.join(PHASES)}")
+  for flag, value in (("--batch", a.batch), ("--resolution", a.resolution), ("--size", a.size)):
+    if value < 1:
+      ap.error(f"{flag} {value}: must be a positive integer")
   log = lambda s: print(s, flush=True)  # noqa: E731
 
   avail, source = available_bytes()  # before this process allocates anything big

@@ -13,6 +13,8 @@ import ml_collections
 
 
 def get_config(arg=None):
+  if arg not in (None, '', 'quick', 'mobilenet_per_channel'):
+    raise ValueError(f"unknown config variant {arg!r}; use '', 'quick', 'mobilenet_per_channel'")
   c = ml_collections.ConfigDict()
   c.experiment = "datafree"
   c.seed = 0

@@ -9,6 +9,8 @@ import ml_collections
 
 
 def get_config(arg=None):
+  if arg not in (None, '', 'quick'):
+    raise ValueError(f"unknown config variant {arg!r}; use '', 'quick'")
   c = ml_collections.ConfigDict()
   c.experiment = "fixed_point"
   c.seed = 0

@@ -10,6 +10,8 @@ import ml_collections
 
 
 def get_config(arg=None):
+  if arg not in (None, '', 'quick'):
+    raise ValueError(f"unknown config variant {arg!r}; use '', 'quick'")
   c = ml_collections.ConfigDict()
   c.experiment = "lsq"
   c.seed = 0

@@ -9,6 +9,8 @@ import ml_collections
 
 
 def get_config(arg=None):
+  if arg not in (None, '', 'quick'):
+    raise ValueError(f"unknown config variant {arg!r}; use '', 'quick'")
   c = ml_collections.ConfigDict()
   c.experiment = "memory"
   c.models = ("lenet5", "mobilenet_v1_0.25", "mobilenet_v1_0.75", "mobilenet_v2_1.0", "mnasnet_1.0", "mnasnet_1.3")

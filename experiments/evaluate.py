@@ -25,12 +25,12 @@ FLAGS = flags.FLAGS
 
 
 def evaluate(cfg, workdir: str) -> dict:
-  import jax
   import numpy as np
 
-  from fatq import models
+  from fatq import experiment, models, training
   from fatq.data import imagenet
 
+  experiment.check_config(cfg)  # eval_batch_size, data.val_limit, ... before the checkpoint and images are read
   t0 = time.perf_counter()
   model, params, report = models.load(cfg.model)
   print(report.summary())
@@ -42,10 +42,9 @@ def evaluate(cfg, workdir: str) -> dict:
   t_data = time.perf_counter() - t0
   if val.skipped:
     print(f"skipped {len(val.skipped)} unreadable image(s)")
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  bs = int(cfg.get("eval_batch_size", 50))
   t0 = time.perf_counter()
-  logits = np.concatenate([np.asarray(apply(params, val.images[i:i + bs])) for i in range(0, len(val.images), bs)])
+  # data parallel over every visible device, as finetune.py's evaluations (the last batch padded)
+  logits = training.predict(model, {"params": params}, val.images, int(cfg.get("eval_batch_size", 50)))
   t_eval = time.perf_counter() - t0
   pred = logits.argmax(-1)
   top5 = np.argsort(-logits, -1)[:, :5]

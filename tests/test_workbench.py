@@ -304,6 +304,34 @@ def test_model_size_and_efficiency_by_hand():
   np.testing.assert_allclose(q[0], [0, 2, 4, 6, 8])
 
 
+def test_fixed_point_nearest_rounding_is_exact_in_float32():
+  # floor(u + 0.5) rounded the sum (0.49999997 -> 1) and u + (r - u) moved values already on the grid
+  from fatq.workbench.quantizers import fixed_point
+
+  for word, frac, x, want in ((8, 0, 0.49999997, 0.0), (8, 0, 0.5, 1.0), (8, 0, -0.5, 0.0), (8, 2, 1.3, 1.25),
+                              (24, 0, 8388607.0, 8388607.0), (32, 0, 8388609.0, 8388609.0),
+                              (32, 20, 8 + 2.0 ** -20, 8 + 2.0 ** -20)):
+    assert float(fixed_point(jnp.float32(x), word, frac)) == want, (word, frac, x)
+  assert float(jax.grad(lambda x: fixed_point(x, 8, 2))(jnp.float32(1.3))) == 1.0
+
+
+def test_per_channel_sizes_and_efficiency_use_each_channels_grid():
+  # per channel, each output channel has its own 16 levels: a tensor-wide codebook had ~16 x 32 entries, whose
+  # indices wrapped modulo 256 in one byte, and an occupancy of 12 "of the 16 codes"
+  w = np.random.default_rng(0).normal(size=(3, 3, 8, 32)) * np.geomspace(0.01, 10, 32)
+  w_q = analysis.quantize_weight(w.astype(np.float32), "sym", 4, per_channel=True)
+  size = analysis.model_size([w_q], [], 4, per_channel=True)
+  books = sum(np.unique(w_q[..., c]).size for c in range(32))
+  assert books <= 32 * 16 and size["raw"] == 4 * books + 32 * 72 * 4 // 8
+  with pytest.raises(ValueError, match=r"4-bit grid has \d+ distinct values: the weights are not on one 4-bit grid "
+                                       r"per tensor"):
+    analysis.model_size([w_q], [], 4)
+  e = analysis.efficiency(w, w_q, 4, per_channel=True)
+  assert 0.5 < e["occupancy"] <= 1.0 and 0.3 < e["bit_efficiency"] <= 1.0
+  channel = analysis.efficiency(w[..., 5], w_q[..., 5], 4)  # one channel's grid alone
+  assert channel["levels_used"] == np.unique(w_q[..., 5]).size
+
+
 def test_memory_model_by_hand_for_a_tiny_model():
   import flax.linen as nn
 
@@ -409,6 +437,33 @@ def test_quick_configs_run(tmp_path, name):
   assert any(f.endswith(".png") for f in os.listdir(tmp_path))
 
 
+def test_lenet_task_trains_its_float_model_again_when_its_settings_change(tmp_path):
+  # the cached float LeNet-5 was reused whatever float_epochs / float_limit said, while results.json recorded them
+  from fatq.workbench import experiments as X
+
+  t = dict(model="lenet5", dataset="mnist", float_epochs=1, float_limit=256, num_train=100, num_calibration=10,
+           num_holdout=10, num_eval=100)
+  logs = []
+  first = X.load_task(t, str(tmp_path), log=logs.append)
+  again = X.load_task(t, str(tmp_path), log=logs.append)
+  assert any("training the float LeNet-5, 1 epochs on 256" in line for line in logs)
+  assert "loaded from" in logs[-1]
+  jax.tree.map(np.testing.assert_array_equal, first.params, again.params)
+  logs.clear()
+  X.load_task(dict(t, float_limit=128), str(tmp_path), log=logs.append)
+  assert "trained with other settings (images 256 -> 128); training again" in logs[0], logs
+  assert any("on 128 labeled images" in line for line in logs)
+
+
+def test_bit_efficiency_checks_quartile_bits_before_the_work(tmp_path):
+  from fatq.workbench import experiments
+
+  cfg = _tiny_cfg("bit_efficiency", tasks=[dict(model="lenet5")], methods=("sym",), bits=(8, 2), quartile_bits=4,
+                  per_channel=False, quartile_channels=4)
+  with pytest.raises(ValueError, match=r"quartile_bits = 4 is not one of config.bits = \(8, 2\)"):
+    experiments.run(cfg, str(tmp_path), log=lambda s: None)
+
+
 def test_mobilenet_task_reads_the_folders_it_names(tmp_path, monkeypatch, imagenet_folders):
   """A MobileNet task takes a config data section's keys (val_dir, unlabeled_dir, tfds_name, ...): its images come
   from there, and results.json's ``dataset`` names them; without them, the embedded folders."""
@@ -434,3 +489,46 @@ def test_mobilenet_task_reads_the_folders_it_names(tmp_path, monkeypatch, imagen
   assert X._dataset(dict(model="lenet5", dataset="fashion_mnist")) == "fashion_mnist"
   assert X._sources(dict(model="lenet5", dataset="fashion_mnist", data_dir=str(tmp_path / "f"))) == dict(
       unlabeled=f"{tmp_path / 'f'} train (labels not read)", evaluation=f"{tmp_path / 'f'} test")
+
+
+def test_largest_batch_search_ends_on_a_multiple_of_the_resolution():
+  # bench/memory.py's search on a fake bench whose peak is exactly affine in the batch: the answer is the largest
+  # multiple of the resolution within the budget, also from a --batch that is not one (it answered 18 for 16 before)
+  import importlib.util
+  import random
+
+  spec = importlib.util.spec_from_file_location("bench_memory", os.path.join(os.path.dirname(__file__), "..",
+                                                                               "bench", "memory.py"))
+  memory = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(memory)
+
+  class Affine:
+    def __init__(self, fixed, per_image):
+      self.fixed, self.per_image = fixed, per_image
+
+    def compile(self, phase, b):
+      return None, dict(batch=b, peak=int(self.fixed + self.per_image * b), compile_s=0.0)
+
+  rng = random.Random(0)
+  for _ in range(300):
+    bench = Affine(rng.uniform(1e8, 2e9), rng.uniform(1e6, 1e8))
+    budget, resolution, batch = int(rng.uniform(2e9, 2e10)), rng.choice([1, 4, 8, 16]), rng.randint(1, 100)
+    _, known = bench.compile("phase", batch)
+    found = memory.largest_batch(bench, "phase", budget, known, resolution, lambda s: None)
+    want = max(int((budget - bench.fixed) // bench.per_image) // resolution * resolution, 0)
+    assert found["batch"] == want, (budget, resolution, batch, found)
+
+
+def test_workbench_sizes_are_checked_before_the_work(tmp_path):
+  # a negative count sliced images off the other end (num_eval=-5: all but 5), a zero batch failed after training
+  from fatq.workbench import experiments
+
+  for task, top, message in ((dict(num_eval=-5), {}, r"config.tasks\[0\].num_eval = -5: must be an integer >= 0"),
+                             ({}, dict(eval_batch_size=0), r"config.eval_batch_size = 0: must be an integer >= 1"),
+                             (dict(float_epochs=0), {},
+                              r"config.tasks\[0\].float_epochs = 0: must be an integer >= 1")):
+    cfg = _tiny_cfg("datafree", tasks=[dict(model="lenet5", **task)], methods=("sym",), bits=(4,), per_channel=False,
+                    **{"eval_batch_size": 100, **top})
+    with pytest.raises(ValueError, match=message):
+      experiments.run(cfg, str(tmp_path / "w"), log=lambda s: None)
+  assert not (tmp_path / "w").exists()

@@ -85,10 +85,19 @@ def codes(wq_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return book.astype(np.float32), idx
 
 
-def model_size(kernels: list[np.ndarray], others: list[np.ndarray], bits: int | None) -> dict[str, int]:
+def slices(a: np.ndarray, per_channel: bool) -> list[np.ndarray]:
+  """The tensor whole, or each output channel's values (the last axis): what one quantization grid covers."""
+  a = np.asarray(a)
+  return [a.ravel()] if not per_channel else list(a.reshape(-1, a.shape[-1]).T)
+
+
+def model_size(kernels: list[np.ndarray], others: list[np.ndarray], bits: int | None,
+               per_channel: bool = False) -> dict[str, int]:
   """Bytes of a model whose kernels are quantized to ``bits`` (None: float32) and whose other tensors (biases)
   stay float32: ``raw`` (bit-packed codes + codebooks + float32 rest), ``gzip`` and ``lzma`` (level 9) of the
-  serialised codes (one byte per code for bits <= 8, else two), codebooks and the rest."""
+  serialised codes (one byte per code for bits <= 8, else two), codebooks and the rest. ``per_channel``: one
+  codebook per output channel, each code an index into its channel's (a tensor-wide codebook of per-channel grids
+  has thousands of entries)."""
   rest = b"".join(np.asarray(o, np.float32).tobytes() for o in others)
   if bits is None:
     blob = b"".join(np.asarray(k, np.float32).tobytes() for k in kernels) + rest
@@ -97,10 +106,14 @@ def model_size(kernels: list[np.ndarray], others: list[np.ndarray], bits: int | 
     parts, raw = [], len(rest)
     dtype = np.uint8 if bits <= 8 else np.uint16
     for k in kernels:
-      book, idx = codes(np.asarray(k))
-      parts.append(book.tobytes())
-      parts.append(idx.astype(dtype).tobytes())
-      raw += book.nbytes + math.ceil(idx.size * bits / 8)
+      for values in slices(k, per_channel):
+        book, idx = codes(values)
+        if book.size > 2**bits:
+          raise ValueError(f"a {bits}-bit grid has {book.size} distinct values: the weights are not on one "
+                           f"{bits}-bit grid per {'channel' if per_channel else 'tensor'}")
+        parts.append(book.tobytes())
+        parts.append(idx.astype(dtype).tobytes())
+        raw += book.nbytes + math.ceil(idx.size * bits / 8)
     blob = b"".join(parts) + rest
   return {"raw": raw, "gzip": len(gzip.compress(blob, 9)), "lzma": len(lzma.compress(blob, preset=9))}
 
@@ -115,16 +128,24 @@ def quartiles(w: np.ndarray) -> np.ndarray:
   return np.percentile(flat, [0, 25, 50, 75, 100], axis=0).T
 
 
-def efficiency(w: np.ndarray, w_q: np.ndarray, bits: int) -> dict[str, float]:
+def efficiency(w: np.ndarray, w_q: np.ndarray, bits: int, per_channel: bool = False) -> dict[str, float]:
+  """How ``w_q`` (``w`` on ``bits``-bit grids) uses its codes: ``levels_used`` and ``occupancy`` (distinct values,
+  and their share of the 2^bits codes), ``entropy_bits`` and ``bit_efficiency`` (entropy / bits) of one grid, i.e.
+  averaged over the channels' grids with ``per_channel``; the range, octave and SQNR figures are of the whole
+  tensor."""
+  grids = slices(w_q, per_channel)
+  levels = entropy = 0.0
+  for values in grids:
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    levels += counts.size / len(grids)
+    entropy += float(-(p * np.log2(p)).sum()) / len(grids)
   w, w_q = np.asarray(w, np.float64).ravel(), np.asarray(w_q, np.float64).ravel()
-  values, counts = np.unique(w_q, return_counts=True)
-  p = counts / counts.sum()
-  entropy = float(-(p * np.log2(p)).sum())
   nz = np.abs(w_q[w_q != 0])
   octaves = float(np.log2(nz.max() / nz.min())) if nz.size else 0.0
   err = np.sum((w - w_q) ** 2)
   span = w.max() - w.min()
-  return dict(levels_used=int(values.size), occupancy=float(values.size / 2**bits), entropy_bits=entropy,
+  return dict(levels_used=levels, occupancy=levels / 2**bits, entropy_bits=entropy,
               bit_efficiency=entropy / bits,
               range_fraction=float((w_q.max() - w_q.min()) / span) if span > 0 else 1.0,
               octaves=octaves, range_per_bit=octaves / bits,

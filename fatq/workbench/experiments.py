@@ -62,7 +62,7 @@ def load_task(t, workdir: str, seed: int = 0, log=print, need_data: bool = True)
 def _lenet5(t, workdir, seed, log):
   from fatq.data import idx
   from fatq.models import LeNet5
-  from fatq.tasks import split_unlabeled
+  from fatq.tasks import _float_training_changes, split_unlabeled
 
   ds = t.get("dataset", "mnist")
   train_x, train_y = idx.load(ds, "train", t.get("data_dir") or None)
@@ -71,15 +71,22 @@ def _lenet5(t, workdir, seed, log):
     check_labels(labels, 0, 10)
   model = LeNet5(num_classes=10)
   ckpt = t.get("checkpoint") or os.path.join(workdir, task_name(t), "float_checkpoint")
-  if os.path.isdir(ckpt):
+  n = t.get("float_limit", 0) or len(train_x)
+  # what the float model depends on, stored beside it: another setting trains it again (as fatq.tasks does)
+  settings = dict(data=ds, data_dir=t.get("data_dir", ""), epochs=t.get("float_epochs", 3), images=n,
+                  batch_size=128, lr=1e-3, seed=seed)
+  changed = "" if t.get("checkpoint") else _float_training_changes(ckpt, settings)
+  if changed:
+    log(f"{task_name(t)}: the float LeNet-5 in {ckpt} was trained with other settings ({changed}); training again")
+  if os.path.isdir(ckpt) and not changed:
     params = load_variables(ckpt)["params"]
     log(f"{task_name(t)}: float LeNet-5 loaded from {ckpt}")
   else:
-    n = t.get("float_limit", 0) or len(train_x)
     log(f"{task_name(t)}: training the float LeNet-5, {t.get('float_epochs', 3)} epochs on {n} labeled images")
     params = training.train_classifier(model, train_x[:n], train_y[:n], epochs=t.get("float_epochs", 3),
                                        batch_size=128, lr=1e-3, seed=seed, log=log, progress=False)
     save_variables(ckpt, {"params": params})
+    atomic_write_json(ckpt + ".json", settings)
   cfg_data = ml_collections.ConfigDict(dict(num_train=t.get("num_train", 10000),
                                             num_calibration=t.get("num_calibration", 100),
                                             num_holdout=t.get("num_holdout", 1000)))
@@ -213,7 +220,7 @@ def run_datafree(cfg, workdir, log=print):
         t1 = time.perf_counter()
         m, _ = evaluate(task, weight_rules(analysis.weight_spec(method, bits, cfg.per_channel)), bs)
         qk = [analysis.quantize_weight(k, method, bits, cfg.per_channel) for k in kernels]
-        size = analysis.model_size(qk, biases, bits)
+        size = analysis.model_size(qk, biases, bits, cfg.per_channel)
         rows.append(dict(task=task.name, method=method, bits=bits, **m, size=size,
                          seconds=round(time.perf_counter() - t1, 2)))
         log(_fmt_df(rows[-1]))
@@ -280,15 +287,17 @@ def run_fixed_point(cfg, workdir, log=print):
           log(_fmt_fp(rows[-1]))
     timings[task.name] = round(time.perf_counter() - t0, 1)
   plt = _plt()
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for placement in cfg.placements:
-    for rounding in cfg.roundings:
-      rs = [r for r in rows if r["placement"] == placement and r["rounding"] == rounding]
-      ax.plot([r["word_bits"] for r in rs], [r["relative"] for r in rs], "o-" if placement == "intrinsic" else "s--",
-              label=f"{placement}, {rounding}")
-  ax.set(xlabel="word width W (F = W/2)" if cfg.frac_bits == "half" else "word width W",
-         ylabel="relative accuracy", title=f"fixed point, {rows[0]['task']}")
-  ax.legend()
+  tasks = list(dict.fromkeys(r["task"] for r in rows))  # one panel per task: their lines are not one curve
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+  for ax, name in zip(axes[0], tasks):
+    for placement in cfg.placements:
+      for rounding in cfg.roundings:
+        rs = [r for r in rows if (r["task"], r["placement"], r["rounding"]) == (name, placement, rounding)]
+        ax.plot([r["word_bits"] for r in rs], [r["relative"] for r in rs],
+                "o-" if placement == "intrinsic" else "s--", label=f"{placement}, {rounding}")
+    ax.set(xlabel="word width W (F = W/2)" if cfg.frac_bits == "half" else "word width W",
+           ylabel="relative accuracy", title=f"fixed point, {name}")
+    ax.legend()
   _save(fig, os.path.join(workdir, "fixed_point.png"))
   head = f"{'task':<20} {'placement':<10} {'rounding':<10} {'W':>3} {'F':>3} {'top1':>6} {'rel':>5}"
   return dict(rows=rows, timings=timings), _table(head, map(_fmt_fp, rows))
@@ -376,7 +385,7 @@ def run_lsq(cfg, workdir, log=print):
         log(_fmt_lsq(rows[-1]))
     timings[task.name] = round(time.perf_counter() - t0, 1)
   plt = _plt()
-  groups = [(r["task"], r["setting"]) for r in rows if r["method"] == "ptq"]
+  groups = list(dict.fromkeys((r["task"], r["setting"]) for r in rows if r["method"] != "float"))
   fig, ax = plt.subplots(figsize=(max(6, 2 * len(groups)), 4))
   width = 0.8 / len(cfg.methods)
   for i, method in enumerate(cfg.methods):
@@ -446,6 +455,9 @@ def _fmt_sens(r):
 
 
 def run_bit_efficiency(cfg, workdir, log=print):
+  if cfg.quartile_bits not in cfg.bits:  # its rows draw the main plot: a KeyError after all the work before
+    raise ValueError(f"config.quartile_bits = {cfg.quartile_bits} is not one of config.bits = {tuple(cfg.bits)}: "
+                     "add it there or choose one of them")
   rows, timings, quart = [], {}, {}
   plt = _plt()
   for t in cfg.tasks:
@@ -459,7 +471,7 @@ def run_bit_efficiency(cfg, workdir, log=print):
         for bits in cfg.bits:
           w_q = analysis.quantize_weight(w, method, bits, cfg.per_channel)
           rows.append(dict(task=task.name, layer=path, method=method, bits=bits, size=int(w.size),
-                           **analysis.efficiency(w, w_q, bits)))
+                           **analysis.efficiency(w, w_q, bits, cfg.per_channel)))
     focus = t.get("quartile_layer") or layer_list[len(layer_list) // 2][0]
     w = np.asarray(dict(layer_list)[focus]["kernel"])
     nch = min(cfg.quartile_channels, w.shape[-1])
@@ -480,18 +492,19 @@ def run_bit_efficiency(cfg, workdir, log=print):
     _save(fig, os.path.join(workdir, f"quartiles_{task.name}.png"))
     # Figure 2: histograms, methods at quartile_bits (left) and asym from 8 to 2 bits (right).
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    edges = np.linspace(w.min(), w.max(), 101)
-    a1.hist(w.ravel(), edges, histtype="step", label="float32", color="k")
-    for method in cfg.methods:
-      a1.hist(analysis.quantize_weight(w, method, b, cfg.per_channel).ravel(), edges, histtype="step",
-              label=f"{method} {b}-bit")
+    left = {f"{method} {b}-bit": analysis.quantize_weight(w, method, b, cfg.per_channel) for method in cfg.methods}
+    right = {f"asym {bb}-bit": analysis.quantize_weight(w, "asym", bb, cfg.per_channel)
+             for bb in sorted(cfg.bits, reverse=True)}
+    # edges over every drawn array: a power-of-two grid reaches past max|w|, and np.histogram drops what lies outside
+    every = [w, *left.values(), *right.values()]
+    edges = np.linspace(min(a.min() for a in every), max(a.max() for a in every), 101)
+    for ax, arrays in ((a1, left), (a2, right)):
+      ax.hist(w.ravel(), edges, histtype="step", label="float32", color="k")
+      for label, a in arrays.items():
+        ax.hist(a.ravel(), edges, histtype="step", label=label)
     a1.set(yscale="log", title=f"{focus}: methods at {b} bits", xlabel="weight")
     a1.legend(fontsize=7)
-    a2.hist(w.ravel(), edges, histtype="step", label="float32", color="k")
-    for bb in sorted(cfg.bits, reverse=True):
-      a2.hist(analysis.quantize_weight(w, "asym", bb, cfg.per_channel).ravel(), edges, histtype="step",
-              label=f"asym {bb}-bit")
-    a2.set(yscale="log", title=f"{focus}: asym 8..2 bits", xlabel="weight")
+    a2.set(yscale="log", title=f"{focus}: asym {max(cfg.bits)}..{min(cfg.bits)} bits", xlabel="weight")
     a2.legend(fontsize=7)
     _save(fig, os.path.join(workdir, f"histograms_{task.name}.png"))
     timings[task.name] = round(time.perf_counter() - t0, 1)
@@ -595,18 +608,36 @@ RUNNERS: dict[str, Callable] = dict(datafree=run_datafree, fixed_point=run_fixed
                                     memory=run_memory)
 
 
+# (key, least value): batch sizes and counts of a config or of its tasks. Counts are slice bounds, where a negative
+# one would quietly drop images from the other end; 0 means "all" for num_eval and float_limit.
+_SIZES = (("eval_batch_size", 1), ("batch_size", 1), ("seed", 0), ("num_eval", 0), ("num_train", 0),
+          ("num_calibration", 1), ("num_holdout", 1), ("float_epochs", 1), ("float_limit", 0))
+
+
+def _check_sizes(cfg) -> None:
+  """Refuse a size or count that would fail, or silently do something else, only after minutes of work."""
+  tasks = [(f"tasks[{i}].", t) for i, t in enumerate(cfg.get("tasks") or [])]
+  for where, node in [("", cfg), *tasks]:
+    for key, least in _SIZES:
+      value = node.get(key, None)
+      if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        raise ValueError(f"config.{where}{key} = {value!r}: must be an integer >= {least} (set it with "
+                         f"--config.{where}{key}=...)")
+
+
 def run(cfg, workdir: str, log=print) -> tuple[dict, str]:
   """Run ``cfg.experiment``; write ``workdir/results.json`` (model, dataset, sources, rows, config, timings) and
   the plot."""
   if cfg.experiment not in RUNNERS:
     raise ValueError(f"unknown experiment {cfg.experiment!r}; choose one of {sorted(RUNNERS)}")
+  _check_sizes(cfg)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   out, text = RUNNERS[cfg.experiment](cfg, workdir, log)
   tasks = cfg.get("tasks") or [dict(model=m) for m in cfg.get("models", [])]
   results = dict(experiment=cfg.experiment,
                  model=", ".join(dict.fromkeys(t["model"] for t in tasks)),
-                 dataset=", ".join(dict.fromkeys(_dataset(t) for t in tasks)),
+                 dataset=", ".join(dict.fromkeys(_dataset(t) for t in cfg.get("tasks") or [])) or "-",
                  sources={task_name(t): _sources(t) for t in cfg.get("tasks") or []},  # 'memory' reads no data
                  **{k: v for k, v in out.items() if k != "timings"},
                  config=cfg.to_dict(), timings={**out.get("timings", {}),

@@ -11,8 +11,10 @@ All are pure JAX functions; ``FakeQuant`` (fatq.layers) dispatches to :func:`app
   log domain, as in the paper: exponents above ``e_max`` saturate to ``e_max``; ``round(log2|x|) < e_min`` (and
   ``x = 0``) gives 0. 2 bits = ternary ``{-2^e_max, 0, 2^e_max}``. Straight-through gradient.
 * **Fixed point** (``kind='fixed_point'``, TensorQuant): word width ``W = bits`` (two's complement), ``F`` fractional
-  bits: ``x_q = clip(round(x * 2^F), -2^(W-1), 2^(W-1) - 1) * 2^-F`` (saturating). ``round`` is nearest
-  (``floor(u + 0.5)``) or stochastic (``floor(u + U[0, 1))``, unbiased). Data-free: needs no statistics.
+  bits: ``x_q = clip(round(x * 2^F), -2^(W-1), 2^(W-1) - 1) * 2^-F`` (saturating). ``round`` is nearest (``floor(u +
+  0.5)``, computed without rounding the sum; exact for W <= 24 in float32) or stochastic (``floor(u + U[0, 1))``,
+  unbiased). Data-free: needs no statistics (but, as every quantizer, acts only once the model is calibrated: an
+  uncalibrated FakeQuant passes its input through).
 * **LSQ** (``kind='lsq'``, Esser et al. 2020, "Learned Step Size Quantization"):
   ``x_q = round(clip(x / s, -Q_n, Q_p)) * s`` with a learned step ``s`` (variable ``step`` in the ``quant``
   collection, so the FAT training loop trains it) whose gradient is multiplied by ``g = 1 / sqrt(N * Q_p)``
@@ -86,8 +88,9 @@ def fixed_point(x: jax.Array, word_bits: int, frac_bits: int, rounding: str = "n
   scale = 2.0 ** frac_bits
   lo, hi = fixed_point_range(word_bits, frac_bits)
   u = bounded(x, lo, hi) * scale
-  if rounding == "nearest":
-    r = jnp.floor(u + 0.5)
+  if rounding == "nearest":  # not floor(u + 0.5): the sum rounds in float (0.49999997 + 0.5 is 1)
+    r = jnp.floor(u)
+    r = r + (u - r >= 0.5).astype(u.dtype)
   elif rounding == "stochastic":
     if key is None:
       raise ValueError("stochastic rounding needs a PRNG key")
@@ -95,7 +98,7 @@ def fixed_point(x: jax.Array, word_bits: int, frac_bits: int, rounding: str = "n
   else:
     raise ValueError(f"unknown rounding {rounding!r}; choose 'nearest' or 'stochastic'")
   r = jnp.clip(r, -(2 ** (word_bits - 1)), 2 ** (word_bits - 1) - 1)  # stochastic rounding may step past hi
-  return (u + lax.stop_gradient(r - u)) / scale
+  return (r + (u - lax.stop_gradient(u))) / scale  # exactly r / scale (u + (r - u) rounds), gradient 1
 
 
 def data_key(x: jax.Array, salt: int = 0) -> jax.Array:
