@@ -235,6 +235,8 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   frozen = parallel.replicate(mesh, frozen)  # placed once; the step's in_shardings then move nothing
 
   # the held-out loss: the mean loss of whole batches of bs, or of one batch of all the images when there are fewer
+  if not len(holdout[0]):
+    raise ValueError("fine-tuning needs held-out images (to keep the thresholds of the best held-out loss); got none")
   hb = min(bs, len(holdout[0]))
   if len(holdout[0]) % hb:
     log(f"held-out loss over {len(holdout[0]) // hb * hb} of {len(holdout[0])} images (whole batches of {hb}); "

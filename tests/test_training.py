@@ -116,6 +116,23 @@ def test_nan_step_restores_good_thresholds_and_still_evaluates_the_last_step():
   assert history[-1]["holdout_loss"] == history[-2]["holdout_loss"]
 
 
+def test_held_out_set_whose_tail_is_not_a_batch_is_logged_and_an_empty_one_refused():
+  from scripts.finetune_tiny import tiny_problem
+
+  model, x, teacher, frozen, th = tiny_problem(100, 40)
+  cfg = ml_collections.ConfigDict(dict(epochs=1, batch_size=20, loss="rmse", schedule="constant", lr=1e-3,
+                                       lr_min=0.0, restart_period=3, seed=0))
+  logs = []
+  _, history = training.finetune(model, frozen, th, x[:40], teacher[:40], (x[40:90], teacher[40:90]), cfg,
+                                 progress=False, log=logs.append)
+  assert "held-out loss over 40 of 50 images (whole batches of 20); set data.num_holdout to a multiple of 20" in logs[0]
+  loss = np.mean([float(training.rmse(model.apply({**frozen, "quant": th}, x[i:i + 20]), teacher[i:i + 20]))
+                  for i in (40, 60)])
+  np.testing.assert_allclose(history[0]["holdout_loss"], loss, rtol=1e-6)
+  with pytest.raises(ValueError, match="fine-tuning needs held-out images"):
+    training.finetune(model, frozen, th, x[:40], teacher[:40], (x[:0], teacher[:0]), cfg, progress=False)
+
+
 def test_bad_schedule_name():
   cfg = ml_collections.ConfigDict(dict(schedule="cosine", lr=1e-3, restart_period=10))
   with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
