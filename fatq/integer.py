@@ -604,7 +604,13 @@ class IntegerModel:
     if len(blob) < 8 or blob[4:8] != b"TFL3":
       raise ValueError(f"{model if not isinstance(model, bytes) else 'the bytes given'} is not a TFLite flatbuffer "
                        "(no 'TFL3' identifier)")
-    self.tensors, ops, (self.input,), (self.output,) = _read(blob)
+    self.tensors, ops, inputs, outputs = _read(blob)
+    if len(inputs) != 1:
+      raise UnsupportedOpError(f"the model has {len(inputs)} inputs; IntegerModel evaluates models with one")
+    if len(outputs) != 1 and output is None:
+      raise UnsupportedOpError(f"the model has {len(outputs)} outputs; name the one to evaluate with output= (a "
+                               "tensor name or index)")
+    self.input, self.output = inputs[0], outputs[0]
     if output is not None:  # evaluate up to another tensor (e.g. the logits before a SOFTMAX)
       self.output = _tensor_index(self.tensors, output)
     self.ops = _needed(ops, self.output)

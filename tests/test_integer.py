@@ -294,6 +294,24 @@ def test_refuses_a_mean_over_channels():
     IntegerModel(conv.convert())
 
 
+def test_refuses_a_model_of_two_inputs_or_outputs_by_name():
+  import tensorflow as tf
+  spec = tf.TensorSpec([1, 4, 4, 3], tf.float32)
+  for fn, signature, message in ((lambda x, y: x + y, [spec, spec], "the model has 2 inputs; IntegerModel evaluates "
+                                  "models with one"),
+                                 (lambda x: (2 * x, -x), [spec], "the model has 2 outputs; name the one to evaluate")):
+    module = tf.Module()
+    module.f = tf.function(fn, input_signature=signature)
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([module.f.get_concrete_function()], module)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda n=len(signature): (
+        [np.random.default_rng(i).normal(size=(1, 4, 4, 3)).astype(np.float32) for _ in range(n)] for i in range(8))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    with pytest.raises(UnsupportedOpError, match=message):  # was "too many values to unpack"
+      IntegerModel(conv.convert())
+
+
 def test_refuses_what_it_cannot_compute(mnist, lenet_params, tmp_path):
   xte = mnist[2]
   float_blob = E.convert_float(E.float_function(LeNet5(), lenet_params, xte[:1]))
