@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -74,29 +74,26 @@ def _lenet5(cfg, workdir: str, progress: bool):
     check_labels(labels, 0, int(m.num_classes))
   model = LeNet5(num_classes=m.num_classes)
   ckpt = m.checkpoint or os.path.join(workdir, "float_checkpoint")
-  settings = float_training(cfg)
-  changed = "" if m.checkpoint else _float_training_changes(ckpt, settings)
-  if changed:
-    print(f"float LeNet-5: {ckpt} was trained with other settings ({changed}); training it again")
-  if os.path.isdir(ckpt) and not changed:
-    params = load_variables(ckpt)["params"]
+
+  def train():
+    print(f"float LeNet-5: training {m.float_epochs} epochs on {len(train_x)} labeled {cfg.data.name} images "
+          f"(cached in {ckpt})")
+    return train_classifier(model, train_x, train_y, epochs=m.float_epochs, batch_size=m.float_batch_size,
+                            lr=m.float_lr, weight_decay=m.get("float_weight_decay", 0.0), seed=cfg.seed,
+                            progress=progress)
+
+  if m.checkpoint:  # a user's model: used as it is
+    if not os.path.isdir(ckpt):
+      raise FileNotFoundError(f"config.model.checkpoint {m.checkpoint!r} does not exist; leave it empty to train "
+                              "the float model here")
+    params, loaded = load_variables(ckpt)["params"], True
+  else:
+    params, loaded = cached_float_params(ckpt, float_training(cfg), train, print, "float LeNet-5")
+  if loaded:
     fix = (f"point config.model.checkpoint at a LeNet-5 with {m.num_classes} classes, or leave it empty to train "
            "one here" if m.checkpoint else "delete it to train the float model here again")
     check_params_fit(model, params, train_x[:1], ckpt, fix)
     print(f"float LeNet-5: loaded {ckpt}")
-  elif m.checkpoint:
-    raise FileNotFoundError(f"config.model.checkpoint {m.checkpoint!r} does not exist; leave it empty to train "
-                            "the float model here")
-  else:
-    print(f"float LeNet-5: training {m.float_epochs} epochs on {len(train_x)} labeled {cfg.data.name} images "
-          f"(cached in {ckpt})")
-    params = train_classifier(model, train_x, train_y, epochs=m.float_epochs, batch_size=m.float_batch_size,
-                              lr=m.float_lr, weight_decay=m.get("float_weight_decay", 0.0), seed=cfg.seed,
-                              progress=progress)
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(ckpt + ".json")  # no settings that the checkpoint may not have, should saving it fail
-    save_variables(ckpt, {"params": params})
-    atomic_write_json(ckpt + ".json", settings)
   train, cal, hold = split_unlabeled(train_x, cfg.data, cfg.seed)  # labels of these are never used
   return model, params, Data(train=train, calibration=cal, holdout=hold, eval_images=test_x, eval_labels=test_y,
                              sources=idx.sources(cfg.data.name, cfg.data.dir or None))
@@ -108,6 +105,23 @@ def float_training(cfg) -> dict:
   return dict(data=cfg.data.name, data_dir=cfg.data.dir, num_classes=m.num_classes, epochs=m.float_epochs,
               batch_size=m.float_batch_size, lr=m.float_lr, weight_decay=m.get("float_weight_decay", 0.0),
               seed=cfg.seed)
+
+
+def cached_float_params(ckpt: str, settings: dict, train: Callable[[], Tree], log: Callable[[str], None],
+                        what: str) -> tuple[Tree, bool]:
+  """``(params, loaded)``: the float model cached at ``ckpt`` when it was trained with ``settings`` (stored beside it,
+  ``ckpt.json``), else ``train()``'s, cached there with its settings (``loaded`` False)."""
+  changed = _float_training_changes(ckpt, settings)
+  if changed:
+    log(f"{what}: {ckpt} was trained with other settings ({changed}); training it again")
+  if os.path.isdir(ckpt) and not changed:
+    return load_variables(ckpt)["params"], True
+  params = train()
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(ckpt + ".json")  # no settings that the checkpoint may not have, should saving it fail
+  save_variables(ckpt, {"params": params})
+  atomic_write_json(ckpt + ".json", settings)
+  return params, False
 
 
 def _float_training_changes(ckpt: str, wanted: dict) -> str:

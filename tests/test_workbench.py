@@ -451,7 +451,7 @@ def test_lenet_task_trains_its_float_model_again_when_its_settings_change(tmp_pa
   jax.tree.map(np.testing.assert_array_equal, first.params, again.params)
   logs.clear()
   X.load_task(dict(t, float_limit=128), str(tmp_path), log=logs.append)
-  assert "trained with other settings (images 256 -> 128); training again" in logs[0], logs
+  assert "trained with other settings (images 256 -> 128); training it again" in logs[0], logs
   assert any("on 128 labeled images" in line for line in logs)
 
 

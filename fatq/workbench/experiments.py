@@ -23,7 +23,7 @@ import numpy as np
 
 from fatq import calibration, training
 from fatq.config import QuantConfig, QuantRule, QuantSpec
-from fatq.experiment import Data, atomic_write_json, check_labels, load_variables, save_variables, scores
+from fatq.experiment import Data, atomic_write_json, check_labels, load_variables, scores
 from fatq.layers import STATS, THRESHOLDS
 from fatq.workbench import analysis
 
@@ -62,7 +62,7 @@ def load_task(t, workdir: str, seed: int = 0, log=print, need_data: bool = True)
 def _lenet5(t, workdir, seed, log):
   from fatq.data import idx
   from fatq.models import LeNet5
-  from fatq.tasks import _float_training_changes, split_unlabeled
+  from fatq.tasks import cached_float_params, split_unlabeled
 
   ds = t.get("dataset", "mnist")
   train_x, train_y = idx.load(ds, "train", t.get("data_dir") or None)
@@ -72,21 +72,20 @@ def _lenet5(t, workdir, seed, log):
   model = LeNet5(num_classes=10)
   ckpt = t.get("checkpoint") or os.path.join(workdir, task_name(t), "float_checkpoint")
   n = t.get("float_limit", 0) or len(train_x)
-  # what the float model depends on, stored beside it: another setting trains it again (as fatq.tasks does)
-  settings = dict(data=ds, data_dir=t.get("data_dir", ""), epochs=t.get("float_epochs", 3), images=n,
-                  batch_size=128, lr=1e-3, seed=seed)
-  changed = "" if t.get("checkpoint") else _float_training_changes(ckpt, settings)
-  if changed:
-    log(f"{task_name(t)}: the float LeNet-5 in {ckpt} was trained with other settings ({changed}); training again")
-  if os.path.isdir(ckpt) and not changed:
-    params = load_variables(ckpt)["params"]
-    log(f"{task_name(t)}: float LeNet-5 loaded from {ckpt}")
-  else:
+
+  def train():
     log(f"{task_name(t)}: training the float LeNet-5, {t.get('float_epochs', 3)} epochs on {n} labeled images")
-    params = training.train_classifier(model, train_x[:n], train_y[:n], epochs=t.get("float_epochs", 3),
-                                       batch_size=128, lr=1e-3, seed=seed, log=log, progress=False)
-    save_variables(ckpt, {"params": params})
-    atomic_write_json(ckpt + ".json", settings)
+    return training.train_classifier(model, train_x[:n], train_y[:n], epochs=t.get("float_epochs", 3),
+                                     batch_size=128, lr=1e-3, seed=seed, log=log, progress=False)
+
+  if t.get("checkpoint") and os.path.isdir(ckpt):  # a user's model: used as it is
+    params, loaded = load_variables(ckpt)["params"], True
+  else:  # what the float model depends on is stored beside it: another setting trains it again
+    settings = dict(data=ds, data_dir=t.get("data_dir", ""), epochs=t.get("float_epochs", 3), images=n,
+                    batch_size=128, lr=1e-3, seed=seed)
+    params, loaded = cached_float_params(ckpt, settings, train, log, f"{task_name(t)}: float LeNet-5")
+  if loaded:
+    log(f"{task_name(t)}: float LeNet-5 loaded from {ckpt}")
   cfg_data = ml_collections.ConfigDict(dict(num_train=t.get("num_train", 10000),
                                             num_calibration=t.get("num_calibration", 100),
                                             num_holdout=t.get("num_holdout", 1000)))
