@@ -71,7 +71,8 @@ class InputError(ValueError):
   matches nothing): entry points print it as one line."""
 
 
-def _is_int(value, least: int) -> bool:
+def is_int_at_least(value, least: int) -> bool:
+  """An integer (not a bool) >= ``least``: a config's count or size."""
   return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
@@ -99,7 +100,7 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
   for key in ("calibration.batch_size", "eval_batch_size"):
     value = value_of(key)
     if value is not None:
-      need(_is_int(value, 1), key, value, "must be a positive integer")
+      need(is_int_at_least(value, 1), key, value, "must be a positive integer")
   # sizes are slice bounds: a negative one would quietly drop images from the other end
   for key, least, want in (("seed", 0, "must be an integer >= 0"),
                            ("data.num_train", 0, "must be an integer >= 0 (0: every image left)"),
@@ -107,12 +108,12 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
                            ("data.val_limit", 0, "must be an integer >= 0 (0: every image)")):
     value = value_of(key)
     if value is not None:
-      need(_is_int(value, least), key, value, want)
+      need(is_int_at_least(value, least), key, value, want)
   model = cfg.get("model", None)
   if model is not None and model.get("name", "") == "lenet5" and not model.get("checkpoint", ""):
     # the float LeNet-5 is trained here first: a bad setting would train (and cache) a useless teacher
-    for key, ok, want in (("float_epochs", _is_int(model.get("float_epochs"), 1), "must be a positive integer"),
-                          ("float_batch_size", _is_int(model.get("float_batch_size"), 1),
+    for key, ok, want in (("float_epochs", is_int_at_least(model.get("float_epochs"), 1), "must be a positive integer"),
+                          ("float_batch_size", is_int_at_least(model.get("float_batch_size"), 1),
                            "must be a positive integer"),
                           ("float_lr", isinstance(model.get("float_lr"), (int, float)) and model.get("float_lr") > 0,
                            "must be a positive learning rate")):
@@ -194,10 +195,10 @@ def fat_problems(fat) -> list[tuple[str, Any, str]]:
     problems.append(("lr", lr, "must be a positive learning rate"))
   elif not (isinstance(lr_min, (int, float)) and 0 <= lr_min <= lr):
     problems.append(("lr_min", lr_min, f"the schedule's lowest learning rate: must be in [0, lr = {lr}]"))
-  if not _is_int(fat.get("seed", 0), 0):
+  if not is_int_at_least(fat.get("seed", 0), 0):
     problems.append(("seed", fat.get("seed"), "must be an integer >= 0"))
   per_device = fat.get("per_device_batch_size", 0)
-  if not _is_int(per_device, 0):
+  if not is_int_at_least(per_device, 0):
     problems.append(("per_device_batch_size", per_device, "must be an integer >= 0 (0: use batch_size)"))
   elif not problems:  # batch_size must split over the devices (XLA_FLAGS / the machine decide how many)
     try:

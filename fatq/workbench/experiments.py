@@ -23,7 +23,7 @@ import numpy as np
 
 from fatq import calibration, training
 from fatq.config import QuantConfig, QuantRule, QuantSpec
-from fatq.experiment import Data, atomic_write_json, check_labels, load_variables, scores
+from fatq.experiment import Data, atomic_write_json, check_labels, is_int_at_least, load_variables, scores
 from fatq.layers import STATS, THRESHOLDS
 from fatq.workbench import analysis
 
@@ -619,7 +619,7 @@ def _check_sizes(cfg) -> None:
   for where, node in [("", cfg), *tasks]:
     for key, least in _SIZES:
       value = node.get(key, None)
-      if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+      if value is not None and not is_int_at_least(value, least):
         raise ValueError(f"config.{where}{key} = {value!r}: must be an integer >= {least} (set it with "
                          f"--config.{where}{key}=...)")
 
