@@ -5,7 +5,8 @@ quantization vs fatq's export, plus Google's quantization-aware-trained MobileNe
 
 Models:
 * MobileNet v1 0.75 from the fine-tuned run ``--v1_workdir`` (default runs/mobilenet_v1_0.75_quick: its config,
-  its fine-tuned row, its images and calibration set; ``--v1_workdir=''`` skips it);
+  its fine-tuned row, ``--v1_row`` where it has several, its images and calibration set; ``--v1_workdir=''`` skips
+  it). The table names the model as that run's config does;
 * the model of ``--config`` (default configs/mobilenet_v2_1.0.py; ``--nopost_training`` skips it), not fine-tuned:
   fatq's export of the calibrated model, FAT factors at their initial values, i.e. fatq's post-training
   quantization, with the same rules as the v1 row. Its images are those of the config's ``data`` section: the
@@ -17,7 +18,8 @@ weights, representative dataset = the same calibration images fatq calibrated on
 (fatq.export.export_and_check: read-back check, agreement with the JAX fake-quant model); for MobileNet v2 also
 Google's QAT uint8 MobileNet v2 1.0 (a reference: another float model and training). Top-1 on the validation images
 (interpreter, XNNPACK), file size, latency (median single-image invoke) at each of ``--threads``. Prints a table and
-writes results.json (rows; per model the images' sources and counts; the arguments), each model's files beside it.
+writes results.json (rows; per model the images' sources and counts; the arguments), each model's files beside it
+(``finetuned_<config name>/`` and ``post_training_<config name>/``).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from absl import flags
 from ml_collections import config_flags
 
 QAT = "models/mobilenet_v2_1.0_224_qat_uint8.tflite"
-TITLES = {"mobilenet_v2_1.0": "MobileNet v2 1.0"}  # config name -> table name
+TITLES = {"mobilenet_v1_0.75": "MobileNet v1 0.75", "mobilenet_v2_1.0": "MobileNet v2 1.0"}  # config name -> table
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "mobilenet_v2_1.0.py")
 
 flags.DEFINE_string("v1_workdir", "runs/mobilenet_v1_0.75_quick",
                     "finetune.py run of MobileNet v1 0.75 with a fine-tuned row ('' to skip)")
+flags.DEFINE_string("v1_row", None, "the --v1_workdir row to export (default: its only fine-tuned row)")
 # No default here: ml_collections would read the overrides while defining the flag, outside fatq.cli's error
 # messages; __main__ puts --config=DEFAULT_CONFIG on the command line instead when it is missing.
 config_flags.DEFINE_config_file("config", None, "model config of the post-training comparison (default "
@@ -113,10 +116,8 @@ def compare(name, model, params, images, labels, calib, out_dir, args, fatq_expo
 
 def v1_rows(args):
   """MobileNet v1 0.75: the fine-tuned row of a finetune.py run (its config, images and calibration set)."""
-  import ml_collections
-
-  from fatq import tasks
-  from fatq.export import export_row
+  from fatq import experiment, tasks
+  from fatq.export import ExportError, export_row, fine_tuned_row
 
   results = Path(args.v1_workdir, "results.json")
   if not results.is_file():
@@ -124,19 +125,24 @@ def v1_rows(args):
         f"--v1_workdir={args.v1_workdir}: no finetune.py run there ({results} is missing). Run python "
         f"experiments/finetune.py --config configs/mobilenet_v1_0.75_fat.py:quick --workdir {args.v1_workdir} "
         "first, or pass --v1_workdir='' to leave MobileNet v1 out")
-  cfg = ml_collections.ConfigDict(json.loads(results.read_text())["config"])
+  cfg = experiment.run_config(args.v1_workdir)
+  try:  # before any conversion
+    row_name = fine_tuned_row(cfg, args.v1_workdir, args.v1_row)
+  except ExportError as e:
+    raise ValueError(f"--v1_workdir={args.v1_workdir}: {e}; pick one with --v1_row") from None
   model, params, data = tasks.prepare(cfg, args.v1_workdir, progress=False)
   images, labels = data.eval_images[:args.limit or None], data.eval_labels[:args.limit or None]
   data.eval_images, data.eval_labels = images, labels
 
   def export(float_blob, out):
-    r = export_row(cfg, model, params, data, args.v1_workdir, None, out, threads=tuple(args.threads),
+    r = export_row(cfg, model, params, data, args.v1_workdir, row_name, out, threads=tuple(args.threads),
                    float_blob=float_blob)
     return r, f"fatq export of the fine-tuned row {r['row']} ({args.v1_workdir})"
 
-  title = "MobileNet v1 0.75"
+  name = cfg.get("name", cfg.model.name)
+  title = TITLES.get(name, name)
   rows = compare(title, model, params, images, labels, data.calibration,
-                 os.path.join(os.path.dirname(args.out), "mobilenet_v1_0.75"), args, export)
+                 os.path.join(os.path.dirname(args.out), f"finetuned_{name}"), args, export)
   return title, rows, dict(data.sources, num_evaluation=len(images), num_calibration=len(data.calibration))
 
 
@@ -156,8 +162,11 @@ def post_training_rows(args):
   offset = 1 if int(cfg.model.num_classes) == 1001 else 0
   val = imagenet.evaluation_set(d, label_offset=offset, limit=args.limit or d.get("val_limit") or None)
   pool = imagenet.unlabeled_pool(d)
-  # the v1 run's split (same pool, sizes and seed): the same 100 calibration images
-  split = ml_collections.ConfigDict(dict(num_train=0, num_calibration=args.calib, num_holdout=100))
+  # the v1 run's split (same pool and seed): the same calibration images (the first of its order)
+  if len(pool.images) <= args.calib:
+    raise ValueError(f"--calib={args.calib}: only {len(pool.images)} unlabeled images in {imagenet.sources(d)}; "
+                     "lower --calib or add images")
+  split = ml_collections.ConfigDict(dict(num_train=0, num_calibration=args.calib, num_holdout=0))
   _, calib, _ = split_unlabeled(pool.images, split, 0)
   row = ml_collections.ConfigDict(dict(weight_bits=8, act_bits=8, per_channel=True, symmetric=True,
                                        act_symmetric=False))
@@ -176,11 +185,15 @@ def post_training_rows(args):
   name = cfg.get("name", cfg.model.name)
   title = TITLES.get(name, name)
   rows = compare(title, model, params, val.images, val.labels, calib,
-                 os.path.join(os.path.dirname(args.out), name), args, export)
+                 os.path.join(os.path.dirname(args.out), f"post_training_{name}"), args, export)
   if args.qat and name == "mobilenet_v2_1.0":
     from fatq.data.paths import data_root
+    from fatq.export import TFLiteModel
     qat = Path(data_root()) / QAT
-    if qat.exists():
+    want = tuple(TFLiteModel(qat.read_bytes()).inp["shape"][1:]) if qat.exists() else None
+    if want is not None and want != val.images.shape[1:]:
+      print(f"  Google QAT MobileNet v2 1.0 left out: it takes {want} images, these are {val.images.shape[1:]}")
+    elif want is not None:
       row, _ = evaluate_tflite("Google QAT MobileNet v2 1.0 uint8", qat.read_bytes(), val.images, val.labels,
                                args.threads, dict(method="reference: Google's quantization-aware-trained model "
                                                   "(its own float weights and training)"))
@@ -192,11 +205,14 @@ def main(argv):
   if len(argv) > 1:  # e.g. '--threads 1 2': absl takes one value per flag
     sys.exit(f"error: unexpected arguments {argv[1:]}; repeat a flag for several values (--threads=1 --threads=2)")
   args = FLAGS
+  for flag, least in (("limit", 0), ("calib", 1)):
+    if getattr(args, flag) < least:
+      sys.exit(f"error: --{flag}={getattr(args, flag)}: must be >= {least} (a count of images)")
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   record = dict(rows=[], images={}, args=dict(
       v1_workdir=args.v1_workdir, config=args.config.to_dict() if args.post_training else None,
       post_training=args.post_training, calib=args.calib, limit=args.limit, threads=list(args.threads),
-      qat=args.qat, out=args.out))
+      qat=args.qat, out=args.out, v1_row=args.v1_row))
   for enabled, fn in ((args.v1_workdir, v1_rows), (args.post_training, post_training_rows)):
     if enabled:
       try:

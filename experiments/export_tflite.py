@@ -18,8 +18,6 @@ docs/export.md for the rules.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 
@@ -48,17 +46,11 @@ def main():
     if getattr(args, flag) < 0:
       ap.error(f"--{flag} {getattr(args, flag)}: must be >= 0 (a count of images)")
 
-  results_path = os.path.join(args.workdir, "results.json")
-  if not os.path.exists(results_path):
-    sys.exit(f"error: {results_path} not found: run experiments/finetune.py with this --workdir first")
-
-  import ml_collections
-
-  from fatq import tasks
+  from fatq import experiment, tasks
   from fatq.export import ExportError, export_row, fine_tuned_row
 
-  cfg = ml_collections.ConfigDict(json.load(open(results_path))["config"])
   try:
+    cfg = experiment.run_config(args.workdir)
     fine_tuned_row(cfg, args.workdir, args.row)  # a wrong --row stops before the data is read
     model, params, data = tasks.prepare(cfg, args.workdir, progress=False)
     if args.limit:

@@ -90,10 +90,22 @@ class QuantSpec:
     if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
       raise ValueError(f"QuantSpec.percentile is the share of values kept in range, in % (0 < p <= 100), got "
                        f"{self.percentile!r}")
-    for name in ("scale_bounds", "signed_shift_bounds", "unsigned_shift_bounds"):
+    for name in ("symmetric", "per_channel", "trainable"):
+      if not isinstance(getattr(self, name), bool):  # "false" would be truthy
+        raise ValueError(f"QuantSpec.{name} must be True or False, got {getattr(self, name)!r}")
+    if not (self.signed is None or isinstance(self.signed, bool)):
+      raise ValueError(f"QuantSpec.signed must be None (decided by calibration), True or False, got {self.signed!r}")
+    if not isinstance(self.channel_axis, int) or isinstance(self.channel_axis, bool):
+      raise ValueError(f"QuantSpec.channel_axis must be an integer axis, got {self.channel_axis!r}")
+    # Each factor starts at its calibrated value (1 for scales and widths, 0 for shifts): bounds that leave it out
+    # would clip it from the start, where it gets no gradient.
+    for name, start in (("scale_bounds", 1.0), ("signed_shift_bounds", 0.0), ("unsigned_shift_bounds", 0.0)):
       lo, hi = getattr(self, name)
       if not lo <= hi:
         raise ValueError(f"QuantSpec.{name} = {(lo, hi)} is inverted: write it as (low, high) with low <= high")
+      if not lo <= start <= hi:
+        raise ValueError(f"QuantSpec.{name} = {(lo, hi)} must contain {start}, the factor's starting value (the "
+                         "calibrated range): e.g. (0.5, 1.0) for scales and widths, (-0.2, 0.4) for shifts")
     if self.scale_bounds[0] <= 0:
       raise ValueError(f"QuantSpec.scale_bounds must be positive, got {self.scale_bounds}")
 
@@ -119,8 +131,11 @@ class QuantRule:
   def __post_init__(self):
     try:
       re.compile(self.pattern)
-    except re.error as e:
+    except (re.error, TypeError) as e:
       raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+    if not (self.spec is None or isinstance(self.spec, QuantSpec)):
+      raise ValueError(f"QuantRule {self.pattern!r}: the spec must be a QuantSpec or None (float), got "
+                       f"{type(self.spec).__name__} {self.spec!r}; from a dict: QuantSpec(**d)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,9 +233,19 @@ class QuantConfig:
                            calibration=cfg.get("weight_calibration", "minmax"), **common) if wb else None
     act = QuantSpec.fat(ab, symmetric=cfg.get("act_symmetric", symmetric),
                         calibration=cfg.get("act_calibration", "minmax"), **common) if ab else None
-    extra = [QuantRule(p, None if s is None else QuantSpec(**s)) for p, s in cfg.get("rules", ())]
+    extra = [QuantRule(p, None if s is None else _spec_of_rule(p, s)) for p, s in cfg.get("rules", ())]
     learn = cfg.get("learn_biases", None)
     if not (learn is None or isinstance(learn, (bool, str))):
       raise ValueError(f"learn_biases must be True, False or a pattern of layer names, got {learn!r}")
     learn = ".*" if learn is True else (learn or None)
     return dataclasses.replace(cls.uniform(weight, act, extra), learn_biases=learn)
+
+
+def _spec_of_rule(pattern: str, spec) -> QuantSpec:
+  """``QuantSpec(**spec)`` for a config rule, with the rule named in the message if a key is unknown."""
+  spec = dict(spec)
+  unknown = set(spec) - {f.name for f in dataclasses.fields(QuantSpec)}
+  if unknown:
+    raise ValueError(f"quantization rule {pattern!r}: unknown QuantSpec field(s) {sorted(unknown)}; the fields are "
+                     f"{[f.name for f in dataclasses.fields(QuantSpec)]}")
+  return QuantSpec(**spec)

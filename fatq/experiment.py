@@ -404,6 +404,23 @@ def base_rules(cfg) -> tuple[QuantRule, ...]:
   return (QuantRule("input", QuantSpec(bits=bits, symmetric=False, trainable=False)),)
 
 
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the ``experiments/finetune.py`` run in ``workdir`` (its ``results.json``), for the tools that
+  read such a run (export, agreement, comparison); raises InputError naming the file when it is not one."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    raise InputError(f"{path} not found: run experiments/finetune.py with --workdir {workdir} first")
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise InputError(f"{path} is not a readable results file ({e}): is {workdir} a finetune.py workdir?") from None
+  if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+    raise InputError(f"{path} holds no 'config': {workdir} is not an experiments/finetune.py workdir (other tools' "
+                     "results.json, e.g. compare_tflite's or the workbench's, cannot be exported from)")
+  return ml_collections.ConfigDict(stored["config"])
+
+
 # Config keys that change how a run computes, not what: a resumed run may give them other values.
 RESUMABLE_CHANGES = ("eval_batch_size", "fat.checkpoint_every", "data.cache_dir")
 

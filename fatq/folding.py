@@ -22,7 +22,15 @@ def fold_batch_norm(kernel, bias, gamma, beta, mean, var, eps: float):
                        f"{c} output channels (kernel shape {kernel.shape})")
   if eps <= 0:
     raise ValueError(f"batch norm eps must be positive, got {eps}")
-  scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+  if bias is not None and np.shape(bias) != (c,):
+    raise ValueError(f"bias has shape {np.shape(bias)}, expected ({c},) to match the kernel's {c} output channels "
+                     f"(kernel shape {kernel.shape})")
+  var_eps = np.asarray(var, np.float64) + eps
+  if not np.all(np.isfinite(var_eps) & (var_eps > 0)):
+    bad = np.flatnonzero(~(np.isfinite(var_eps) & (var_eps > 0)))
+    raise ValueError(f"batch norm moving_variance + eps must be finite and positive; channel(s) {bad[:8].tolist()} "
+                     f"have variance {np.asarray(var)[bad[:8]].tolist()} (a corrupt or mismatched checkpoint?)")
+  scale = np.asarray(gamma, np.float64) / np.sqrt(var_eps)
   b = np.zeros(c) if bias is None else np.asarray(bias, np.float64)
   folded_bias = (b - np.asarray(mean, np.float64)) * scale + np.asarray(beta, np.float64)
   return (kernel * scale).astype(np.float32), folded_bias.astype(np.float32)

@@ -202,10 +202,18 @@ class FakeQuant(nn.Module):
   spec: QuantSpec
   weights: bool = False  # quantizes a layer's weights (see integer_arithmetic's grids)
 
+  def _channel_axis(self, x: jax.Array) -> int:
+    """The spec's ``channel_axis`` as an index into ``x``'s axes (a value out of range would wrap to another axis)."""
+    axis = self.spec.channel_axis
+    if not -x.ndim <= axis < x.ndim:
+      raise ValueError(f"{self._point() or 'FakeQuant'}: channel_axis={axis} is out of range for a tensor of shape "
+                       f"{x.shape}; per-channel ranges need an axis in [{-x.ndim}, {x.ndim - 1}] (-1: the last)")
+    return axis % x.ndim
+
   def _reduce_axes(self, x: jax.Array) -> tuple[int, ...]:
     if not self.spec.per_channel:
       return tuple(range(x.ndim))
-    channel = self.spec.channel_axis % x.ndim
+    channel = self._channel_axis(x)
     return tuple(a for a in range(x.ndim) if a != channel)
 
   def _factor(self, name: str, init: float, shape) -> jax.Array:
@@ -246,7 +254,7 @@ class FakeQuant(nn.Module):
     if not self.spec.per_channel:
       return []
     shape = [1] * x.ndim
-    shape[self.spec.channel_axis % x.ndim] = -1
+    shape[self._channel_axis(x)] = -1
     return shape
 
   def _search(self, x: jax.Array, t_left: jax.Array, t_right: jax.Array,
@@ -388,7 +396,7 @@ class FakeQuant(nn.Module):
                        "uniform quantizer outside export")
     name = self._point()
     if _EXPORT_MARKERS.get():
-      axis = self.spec.channel_axis % x.ndim if self.spec.per_channel else None
+      axis = self._channel_axis(x) if self.spec.per_channel else None
       return quant_marker_p.bind(x, name=name, channel_axis=axis)
     if self.spec.kind != "uniform":  # power of two, fixed point, LSQ: fatq.workbench.quantizers
       from fatq.workbench import quantizers as extra
@@ -407,7 +415,7 @@ class FakeQuant(nn.Module):
     layers = _GRIDS.get()
     if layers is None:
       # linearized slices lie along the last axis (what the fast depthwise kernel sums over); others stay dense
-      last = not self.spec.per_channel or self.spec.channel_axis % x.ndim == x.ndim - 1
+      last = not self.spec.per_channel or self._channel_axis(x) == x.ndim - 1
       if linearize and last and self.spec.trainable and not self.is_mutable_collection(THRESHOLDS) and all(
           self.has_variable(THRESHOLDS, name) for name in self._factor_names()):
         return self._linearized(x, lo, hi, narrow)
@@ -424,7 +432,7 @@ class FakeQuant(nn.Module):
       act = activation or ACTIVATIONS["none"]
       lo_code, hi_code = (quantizers.quantize(act(v), p) - p.zero_point for v in (p.nudged_min, p.nudged_max))
       out = jnp.clip(requantize(p.scale), lo_code, hi_code) * p.scale
-    if not self.spec.per_channel or self.spec.channel_axis % x.ndim == x.ndim - 1:  # a grid a layer can consume
+    if not self.spec.per_channel or self._channel_axis(x) == x.ndim - 1:  # a grid a layer can consume
       # the stored codes: the n-bit grid's codes in an 8-bit carrier, signed for int8
       carrier = 2 ** (self.spec.bits - 1) if layers.scheme == "int8" else 2 ** (self.spec.bits - 1) - 128
       _set_grid(out, p.scale, p.zero_point - carrier)

@@ -28,7 +28,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_training(metrics: list[dict], out_png: str, title: str = "") -> None:
-  """Left: train and held-out distillation loss per step. Right: mean FAT factor of every point per step."""
+  """Left: train and held-out distillation loss per step. Right: mean FAT factor (scale, width, shift) of every point
+  per step; learned bias offsets, in the biases' units, are left out."""
   fig, (ax_loss, ax_f) = plt.subplots(1, 2, figsize=(13, 4.5))
   steps = [m["step"] for m in metrics]
   ax_loss.plot(steps, [m["holdout_loss"] for m in metrics], "o-", label="held-out")
@@ -38,11 +39,13 @@ def plot_training(metrics: list[dict], out_png: str, title: str = "") -> None:
   ax_loss.set(xlabel="step", ylabel="distillation loss", title=f"{title} loss".strip())
   ax_loss.legend()
   factors = [m.get("factors", {}) for m in metrics]
-  names = sorted({(p, k) for f in factors for p, d in f.items() for k in d})
+  names = sorted({(p, k) for f in factors for p, d in f.items() for k in d if k in ("scale", "width", "shift")})
+  # 20 distinct colours (matplotlib's default cycle repeats after 10, which made legend entries ambiguous)
+  ax_f.set_prop_cycle(color=plt.get_cmap("tab20").colors)
   for p, k in names:
     ax_f.plot(steps, [f.get(p, {}).get(k, np.nan) for f in factors], lw=0.8, label=f"{p}:{k}")
   ax_f.set(xlabel="step", ylabel="mean factor", title="threshold factors (scale / width / shift)")
-  if len(names) <= 16:
+  if len(names) <= 20:
     ax_f.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(out_png, dpi=110)
@@ -86,6 +89,8 @@ def plot_activation_ranges(model, variables_before: Tree, variables_after: Tree,
   order; returns the points drawn. Beyond ``max_points`` points, evenly spaced ones from the input to the logits."""
   hists = activation_histograms(model, variables_before, variables_after, images)
   names = list(hists)
+  if not names:  # weights-only quantization: no activation to draw
+    return []
   if len(names) > max_points:
     names = [names[i] for i in sorted(set(np.linspace(0, len(names) - 1, max_points).round().astype(int)))]
   cols = 6

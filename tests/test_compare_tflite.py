@@ -56,10 +56,25 @@ def test_compare_tflite_on_user_folders(tmp_path, imagenet_folders):
 
 def test_compare_tflite_argument_mistakes_are_one_line(tmp_path):
   script = os.path.join(ROOT, "experiments", "compare_tflite.py")
+  other = tmp_path / "other"  # another tool's results.json
+  other.mkdir()
+  (other / "results.json").write_text(json.dumps(dict(rows=[])))
+  two = tmp_path / "two"  # a finetune.py run with two fine-tuned rows
+  for row in ("a", "b"):
+    (two / "rows" / row / "checkpoint").mkdir(parents=True)
+  (two / "results.json").write_text(json.dumps(dict(config=dict(rows=[dict(name="a"), dict(name="b")]))))
   for args, message in (
       (["--threads", "1", "2"], "error: unexpected arguments ['2']; repeat a flag for several values "
                                 "(--threads=1 --threads=2)"),
-      ([f"--v1_workdir={tmp_path / 'none'}"], f"error: --v1_workdir={tmp_path / 'none'}: no finetune.py run there")):
+      ([f"--v1_workdir={tmp_path / 'none'}"], f"error: --v1_workdir={tmp_path / 'none'}: no finetune.py run there"),
+      (["--limit=-5"], "error: --limit=-5: must be >= 0"),
+      (["--calib=0"], "error: --calib=0: must be >= 1"),
+      ([f"--v1_workdir={other}"], f"error: {other / 'results.json'} holds no 'config': {other} is not an "
+                                  "experiments/finetune.py workdir"),
+      ([f"--v1_workdir={two}"], f"error: --v1_workdir={two}: choose a row among the fine-tuned rows ['a', 'b']; pick "
+                                "one with --v1_row"),
+      ([f"--v1_workdir={two}", "--v1_row=c"], f"error: --v1_workdir={two}: choose a row among the fine-tuned rows "
+                                              "['a', 'b'] (got 'c')")):
     run = subprocess.run([sys.executable, script, f"--out={tmp_path / 'out' / 'results.json'}", *args],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith(message), run.stderr[-2000:]

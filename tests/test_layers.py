@@ -128,6 +128,10 @@ def test_batch_norm_folding_depthwise_and_shape_errors():
   np.testing.assert_allclose(bf, -np.arange(1, 5) / 2.0)
   with pytest.raises(ValueError, match=r"gamma has shape \(3,\), expected \(4,\)"):
     fatq.fold_batch_norm(k, None, np.ones(3), np.zeros(4), np.zeros(4), np.ones(4), eps=1e-3)
+  with pytest.raises(ValueError, match=r"bias has shape \(4, 4\), expected \(4,\)"):
+    fatq.fold_batch_norm(k, np.zeros((4, 4)), np.ones(4), np.zeros(4), np.zeros(4), np.ones(4), eps=1e-3)
+  with pytest.raises(ValueError, match=r"moving_variance \+ eps must be finite and positive; channel\(s\) \[1, 3\]"):
+    fatq.fold_batch_norm(k, None, np.ones(4), np.zeros(4), np.zeros(4), np.array([1, -1, 1, np.nan]), eps=1e-3)
 
 
 def _lenet(quant=None):
@@ -203,6 +207,30 @@ def test_spec_validation_messages():
     fatq.QuantConfig.from_dict({"weigth_bits": 8})
   with pytest.raises(ValueError, match="not a valid regular expression"):
     fatq.QuantRule("conv(", None)
+  # A factor starts at its calibrated value (scale 1, shift 0); bounds without it would clip it, untrained, forever.
+  with pytest.raises(ValueError, match=r"scale_bounds = \(0.5, 0.9\) must contain 1.0"):
+    fatq.QuantSpec(scale_bounds=(0.5, 0.9))
+  with pytest.raises(ValueError, match=r"signed_shift_bounds = \(0.05, 0.4\) must contain 0.0"):
+    fatq.QuantSpec(signed_shift_bounds=(0.05, 0.4))
+  for field, value in (("symmetric", "false"), ("per_channel", "no"), ("trainable", 1), ("signed", "no")):
+    with pytest.raises(ValueError, match=f"QuantSpec.{field} must be"):
+      fatq.QuantSpec(**{field: value})
+  with pytest.raises(ValueError, match="channel_axis must be an integer"):
+    fatq.QuantSpec(channel_axis=1.0)
+  with pytest.raises(ValueError, match=r"QuantRule '.\*kernel': the spec must be a QuantSpec or None"):
+    fatq.QuantRule(".*kernel", {"bits": 4})
+  with pytest.raises(ValueError, match=r"quantization rule 'conv1/.\*': unknown QuantSpec field\(s\) \['bitz'\]"):
+    fatq.QuantConfig.from_dict({"rules": [("conv1/.*", {"bitz": 4})]})
+
+
+def test_per_channel_axis_out_of_range_is_refused():
+  # An axis past the kernel's rank used to wrap (axis 4 of a 4-D kernel gave one range per kernel row).
+  fq = layers.FakeQuant(fatq.QuantSpec(bits=8, per_channel=True, channel_axis=4), weights=True)
+  with pytest.raises(ValueError, match=r"channel_axis=4 is out of range for a tensor of shape \(3, 3, 8, 16\)"):
+    fq.init(jax.random.key(0), jnp.ones((3, 3, 8, 16)))
+  ok = layers.FakeQuant(fatq.QuantSpec(bits=8, per_channel=True, channel_axis=-4), weights=True)
+  stats = ok.apply({}, jnp.ones((3, 3, 8, 16)), mutable=[layers.STATS])[1][layers.STATS]
+  assert stats["max"].shape == (3,)
 
 
 def test_thresholds_are_the_only_trainable_variables_and_move_the_range():
@@ -614,6 +642,27 @@ def test_activation_histograms_count_every_value_and_draw_both_ranges(tmp_path):
   out = tmp_path / "ranges.png"
   plots.plot_activation_ranges(m, before, after, x, str(out))
   assert out.stat().st_size > 10_000
+
+
+def test_plots_of_weight_only_rows_and_of_bias_offsets(tmp_path, monkeypatch):
+  from fatq import plots
+
+  # weights alone quantized: no activation panel to draw (plt.subplots(0, 6) used to raise after fine-tuning)
+  m, params, x = _lenet(fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4), None))
+  stats = fatq.calibrate(m, params, [x])
+  v = {"params": params, "quant_stats": stats, "quant": fatq.init_thresholds(m, params, stats, x[:1])}
+  assert plots.plot_activation_ranges(m, v, v, x, str(tmp_path / "none.png")) == []
+  assert not (tmp_path / "none.png").exists()
+  # the factor panel draws FAT factors only: bias offsets are in the biases' units
+  figures = []
+  monkeypatch.setattr(plots.plt, "close", figures.append)
+  factors = {"conv1/kernel": {"scale": 1.0}, "conv1": {"bias_offset": 0.3}, "input": {"shift": 0.0, "width": 1.0}}
+  plots.plot_training([dict(step=s, holdout_loss=1.0 / (s + 1), factors=factors) for s in range(3)],
+                      str(tmp_path / "training.png"))
+  labels = [line.get_label() for line in figures[0].axes[1].lines]
+  assert labels == ["conv1/kernel:scale", "input:shift", "input:width"]
+  colours = [line.get_color() for line in figures[0].axes[1].lines]
+  assert len(set(colours)) == 3
 
 
 def test_activation_plot_follows_the_network_from_input_to_logits(tmp_path):
