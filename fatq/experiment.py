@@ -195,6 +195,8 @@ def fat_problems(fat) -> list[tuple[str, Any, str]]:
     problems.append(("lr", lr, "must be a positive learning rate"))
   elif not (isinstance(lr_min, (int, float)) and 0 <= lr_min <= lr):
     problems.append(("lr_min", lr_min, f"the schedule's lowest learning rate: must be in [0, lr = {lr}]"))
+  if not isinstance(fat.get("project_factors", False), bool):
+    problems.append(("project_factors", fat.get("project_factors"), "must be True or False"))
   if not is_int_at_least(fat.get("seed", 0), 0):
     problems.append(("seed", fat.get("seed"), "must be an integer >= 0"))
   per_device = fat.get("per_device_batch_size", 0)

@@ -48,6 +48,9 @@ from fatq.config import QuantConfig, QuantSpec
 
 STATS = "quant_stats"
 THRESHOLDS = "quant"
+# Each trained factor's bounds, (2, *factor shape): lower, upper. Recorded by an apply with it mutable
+# (fatq.training.factor_bounds), for fine-tuning that projects the factors back into their bounds after each step.
+FACTOR_BOUNDS = "quant_bounds"
 RANGES = "quant_ranges"
 # Calibration's second pass (fatq.calibration.calibrate), for activations calibrated by a search ('mse', ...):
 # each such quantizer sums, over the calibration batches, what it chooses its range from, and the range so chosen
@@ -232,13 +235,21 @@ class FakeQuant(nn.Module):
     signed = self._signed(t_left)
     if s.symmetric:
       t_max = jnp.maximum(jnp.abs(t_left), jnp.abs(t_right))
+      self._record_bounds("scale", s.scale_bounds, t_max.shape)
       lo, hi = quantizers.symmetric_range(factor("scale", 1.0, t_max.shape), t_max, signed, s.scale_bounds)
       return lo, hi, signed  # signed symmetric grids are narrow: zero point exactly 0
     shift_bounds = tuple(jnp.where(signed, a, b) for a, b in zip(s.signed_shift_bounds, s.unsigned_shift_bounds))
+    self._record_bounds("shift", shift_bounds, t_left.shape)
+    self._record_bounds("width", s.scale_bounds, t_left.shape)
     t_left, t_right = quantizers.containing_zero(t_left, t_right)
     lo, hi = quantizers.asymmetric_range(factor("shift", 0.0, t_left.shape), factor("width", 1.0, t_left.shape),
                                          t_left, t_right, shift_bounds, s.scale_bounds)
     return lo, hi, jnp.asarray(False)
+
+  def _record_bounds(self, name: str, bounds, shape) -> None:
+    if self.spec.trainable and self.is_mutable_collection(FACTOR_BOUNDS):
+      lo, hi = (jnp.broadcast_to(jnp.asarray(b, jnp.float32), shape) for b in bounds)
+      self.put_variable(FACTOR_BOUNDS, name, jnp.stack([lo, hi]))
 
   def _signed(self, t_left: jax.Array) -> jax.Array:
     """Whether the grid is signed: the spec's ``signed``, or (None) whether the calibrated minimum is negative."""

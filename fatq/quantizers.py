@@ -43,32 +43,6 @@ def bounded(x: jax.Array, lo: jax.Array | float, hi: jax.Array | float) -> jax.A
   return jnp.where((x >= lo) & (x <= hi), x, jnp.clip(x, lo, hi))
 
 
-@jax.custom_vjp
-def clip_factor(x: jax.Array, lo: jax.Array | float, hi: jax.Array | float) -> jax.Array:
-  """``clip(x, lo, hi)`` for a trained factor: the gradient is passed on the closed interval ``[lo, hi]`` (as
-  :func:`bounded`), and outside it only where it points back inside (``x > hi`` and ``g > 0``, or ``x < lo`` and
-  ``g < 0``: a descent step moves ``x`` towards the interval).
-
-  With :func:`bounded` a factor that one step carried past its bound got no gradient again and stayed there, clipped,
-  for the rest of training, whatever the loss asked for later: FAT's factors start on a bound (``alpha = 1``), and in
-  the MobileNet v1 vector run 7340 of 9208 weight factors had ended past it.
-  """
-  return jnp.clip(x, lo, hi)
-
-
-def _clip_factor_fwd(x, lo, hi):
-  return jnp.clip(x, lo, hi), (x, lo, hi)
-
-
-def _clip_factor_bwd(residuals, g):
-  x, lo, hi = residuals
-  passes = ((x >= lo) & (x <= hi)) | ((x > hi) & (g > 0)) | ((x < lo) & (g < 0))
-  return jnp.where(passes, g, 0.0).astype(g.dtype), jnp.zeros_like(lo), jnp.zeros_like(hi)
-
-
-clip_factor.defvjp(_clip_factor_fwd, _clip_factor_bwd)
-
-
 def grid(num_bits: int, narrow_range: bool | jax.Array) -> tuple[jax.Array | int, int]:
   """The integer grid ``(qmin, qmax)`` of an n-bit quantizer in TF's unsigned convention.
 
@@ -430,7 +404,7 @@ def symmetric_range(alpha: jax.Array, t_max: jax.Array, signed: jax.Array | bool
   Signed ranges are used with ``narrow_range=True`` (grid ``[-(2^(n-1)-1), 2^(n-1)-1]``, zero point exactly 0);
   unsigned ranges use the full grid ``[0, 2^n - 1]``.
   """
-  t = clip_factor(alpha, *bounds) * t_max
+  t = bounded(alpha, *bounds) * t_max
   return jnp.where(signed, -t, jnp.zeros_like(t)), t
 
 
@@ -453,8 +427,8 @@ def asymmetric_range(shift: jax.Array, width: jax.Array, t_left: jax.Array, t_ri
   r = t_right - t_left
   # XLA may fuse a * b + c into one multiply-add in one compiled program and not in another (measured: a MobileNet v1
   # output scale 1 ulp apart); exact agreement with an exported file goes through the file's grids (docs/export.md).
-  lo = t_left + clip_factor(shift, *shift_bounds) * r
-  return lo, lo + clip_factor(width, *width_bounds) * r
+  lo = t_left + bounded(shift, *shift_bounds) * r
+  return lo, lo + bounded(width, *width_bounds) * r
 
 
 def quantize_bias(bias: jax.Array, input_scale: jax.Array, weight_scale: jax.Array) -> jax.Array:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fatq import parallel
 from fatq.calibration import finite
 from fatq.fileio import write_atomically
-from fatq.layers import THRESHOLDS
+from fatq.layers import FACTOR_BOUNDS, THRESHOLDS
 
 Tree = Any
 
@@ -132,12 +132,30 @@ def _jit(fn: Callable, mesh, n_replicated: int, n_batch: int) -> Callable:
   return jax.jit(fn, in_shardings=(rep,) * n_replicated + (data,) * n_batch, out_shardings=rep)
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, loss_fn: Callable, mesh=None) -> Callable:
+def factor_bounds(model, frozen: Tree, thresholds: Tree, sample: np.ndarray) -> tuple[Tree, Tree]:
+  """``(lower, upper)``: trees like ``thresholds`` holding each FAT factor's bounds (its spec's, for a shift those of
+  the tensor's calibrated sign), and -inf / inf for other trained values (bias offsets, LSQ steps). One forward pass
+  of ``sample`` records them."""
+  _, state = model.apply({**frozen, THRESHOLDS: thresholds}, sample, mutable=[FACTOR_BOUNDS])
+  bounds = flax.traverse_util.flatten_dict(flax.core.unfreeze(state.get(FACTOR_BOUNDS, {})))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(thresholds))
+  lower, upper = ({k: bounds[k][i] if k in bounds else jnp.full_like(v, (-1) ** (i + 1) * jnp.inf)
+                   for k, v in flat.items()} for i in (0, 1))
+  return flax.traverse_util.unflatten_dict(lower), flax.traverse_util.unflatten_dict(upper)
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, loss_fn: Callable, mesh=None,
+                    bounds: tuple[Tree, Tree] | None = None) -> Callable:
   """``step(state, frozen, images, teacher_logits) -> (state, loss)``: one pure, jitted update of the thresholds.
 
   ``frozen`` holds ``params`` and ``quant_stats``; gradients are taken with respect to ``state.thresholds`` only.
   With a ``mesh`` (``fatq.parallel.make_mesh``) the batch is split over its devices and the state replicated: the
   loss is the mean over the global batch, so the update is the single-device one.
+
+  ``bounds`` (``(lower, upper)`` of :func:`factor_bounds`): projected gradient descent. After each update every
+  factor is clipped back into its bounds, ``alpha <- clip(alpha - update, a, b)``. Without it (the paper's and the
+  reference code's way) a factor that a step carries past its bound gets no gradient again (the forward pass clips it)
+  and stays there whatever the loss asks for later; FAT's factors start on a bound (``alpha = 1``).
   """
 
   def loss_of(thresholds, frozen, images, teacher_logits):
@@ -147,6 +165,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, loss_fn: Cal
     loss, grads = jax.value_and_grad(loss_of)(state.thresholds, frozen, images, teacher_logits)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.thresholds)
     thresholds = optax.apply_updates(state.thresholds, updates)
+    if bounds is not None:
+      thresholds = optax.projections.projection_box(thresholds, *bounds)
     return TrainState(state.step + 1, thresholds, opt_state), loss
 
   return _jit(step, mesh, n_replicated=2, n_batch=2)
@@ -220,7 +240,8 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   n_dev = parallel.num_devices(mesh)
   loss_fn = LOSSES[cfg.loss] if loss_fn is None else loss_fn
   optimizer, schedule = make_optimizer(cfg)
-  step_fn = make_train_step(model, optimizer, loss_fn, mesh)
+  bounds = factor_bounds(model, frozen, thresholds, images[:1]) if cfg.get("project_factors", False) else None
+  step_fn = make_train_step(model, optimizer, loss_fn, mesh, bounds)
   eval_fn = make_eval_loss(model, loss_fn, mesh)
   n, bs = len(images), parallel.global_batch_size(cfg, n_dev)
   if n < bs:

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -166,6 +167,56 @@ def test_train_step_changes_only_thresholds_and_lowers_loss(learn_biases):
   offsets = layers.bias_offsets(state.thresholds)
   assert sorted(offsets) == ([] if learn_biases is None else [("fc1",), ("fc2",), ("fc3",)])
   assert all(float(jnp.max(jnp.abs(v))) > 1e-3 for v in offsets.values())
+
+
+def test_projected_factors_come_back_from_their_bounds():
+  """FAT's alpha starts on its upper bound. Data wider than the calibrated range push it past the bound; once the data
+  narrow, the loss wants alpha = 0.5. Unprojected, alpha stays past 1 (clipped there: no gradient) for good."""
+  fq = layers.FakeQuant(fatq.QuantSpec.fat(4))
+  stats = fq.apply({}, jnp.linspace(-1.0, 1.0, 101), mutable=[layers.STATS])[1][layers.STATS]
+  th = fq.apply({layers.STATS: stats}, jnp.ones(3), mutable=[layers.THRESHOLDS])[1][layers.THRESHOLDS]
+  frozen = {layers.STATS: stats}
+  lower, upper = training.factor_bounds(fq, frozen, th, np.ones(3, np.float32))
+  assert (float(lower["scale"]), float(upper["scale"])) == (0.5, 1.0)
+  wide, narrow = (jnp.linspace(-t, t, 101)[None] for t in (1.5, 0.3))
+  tx = optax.adam(1e-2)
+  alphas = {}
+  for bounds in (None, (lower, upper)):
+    step = training.make_train_step(fq, tx, training.rmse, bounds=bounds)
+    state = training.TrainState(jnp.zeros([], jnp.int32), th, tx.init(th))
+    for i in range(200):
+      x = wide if i < 3 else narrow
+      state, _ = step(state, frozen, x, x)  # teacher: the float tensor itself
+    alphas[bounds is not None] = float(state.thresholds["scale"])
+  assert alphas[False] > 1.0 and 0.5 <= alphas[True] < 0.6, alphas
+
+
+def test_factor_bounds_follow_each_tensors_calibrated_sign():
+  qcfg = dataclasses.replace(fatq.QuantConfig.uniform(fatq.QuantSpec.fat(4, per_channel=True),
+                                                      fatq.QuantSpec.fat(4, symmetric=False)), learn_biases="fc3")
+  m = LeNet5(quant=qcfg)
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (8, 28, 28, 1)))
+  params = m.init(jax.random.key(1), x)["params"]
+  stats = fatq.calibrate(m, params, [x])
+  th = fatq.init_thresholds(m, params, stats, x[:1])
+  lower, upper = training.factor_bounds(m, {"params": params, "quant_stats": stats}, th, x[:1])
+  flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(th)).items()}
+  low = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(lower)).items()}
+  high = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(upper)).items()}
+  assert set(flat) == set(low) == set(high) and "fc3/bias_offset" in flat and "conv1/kernel_quant/scale" in flat
+  stat_min = {"/".join(k[:-1]): v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(stats)).items()
+              if k[-1] == "min"}
+  for name, v in flat.items():
+    point, factor = name.rsplit("/", 1)
+    lo_b, hi_b = np.asarray(low[name]), np.asarray(high[name])
+    assert lo_b.shape == hi_b.shape == v.shape, name
+    if factor == "bias_offset":
+      assert np.all(lo_b == -np.inf) and np.all(hi_b == np.inf)
+    elif factor in ("scale", "width"):
+      assert np.all(lo_b == 0.5) and np.all(hi_b == 1.0), name
+    else:
+      want = (-0.2, 0.4) if np.min(stat_min[point]) < 0 else (0.0, 0.4)
+      np.testing.assert_allclose([lo_b.min(), hi_b.max()], want, err_msg=name)
 
 
 def test_train_classifier_weight_decay_shrinks_weights():
