@@ -83,7 +83,10 @@ def fat_config(model_config_file: str, variant: str | None):
   c.calibration = dict(batch_size=50)
   c.input_bits = 8
   c.fat = dict(epochs=2, batch_size=32, loss="rmse", schedule="cosine_restarts", lr=2e-3, lr_min=1e-5,
-               restart_period=25, eval_every=25, checkpoint_every=10, seed=0, per_device_batch_size=0)
+               restart_period=25, eval_every=25, checkpoint_every=10, seed=0, per_device_batch_size=0,
+               # True: clip the factors back into their bounds after each step (projected gradient descent); False,
+               # the paper's way, leaves a factor that a step carried past a bound there, without gradient
+               project_factors=False)
   c.rows = {"paper": paper_rows(), "actmse": act_calibration_rows(),
             "actpercentile": act_calibration_rows("percentile")[1::2],
             "actentropy": act_calibration_rows("entropy")[1::2]}.get(variant, default_rows())

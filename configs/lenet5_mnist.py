@@ -65,7 +65,10 @@ def get_config(arg: str | None = None, dataset: str = "mnist"):
   c.calibration = dict(batch_size=100)
   c.input_bits = 8  # the image is 8-bit data: quantize it at 8 bits in every row
   c.fat = dict(epochs=4, batch_size=100, loss="rmse", schedule="cosine_restarts", lr=5e-3, lr_min=0.0,
-               restart_period=100, eval_every=50, checkpoint_every=0, seed=0, per_device_batch_size=0)
+               restart_period=100, eval_every=50, checkpoint_every=0, seed=0, per_device_batch_size=0,
+               # True: clip the factors back into their bounds after each step (projected gradient descent); False,
+               # the paper's way, leaves a factor that a step carried past a bound there, without gradient
+               project_factors=False)
   c.rows = rows()
   c.eval_batch_size = 1000
   low = [r for r in c.rows if r.get("fat") and r["weight_bits"] < 8]

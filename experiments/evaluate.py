@@ -40,6 +40,7 @@ def evaluate(cfg, workdir: str) -> dict:
   t0 = time.perf_counter()
   val = imagenet.evaluation_set(d, label_offset=offset, limit=d.get("val_limit") or None)
   t_data = time.perf_counter() - t0
+  experiment.check_labels(val.labels - offset, offset, int(cfg.model.num_classes))  # not 0 % without a word
   if val.skipped:
     print(f"skipped {len(val.skipped)} unreadable image(s)")
   t0 = time.perf_counter()
@@ -56,28 +57,15 @@ def evaluate(cfg, workdir: str) -> dict:
                                                                  if k != "tensors"},
                  num_images=len(val.images), skipped_images=len(val.skipped),
                  timings=dict(load=round(t_load, 1), data=round(t_data, 1), eval=round(t_eval, 1)))
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  experiment.atomic_write_json(os.path.join(workdir, "results.json"), results)
   return results
-
-
-def _refuse_a_finetune_workdir(workdir: str) -> None:
-  """A workdir holding a finetune.py run: its results.json, which the export scripts read, would be overwritten."""
-  path = os.path.join(workdir, "results.json")
-  try:
-    earlier = json.load(open(path))
-  except (OSError, ValueError):
-    return
-  if "rows" in earlier.get("config", {}):
-    sys.exit(f"error: {path} holds the results of an experiments/finetune.py run, which this would overwrite: "
-             "choose another --workdir")
 
 
 def main(argv):
   del argv
   cfg = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", f"eval_{cfg.get('name', cfg.model.name)}")
-  _refuse_a_finetune_workdir(workdir)  # both before minutes of loading and evaluation
+  cli.refuse_a_finetune_workdir(workdir)  # both before minutes of loading and evaluation
   cli.make_workdir(workdir)
   try:
     r = evaluate(cfg, workdir)

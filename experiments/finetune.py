@@ -32,9 +32,12 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  from fatq import experiment, tasks  # after flag parsing: importing JAX/TF is slow
+  from fatq import experiment, tasks, training  # after flag parsing: importing JAX/TF is slow
 
   cfg, workdir = FLAGS.config, FLAGS.workdir
+  given = [f"--{name}" for name in ("export_row", "export_scheme") if FLAGS[name].present]
+  if given and not FLAGS.export:
+    sys.exit(f"error: {' and '.join(given)} choose what --export exports; add --export, or leave them out")
   if FLAGS.export:  # a misspelled row would otherwise be reported after the whole run
     tuned = [experiment.row_name(r) for r in cfg.get("rows", None) or [] if r.get("fat", False)]
     if not tuned:
@@ -52,9 +55,10 @@ def main(argv):
     sys.exit(f"error: {e}")
   try:
     results = experiment.run(cfg, model, params, data, workdir, resume=FLAGS.resume, progress=FLAGS.progress)
-  except experiment.InputError as e:  # found before any row's work; other errors keep their traceback
+  except (experiment.InputError, training.UnrestorableCheckpoint) as e:  # other errors keep their traceback
     sys.exit(f"error: {e}")
-  results["timings"]["total"] = round(time.perf_counter() - t0, 1)
+  # over every invocation of a resumed run (a resumed row's own seconds count its last invocation only)
+  results["timings"]["total"] = round(results["timings"].get("total", 0.0) + time.perf_counter() - t0, 1)
   experiment.atomic_write_json(os.path.join(workdir, "results.json"), results)
   print()
   print(experiment.table(results))

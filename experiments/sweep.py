@@ -28,6 +28,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from fatq.workbench import experiments
 
+  cli.refuse_a_finetune_workdir(FLAGS.workdir)
   cli.make_workdir(FLAGS.workdir)
   try:
     results, text = experiments.run(FLAGS.config, FLAGS.workdir, log=lambda s: print(s, flush=True))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import platform
 import re
@@ -290,6 +291,20 @@ def _last_line(text: str) -> str:
 
 def _article(word: str) -> str:
   return "an" if word[:1] in "aeiou" else "a"
+
+
+def refuse_a_finetune_workdir(workdir: str) -> None:
+  """End in one line if ``workdir`` holds an experiments/finetune.py run: its results.json, which --resume and the
+  export scripts read, would be overwritten."""
+  path = os.path.join(workdir, "results.json")
+  try:
+    with open(path) as f:
+      earlier = json.load(f)
+  except (OSError, ValueError):
+    return
+  if isinstance(earlier, dict) and "rows" in (earlier.get("config") or {}):
+    sys.exit(f"error: {path} holds the results of an experiments/finetune.py run, which this would overwrite: "
+             "choose another --workdir")
 
 
 def make_workdir(workdir: str) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -417,9 +418,11 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
       stored = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise InputError(f"{path} is not a readable results file ({e}): is {workdir} a finetune.py workdir?") from None
-  if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
-    raise InputError(f"{path} holds no 'config': {workdir} is not an experiments/finetune.py workdir (other tools' "
-                     "results.json, e.g. compare_tflite's or the workbench's, cannot be exported from)")
+  if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict) or \
+      not isinstance(stored["config"].get("rows"), list):
+    raise InputError(f"{path} holds no finetune.py config (with rows): {workdir} is not an experiments/finetune.py "
+                     "workdir (other tools' results.json, e.g. evaluate.py's, compare_tflite's or the workbench's, "
+                     "cannot be exported from)")
   return ml_collections.ConfigDict(stored["config"])
 
 
@@ -435,9 +438,13 @@ def check_resume(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, "results.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    stored = json.load(f)
-  previous = stored.get("config")
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise InputError(f"--resume: {path} is damaged ({e}); its finished rows cannot be read. Run again without "
+                     "--resume (or in a new --workdir) to start over") from None
+  previous = stored.get("config") if isinstance(stored, dict) else None
   if previous is None:
     return
   as_stored = json.loads(json.dumps(cfg.to_dict(), default=_json_default))  # tuples as lists, as results.json has
@@ -509,6 +516,22 @@ def run(cfg: ml_collections.ConfigDict, model, params: Tree, data: Data, workdir
       previous = json.load(f)
     results["rows"], results["timings"] = previous.get("rows", []), previous.get("timings", {})
     log(f"resuming: {len(results['rows'])} row(s) already in {results_path}")
+    # A fine-tuned row is done once its checkpoint is there too (what export reads): one deleted as damaged is
+    # computed again, from the row's last training state.
+    lost = [r for r in results["rows"] if r["method"] == "fat"
+            and not os.path.isdir(os.path.join(workdir, "rows", r["name"], "checkpoint"))]
+    if lost:
+      log(f"fine-tuning again, as their checkpoints are missing: {', '.join(r['name'] for r in lost)}")
+      results["rows"] = [r for r in results["rows"] if r not in lost]
+  elif resume:
+    log(f"nothing to resume in {workdir} (no results.json): starting a new run")
+  else:  # a new run: files an earlier run left for these rows would be resumed or exported as this run's
+    stale = [name for name in map(row_name, cfg.rows) if os.path.exists(os.path.join(workdir, "rows", name))]
+    for name in stale:
+      shutil.rmtree(os.path.join(workdir, "rows", name))
+    if stale:
+      log(f"a new run (no --resume): removed what an earlier run left in {os.path.join(workdir, 'rows')} for "
+          f"{len(stale)} row(s)")
   done = {(r["name"], r["method"]) for r in results["rows"]}
 
   def add(name, method, spec_row, metrics, seconds):

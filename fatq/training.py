@@ -132,6 +132,10 @@ def _jit(fn: Callable, mesh, n_replicated: int, n_batch: int) -> Callable:
   return jax.jit(fn, in_shardings=(rep,) * n_replicated + (data,) * n_batch, out_shardings=rep)
 
 
+class UnrestorableCheckpoint(RuntimeError):
+  """``--resume`` found training checkpoints, none of which can be read (the message says what to do)."""
+
+
 def factor_bounds(model, frozen: Tree, thresholds: Tree, sample: np.ndarray) -> tuple[Tree, Tree]:
   """``(lower, upper)``: trees like ``thresholds`` holding each FAT factor's bounds (its spec's, for a shift those of
   the tensor's calibrated sign), and -inf / inf for other trained values (bias offsets, LSQ steps). One forward pass
@@ -451,7 +455,7 @@ class _TrainCheckpoints:
         warnings.warn(f"unreadable checkpoint(s) in {self.manager.directory} deleted, resuming from step {step}: "
                       + "; ".join(errors))
       return restored
-    raise RuntimeError(f"no checkpoint in {self.manager.directory} can be restored ({'; '.join(errors)}). If the "
+    raise UnrestorableCheckpoint(f"no checkpoint in {self.manager.directory} can be restored ({'; '.join(errors)}). If the "
                        "model or quantization config changed since it was written, or it was written by an older fatq, "
                        "use a new --workdir; otherwise delete that directory to start this run over")
 

@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -63,7 +64,17 @@ def test_export_and_evaluate_refuse_mistakes_before_any_work(tmp_path):
   (tmp_path / "rows" / "W8A8-tensor-sym" / "checkpoint").mkdir(parents=True)
   results = json.dumps(dict(config=dict(rows=[dict(weight_bits=8, act_bits=8, fat=True)])))
   (tmp_path / "results.json").write_text(results)
+  evaluated = tmp_path / "evaluated"  # evaluate.py's results.json: a config without rows
+  evaluated.mkdir()
+  (evaluated / "results.json").write_text(json.dumps(dict(config=dict(model=dict(name="m")), rows=[])))
   cases = [
+      ("export_tflite.py", ["--workdir", str(evaluated)], 1, f"{evaluated / 'results.json'} holds no finetune.py "
+                                                            "config (with rows)"),
+      ("sweep.py", ["--config", "configs/workbench_datafree.py:quick", "--workdir", str(tmp_path)], 1,
+       "holds the results of an experiments/finetune.py run, which this would overwrite: choose another --workdir"),
+      ("finetune.py", ["--config", "configs/lenet5_mnist.py:quick", "--workdir", str(tmp_path / "new"),
+                       "--export_row", "best"], 1,
+       "error: --export_row choose what --export exports; add --export, or leave them out"),
       ("export_tflite.py", ["--workdir", str(tmp_path), "--row", "W8A8"], 1,
        "error: choose a row among the fine-tuned rows ['W8A8-tensor-sym'] (got 'W8A8')"),
       ("export_tflite.py", ["--workdir", str(tmp_path), "--threads", "0"], 2, "--threads 0: interpreter threads"),
@@ -85,7 +96,28 @@ def test_export_and_evaluate_refuse_mistakes_before_any_work(tmp_path):
                          text=True, timeout=120, cwd=ROOT)
     assert out.returncode == rc and message in out.stderr.strip().splitlines()[-1], (script, out.stderr[-2000:])
     assert "Traceback" not in out.stderr
-  assert sorted(os.listdir(tmp_path)) == ["results.json", "rows"] and (tmp_path / "results.json").read_text() == results
+  assert sorted(os.listdir(tmp_path)) == ["evaluated", "results.json", "rows"]
+  assert (tmp_path / "results.json").read_text() == results
+
+
+def test_evaluate_refuses_labels_outside_the_models_classes(tmp_path, imagenet_folders):
+  val, _ = imagenet_folders(4, 0)
+  lines = (val / "labels.txt").read_text().splitlines()
+  (val / "labels.txt").write_text("\n".join(f"{l.split(',')[0]}, {int(l.split(',')[1]) + 1000}" for l in lines))
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "evaluate.py"), "--config",
+                        "configs/mobilenet_v1_0.25_tflite.py", "--workdir", str(tmp_path / "eval"),
+                        f"--config.data.val_dir={val}", f"--config.data.cache_dir={tmp_path / 'cache'}"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 1 and "but the model has 1001 classes: check the label file" in out.stderr, out.stderr[-2000:]
+  assert not (tmp_path / "eval" / "results.json").exists()
+
+
+def test_resume_names_a_damaged_results_file(tmp_path):
+  cfg, *_ = _tiny_experiment()
+  (tmp_path / "results.json").write_text('{"rows": [{"name": "unterminated')
+  with pytest.raises(experiment.InputError, match=r"--resume: .*results.json is damaged \(.*\); its finished rows "
+                                                  r"cannot be read\. Run again without --resume"):
+    experiment.check_resume(cfg, str(tmp_path))
 
 
 @pytest.mark.parametrize("script,args,message", [
@@ -541,6 +573,36 @@ def test_disk_full_while_saving_keeps_results_and_resume_continues(tmp_path, mon
   assert any("resumed at step 8 of 8" in m for m in logs), logs
   assert [(r["name"], r["method"]) for r in results["rows"]] == rows + [("W4A4-channel-sym", "fat")]
   assert json.loads(results_path.read_text())["rows"] == results["rows"]
+
+
+def test_a_new_run_removes_earlier_row_files_and_resume_recomputes_a_lost_checkpoint(tmp_path):
+  """A run without --resume in an earlier run's workdir: that run's row files (training state, checkpoint) would be
+  resumed or exported as this run's, so they go. On --resume, a fine-tuned row whose checkpoint was deleted (as a
+  damaged one's message says to) is fine-tuned again instead of being skipped."""
+  cfg, model, params, data = _tiny_experiment()
+  workdir, logs = str(tmp_path), []
+  first = experiment.run(cfg, model, params, data, workdir, progress=False, log=logs.append)
+  row = tmp_path / "rows" / "W4A4-channel-sym"
+  earlier = experiment.load_variables(str(row / "checkpoint"))
+  (row / "marker").write_text("left by the earlier run")
+  cfg.fat.lr = 5e-3
+  logs.clear()
+  second = experiment.run(cfg, model, params, data, workdir, progress=False, log=logs.append)
+  assert "removed what an earlier run left in" in " ".join(logs) and not (row / "marker").exists()
+  assert not any("resumed at step" in m for m in logs), logs  # trained from the start, not from the earlier state
+  assert second["rows"][-1]["holdout_loss"] != first["rows"][-1]["holdout_loss"]
+  assert not np.array_equal(np.asarray(experiment.load_variables(str(row / "checkpoint"))["quant"]["fc1"]
+                                       ["kernel_quant"]["scale"]), earlier["quant"]["fc1"]["kernel_quant"]["scale"])
+  shutil.rmtree(row / "checkpoint")
+  logs.clear()
+  resumed = experiment.run(cfg, model, params, data, workdir, resume=True, progress=False, log=logs.append)
+  assert any("fine-tuning again, as their checkpoints are missing: W4A4-channel-sym" in m for m in logs), logs
+  assert (row / "checkpoint").is_dir()
+  assert [(r["name"], r["method"]) for r in resumed["rows"]] == [(r["name"], r["method"]) for r in second["rows"]]
+  assert resumed["rows"][-1]["top1"] == second["rows"][-1]["top1"]
+  logs.clear()
+  experiment.run(cfg, model, params, data, str(tmp_path / "typo"), resume=True, progress=False, log=logs.append)
+  assert any("nothing to resume in" in m for m in logs), logs
 
 
 def test_resume_on_another_device_count_with_per_device_batches_stops(tmp_path):

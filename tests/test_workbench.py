@@ -464,6 +464,16 @@ def test_bit_efficiency_checks_quartile_bits_before_the_work(tmp_path):
     experiments.run(cfg, str(tmp_path), log=lambda s: None)
 
 
+def test_sweep_methods_and_bit_widths_are_checked_before_the_work(tmp_path):
+  from fatq.workbench import experiments
+
+  for change, message in ((dict(methods=("asym", "sim")), r"config.methods: unknown method\(s\) \['sim'\]"),
+                          (dict(bits=(8, 1)), r"config.bits = \(8, 1\): bit widths must be integers in 2..16")):
+    cfg = _tiny_cfg("datafree", **{**dict(tasks=[dict(model="lenet5")], methods=("sym",), bits=(8,)), **change})
+    with pytest.raises(ValueError, match=message):
+      experiments._check_sizes(cfg)
+
+
 def test_mobilenet_task_reads_the_folders_it_names(tmp_path, monkeypatch, imagenet_folders):
   """A MobileNet task takes a config data section's keys (val_dir, unlabeled_dir, tfds_name, ...): its images come
   from there, and results.json's ``dataset`` names them; without them, the embedded folders."""

@@ -614,7 +614,8 @@ _SIZES = (("eval_batch_size", 1), ("batch_size", 1), ("seed", 0), ("num_eval", 0
 
 
 def _check_sizes(cfg) -> None:
-  """Refuse a size or count that would fail, or silently do something else, only after minutes of work."""
+  """Refuse a size, count, method or bit width that would fail, or silently do something else, only after minutes of
+  work."""
   tasks = [(f"tasks[{i}].", t) for i, t in enumerate(cfg.get("tasks") or [])]
   for where, node in [("", cfg), *tasks]:
     for key, least in _SIZES:
@@ -622,6 +623,13 @@ def _check_sizes(cfg) -> None:
       if value is not None and not is_int_at_least(value, least):
         raise ValueError(f"config.{where}{key} = {value!r}: must be an integer >= {least} (set it with "
                          f"--config.{where}{key}=...)")
+    bits = node.get("bits", None)
+    if bits is not None and not all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 16 for b in bits):
+      raise ValueError(f"config.{where}bits = {tuple(bits)}: bit widths must be integers in 2..16")
+  if cfg.get("experiment") in ("datafree", "bit_efficiency") and cfg.get("methods", None) is not None:
+    unknown = [m for m in cfg.methods if m not in analysis.METHODS]
+    if unknown:
+      raise ValueError(f"config.methods: unknown method(s) {unknown}; choose among {analysis.METHODS}")
 
 
 def run(cfg, workdir: str, log=print) -> tuple[dict, str]:
