@@ -563,3 +563,48 @@ def test_mobilenet_v1_export_agrees_with_jax(tmp_path):
   e = report["eval"]
   assert e["agreement_tie_aware"] >= 0.98 and e["max_logit_diff_steps"] <= 3.01, e
   assert report["size_bytes"]["tflite"] < 0.3 * report["size_bytes"]["float_tflite"]
+
+
+def test_thresholds_json_quantized_axis_of_a_depthwise_kernel_matches_the_file():
+  """thresholds.json's quantized_axis of a per-channel DEPTHWISE_CONV_2D kernel (1HWC: axis 3) is the file's."""
+  x = np.random.default_rng(1).normal(size=(8, 9, 9, 4)).astype(np.float32)
+  params = OneConv(depthwise=True).init(jax.random.key(0), x[:1])["params"]
+  model, variables = quantized(lambda quant: OneConv(quant=quant, depthwise=True), PER_CHANNEL, params, x)
+  ex = E.Exported(model, variables, x[:1])
+  th = ex.thresholds()
+  found = E.match_tflite(ex.convert(), th)
+  kernel = [t for t in th["tensors"] if t["name"] == "dw/kernel"][0]
+  assert kernel["quantized_axis"] == found["dw/kernel"]["quantized_axis"] == 3
+
+
+def test_exported_scales_are_the_trained_ones_bit_for_bit(mnist, lenet_params):
+  """_limit_for_scale's promise: every weight and activation scale in model.tflite is the float32 scale of
+  thresholds.json exactly (check_readback's rtol 4e-6 is ~60 ulps and cannot see a 1-ulp drift)."""
+  xtr, _, xte, _ = mnist
+  model, variables = quantized(LeNet5, PER_CHANNEL, lenet_params, xtr[:200])
+  ex = E.Exported(model, variables, xte[:1])
+  th = ex.thresholds()
+  found = E.match_tflite(ex.convert(), th)
+  for t in th["tensors"]:
+    if t["kind"] in ("weight", "activation"):
+      np.testing.assert_array_equal(np.float32(found[t["name"]]["scale"]), np.float32(np.atleast_1d(t["scale"])),
+                                    err_msg=t["name"])
+
+
+@pytest.mark.parametrize("zero_point,qmin", [(37, 0), (200, 0)])  # asymmetric (uint8-scheme) weight grids
+def test_carrier_range_gives_back_the_scale_where_a_float32_limit_can(zero_point, qmin):
+  """The range handed to the converter: (hi - lo) / levels, in float32 and in float64 rounded to float32, gives back
+  the point's scale bit for bit wherever the naive limit (255 - z) s did, and for many more scales (some scales no
+  float32 limit reaches)."""
+  scales = np.random.default_rng(0).uniform(1e-4, 1.0, 4000).astype(np.float32)
+  p = E.Point("w", "weight", 8, scales, np.full(scales.shape, zero_point, np.float32), qmin, 255, -1)
+  lo, hi = p.carrier_min, p.carrier_max
+  naive_hi = ((255 - p.zero_point) * p.scale).astype(np.float32)
+  levels = 255 - qmin
+
+  def exact(h):
+    return (((h - lo) / np.float32(levels)) == scales) & (((h.astype(np.float64) - lo) / levels).astype(np.float32)
+                                                         == scales)
+
+  assert np.all(exact(hi) | ~exact(naive_hi))
+  assert exact(hi).sum() > exact(naive_hi).sum()

@@ -1,5 +1,8 @@
 """ImageNet-style folders: decoding odd images, corrupt files, labels, preprocessing and the cache."""
 
+import os
+
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -313,3 +316,40 @@ def test_tfds_imagenet2012_from_manual_dir_gives_the_folder_arrays(tmp_path, mon
   d.tfds_eval_split, d.tfds_name = "validation", "imagenet201"
   with pytest.raises(ValueError, match=r"tfds has no dataset 'imagenet201' \(did you mean 'imagenet2012'\?\)"):
     imagenet.evaluation_set(d)
+
+
+def test_split_unlabeled_is_disjoint():
+  from fatq import tasks
+
+  images = np.arange(100)[:, None].astype(np.float32)
+  cfg = ml_collections.ConfigDict(dict(num_train=0, num_calibration=10, num_holdout=20))
+  train, cal, hold = tasks.split_unlabeled(images, cfg, seed=0)
+  assert (len(train), len(cal), len(hold)) == (70, 10, 20)
+  ids = [set(a.ravel().tolist()) for a in (train, cal, hold)]
+  assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+
+
+def test_image_cache_notices_a_replaced_image(tmp_path):
+  d = tmp_path / "imgs"
+  d.mkdir()
+  Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(d / "a.png")
+  first = imagenet.load_folder(d, "fat", 8, cache_dir=tmp_path / "c")
+  os.utime(d / "a.png", ns=(1, 1))  # make sure the mtime differs even on coarse clocks
+  Image.fromarray(np.full((20, 24, 3), 255, np.uint8)).save(d / "a.png")
+  second = imagenet.load_folder(d, "fat", 8, cache_dir=tmp_path / "c")
+  assert first.images.max() == -1.0 and second.images.min() == 1.0
+
+
+def test_crop0875_is_central_on_a_non_square_image():
+  """TF-slim's central_crop(0.875): 12.5 % off each axis of that axis's own length."""
+  img = np.zeros((100, 200, 3), np.uint8)
+  img[6:94, 12:188] = 255  # exactly the central 87.5 % crop (top 6, left 12) is white
+  np.testing.assert_allclose(imagenet.preprocess(img, "crop0875", 22), 1.0)
+
+
+def test_transparent_png_is_composited_on_white():
+  import tempfile
+  rgba = np.zeros((4, 4, 4), np.uint8)  # black, fully transparent
+  with tempfile.TemporaryDirectory() as d:
+    Image.fromarray(rgba, "RGBA").save(os.path.join(d, "t.png"))
+    np.testing.assert_array_equal(imagenet.load_rgb(os.path.join(d, "t.png")), 255)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -385,3 +386,24 @@ def test_integer_arithmetic_lists_layers_it_cannot_compute(mnist, lenet_params):
   assert np.mean(got.argmax(1) == E.predict(model, variables, xte[:50]).argmax(1)) >= 0.98
   with pytest.raises(ValueError, match="arithmetic must be 'float' or 'integer'"):
     E.predict(model, variables, xte[:2], arithmetic="int8")
+
+
+def test_integer_conv_subtracts_the_weight_zero_point():
+  """A uint8 CONV_2D with a non-zero weight zero point (the legacy scheme): the accumulator is
+  sum (x - z_x)(w - z_w) + bias, as TFLite's reference kernel computes it."""
+  from fatq import integer
+
+  rng = np.random.default_rng(0)
+  w = rng.integers(0, 256, (3, 1, 1, 2)).astype(np.uint8)  # OHWI
+  x = rng.integers(0, 256, (1, 4, 4, 2)).astype(np.int64)
+  T = integer._Tensor
+  tensors = {0: T("x", (1, 4, 4, 2), np.uint8, np.float32([0.02]), np.int64([100]), 0),
+             1: T("w", w.shape, np.uint8, np.float32([0.01]), np.int64([131]), 0, w),
+             2: T("y", (1, 4, 4, 3), np.uint8, np.float32([0.05]), np.int64([7]), 0)}
+  op = integer._Op("CONV_2D", [0, 1, -1], [2], dict(strideH=1, strideW=1, padding=1, dilationHFactor=1,
+                                                     dilationWFactor=1, fusedActivationFunction=0))
+  with jax.enable_x64(True):
+    got = np.asarray(integer._conv(jnp.asarray(x), tensors, op, depthwise=False))
+  acc = np.einsum("nhwi,oi->nhwo", x - 100, w[:, 0, 0, :].astype(np.int64) - 131)
+  want = np.clip(np.floor(acc * 0.02 * 0.01 / 0.05 + 0.5) + 7, 0, 255)  # no exact ties here
+  np.testing.assert_array_equal(got, want)

@@ -682,3 +682,28 @@ def test_activation_plot_follows_the_network_from_input_to_logits(tmp_path):
   gaps = np.diff([order.index(n) for n in drawn])
   assert len(drawn) == 5 and drawn[0] == "input" and drawn[-1] == "logits/output"
   assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1  # in network order, evenly spread
+
+
+def test_batch_norm_folding_with_a_conv_bias():
+  rng = np.random.default_rng(0)
+  k = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
+  b, gamma, beta, mean = (rng.normal(size=4).astype(np.float32) for _ in range(4))
+  var = rng.uniform(0.1, 2.0, 4).astype(np.float32)
+  kf, bf = fatq.fold_batch_norm(k, b, gamma, beta, mean, var, eps=1e-3)
+  x = rng.normal(size=(5, 2 * 3 * 3)).astype(np.float64)  # a conv at one position is a dense layer
+  y = x @ k.reshape(-1, 4) + b
+  want = (y - mean) * gamma / np.sqrt(var + 1e-3) + beta
+  np.testing.assert_allclose(x @ kf.reshape(-1, 4) + bf, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_calibration_min_and_max_are_over_every_batch_whichever_holds_them(order):
+  """Running min/max of an activation over batches: the global minimum in one batch, the maximum in another, in
+  either order (the LeNet test checks a minimum that its last batch happens to hold)."""
+  spec = fatq.QuantSpec.fat(8, symmetric=False)
+  fq = fatq.FakeQuant(spec)
+  batches = [jnp.linspace(-3.0, 1.0, 12), jnp.linspace(-1.0, 5.0, 12)][::order]
+  v = {}
+  for b in batches:
+    _, v = fq.apply(v, b, mutable=["quant_stats"])
+  assert float(v["quant_stats"]["min"]) == -3.0 and float(v["quant_stats"]["max"]) == 5.0

@@ -358,3 +358,9 @@ def test_histogram_quantile_of_a_large_calibration_set_keeps_its_tail():
     got = Q.histogram_quantile(jnp.asarray(counts, jnp.float32), 0.0, 1.0, q)
     assert float(got) == pytest.approx((want + 1) / bins, abs=1e-7), q
   assert float(Q.histogram_quantile(jnp.asarray(counts, jnp.float32), 0.0, 1.0, 1.0)) == 1.0
+
+
+def test_quantize_bias_rounds_to_nearest():
+  b = jnp.array([0.5004, -0.5004, 0.4996, -0.4996, 0.0107, -0.0107])  # quotients 2.7, -2.7, ... off the integers
+  codes = np.asarray(Q.quantize_bias(b, jnp.float32(0.01), jnp.float32(0.02)))
+  np.testing.assert_array_equal(codes, np.round(np.asarray(b, np.float64) / 2e-4).astype(int))

@@ -236,3 +236,44 @@ def test_train_classifier_weight_decay_shrinks_weights():
   for p in fit.values():  # both still learn the rule
     acc = np.mean(np.argmax(LeNet5(num_classes=2).apply({"params": p}, x), -1) == y)
     assert acc > 0.9, acc
+
+
+def _tiny():
+  from scripts.finetune_tiny import tiny_problem
+  return tiny_problem(100, 40)
+
+
+def _holdout_loss(model, frozen, th, x, t, bs=20):
+  return float(np.mean([float(training.rmse(model.apply({**frozen, "quant": th}, x[i:i + bs]), t[i:i + bs]))
+                        for i in range(0, len(x) - bs + 1, bs)]))
+
+
+def test_finetune_returns_the_best_held_out_thresholds_not_the_last():
+  """A run whose held-out loss rises after the start (lr 3e-2 on the tiny problem): the thresholds returned are
+  those of the lowest held-out loss in the history, here not the last evaluation's."""
+  model, x, teacher, frozen, th = _tiny()
+  cfg = ml_collections.ConfigDict(dict(epochs=2, batch_size=20, loss="rmse", schedule="cosine_restarts", lr=3e-2,
+                                       lr_min=0.0, restart_period=3, eval_every=2, seed=0))
+  best, history = training.finetune(model, frozen, th, x[:80], teacher[:80], (x[80:], teacher[80:]), cfg,
+                                    progress=False, log=lambda *_: None)
+  losses = [h["holdout_loss"] for h in history]
+  assert losses[-1] > min(losses)  # the scenario: the last evaluation is not the best
+  np.testing.assert_allclose(_holdout_loss(model, frozen, best, x[80:], teacher[80:]), min(losses), rtol=1e-6)
+
+
+def test_nan_step_resets_adam_moments_even_between_restarts():
+  """The NaN batch of test_training's NaN test, with restarts far apart (restart_period 100): only the two NaN
+  batches are reported; moments left NaN would make every later step NaN."""
+  model, x, teacher, frozen, th = _tiny()
+  cfg = ml_collections.ConfigDict(dict(epochs=2, batch_size=20, loss="rmse", schedule="cosine_restarts", lr=3e-2,
+                                       lr_min=0.0, restart_period=100, eval_every=2, seed=0))
+  last_batch = np.random.default_rng([0, 1]).permutation(80)[3 * 20:]
+  teacher_train = teacher[:80].copy()
+  teacher_train[last_batch[0], 0] = np.nan
+  logs = []
+  best, history = training.finetune(model, frozen, th, x[:80], teacher_train, (x[80:], teacher[80:]), cfg,
+                                    progress=False, log=logs.append)
+  nan_steps = [line for line in logs if "became NaN/Inf" in line]
+  assert len(nan_steps) == 2, nan_steps
+  # and training moved the thresholds between the two NaN steps
+  assert len({h["holdout_loss"] for h in history}) >= 4
