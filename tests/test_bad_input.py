@@ -601,6 +601,7 @@ def test_a_new_run_removes_earlier_row_files_and_resume_recomputes_a_lost_checkp
   assert [(r["name"], r["method"]) for r in resumed["rows"]] == [(r["name"], r["method"]) for r in second["rows"]]
   assert resumed["rows"][-1]["top1"] == second["rows"][-1]["top1"]
   logs.clear()
+  cfg.rows = cfg.rows[:1]  # PTQ alone: the message is what matters
   experiment.run(cfg, model, params, data, str(tmp_path / "typo"), resume=True, progress=False, log=logs.append)
   assert any("nothing to resume in" in m for m in logs), logs
 

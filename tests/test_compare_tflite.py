@@ -67,10 +67,9 @@ def test_compare_tflite_argument_mistakes_are_one_line(tmp_path):
       (["--threads", "1", "2"], "error: unexpected arguments ['2']; repeat a flag for several values "
                                 "(--threads=1 --threads=2)"),
       ([f"--v1_workdir={tmp_path / 'none'}"], f"error: --v1_workdir={tmp_path / 'none'}: no finetune.py run there"),
-      (["--limit=-5"], "error: --limit=-5: must be >= 0"),
       (["--calib=0"], "error: --calib=0: must be >= 1"),
-      ([f"--v1_workdir={other}"], f"error: {other / 'results.json'} holds no 'config': {other} is not an "
-                                  "experiments/finetune.py workdir"),
+      ([f"--v1_workdir={other}"], f"error: {other / 'results.json'} holds no finetune.py config (with rows): {other} "
+                                  "is not an experiments/finetune.py workdir"),
       ([f"--v1_workdir={two}"], f"error: --v1_workdir={two}: choose a row among the fine-tuned rows ['a', 'b']; pick "
                                 "one with --v1_row"),
       ([f"--v1_workdir={two}", "--v1_row=c"], f"error: --v1_workdir={two}: choose a row among the fine-tuned rows "
