@@ -145,7 +145,8 @@ def factor_bounds(model, frozen: Tree, thresholds: Tree, sample: np.ndarray) -> 
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(thresholds))
   lower, upper = ({k: bounds[k][i] if k in bounds else jnp.full_like(v, (-1) ** (i + 1) * jnp.inf)
                    for k, v in flat.items()} for i in (0, 1))
-  return flax.traverse_util.unflatten_dict(lower), flax.traverse_util.unflatten_dict(upper)
+  # numpy: constants of the jitted step that no device holds, so they go wherever a mesh puts the thresholds
+  return tuple(jax.tree.map(np.asarray, flax.traverse_util.unflatten_dict(t)) for t in (lower, upper))
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, loss_fn: Callable, mesh=None,
