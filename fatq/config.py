@@ -243,9 +243,9 @@ class QuantConfig:
 
 def _spec_of_rule(pattern: str, spec) -> QuantSpec:
   """``QuantSpec(**spec)`` for a config rule, with the rule named in the message if a key is unknown."""
-  spec = dict(spec)
-  unknown = set(spec) - {f.name for f in dataclasses.fields(QuantSpec)}
+  spec, fields = dict(spec), [f.name for f in dataclasses.fields(QuantSpec)]
+  unknown = set(spec) - set(fields)
   if unknown:
     raise ValueError(f"quantization rule {pattern!r}: unknown QuantSpec field(s) {sorted(unknown)}; the fields are "
-                     f"{[f.name for f in dataclasses.fields(QuantSpec)]}")
+                     f"{fields}")
   return QuantSpec(**spec)

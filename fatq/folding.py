@@ -26,8 +26,8 @@ def fold_batch_norm(kernel, bias, gamma, beta, mean, var, eps: float):
     raise ValueError(f"bias has shape {np.shape(bias)}, expected ({c},) to match the kernel's {c} output channels "
                      f"(kernel shape {kernel.shape})")
   var_eps = np.asarray(var, np.float64) + eps
-  if not np.all(np.isfinite(var_eps) & (var_eps > 0)):
-    bad = np.flatnonzero(~(np.isfinite(var_eps) & (var_eps > 0)))
+  bad = np.flatnonzero(~(np.isfinite(var_eps) & (var_eps > 0)))
+  if bad.size:
     raise ValueError(f"batch norm moving_variance + eps must be finite and positive; channel(s) {bad[:8].tolist()} "
                      f"have variance {np.asarray(var)[bad[:8]].tolist()} (a corrupt or mismatched checkpoint?)")
   scale = np.asarray(gamma, np.float64) / np.sqrt(var_eps)

@@ -624,7 +624,7 @@ def _check_sizes(cfg) -> None:
         raise ValueError(f"config.{where}{key} = {value!r}: must be an integer >= {least} (set it with "
                          f"--config.{where}{key}=...)")
     bits = node.get("bits", None)
-    if bits is not None and not all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 16 for b in bits):
+    if bits is not None and not all(is_int_at_least(b, 2) and b <= 16 for b in bits):
       raise ValueError(f"config.{where}bits = {tuple(bits)}: bit widths must be integers in 2..16")
   if cfg.get("experiment") in ("datafree", "bit_efficiency") and cfg.get("methods", None) is not None:
     unknown = [m for m in cfg.methods if m not in analysis.METHODS]
