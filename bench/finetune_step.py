@@ -212,4 +212,4 @@ def measure_in_child(a, huge: bool, kept: bool) -> dict:
 
 if __name__ == "__main__":
   cli.tune_malloc()
-  main()
+  cli.interruptible(main)()

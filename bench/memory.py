@@ -304,4 +304,4 @@ def main():
 
 if __name__ == "__main__":
   cli.tune_malloc(keep_mapped=False)  # huge pages; each call's buffers unmapped after it, as RSS measures
-  main()
+  cli.interruptible(main)()

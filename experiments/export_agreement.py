@@ -113,4 +113,4 @@ def main():
 if __name__ == "__main__":
   from fatq import cli
   cli.tune_malloc()  # restarts the process with malloc tuned for XLA:CPU (huge pages, buffers kept mapped)
-  main()
+  cli.interruptible(main)()

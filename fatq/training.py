@@ -352,6 +352,8 @@ def finetune(model, frozen: Tree, thresholds: Tree, images: np.ndarray, teacher_
   except KeyboardInterrupt:
     save("interrupted")
     bar.close()
+    if ckpt:  # closed before the process exits (fatq.cli.interruptible ends it at once)
+      ckpt.close()
     log(f"interrupted at step {int(state.step)}: state saved; continue with --resume")
     raise
   bar.close()

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import re
+import signal
 import subprocess
 import sys
 import types
@@ -47,6 +48,8 @@ def _finetune(workdir, *flags, config="lenet5_mnist.py"):
     ("--config.fat.epoch=2", "error: config has no key 'fat.epoch' (did you mean 'fat.epochs'?)"),
     ("--config.fatt.epochs=2", "error: config has no key 'fatt.epochs' (did you mean 'fat.epochs'?)"),
     ("--config.fat.epochs=abc", "error: config key 'fat.epochs' takes an int (default 4), got 'abc'"),
+    ("--config.fat=3", "error: config key 'fat' is a group of keys, not a value: set one of them, e.g. "
+                       "--config.fat.batch_size=..., got '3'"),
     ("--config.fat.batch_size=0", "error: config.fat.batch_size = 0: must be a positive integer "
                                   "(set it with --config.fat.batch_size=...)"),
 ])
@@ -56,6 +59,24 @@ def test_bad_config_flag_stops_before_any_work(tmp_path, flag, message):
   assert message in out.stderr
   assert "Traceback" not in out.stderr
   assert not (tmp_path / "w" / "results.json").exists() and not (tmp_path / "w" / "float_checkpoint").exists()
+
+
+def test_ctrl_c_ends_an_entry_point_in_one_line():
+  """SIGINT while an entry point (``cli.run``) works: one line on stderr and status 130, no traceback."""
+  script = ("import signal, sys, time\n"
+            "from fatq import cli\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (test_resume.py)\n"
+            "def main(argv):\n"
+            "  print('working', flush=True)\n"
+            "  time.sleep(60)\n"
+            "cli.run(main, argv=[sys.argv[0]])\n")
+  proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=ROOT)
+  assert proc.stdout.readline() == "working\n"
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130
+  assert err.strip() == "interrupted (Ctrl-C)"
 
 
 def test_export_and_evaluate_refuse_mistakes_before_any_work(tmp_path):
