@@ -34,6 +34,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from fatq import fileio
+
 QAT = "models/mobilenet_v2_1.0_224_qat_uint8.tflite"
 TITLES = {"mobilenet_v1_0.75": "MobileNet v1 0.75", "mobilenet_v2_1.0": "MobileNet v2 1.0"}  # config name -> table
 
@@ -99,7 +101,7 @@ def compare(name, model, params, images, labels, calib, out_dir, args, fatq_expo
   t0 = time.time()
   ptq = E.convert_ptq(fl, calib)
   Path(out_dir).mkdir(parents=True, exist_ok=True)
-  Path(out_dir, "tflite_ptq.tflite").write_bytes(ptq)
+  fileio.write_bytes(Path(out_dir, "tflite_ptq.tflite"), ptq)
   row, ptq_logits = evaluate_tflite(f"{name} TFLite PTQ int8", ptq, images, labels, args.threads,
                                     dict(method="TFLite post-training full-integer quantization",
                                          calibration_images=len(calib), convert_seconds=round(time.time() - t0, 1)))
@@ -221,7 +223,7 @@ def main(argv):
         sys.exit(f"error: {e}")
       record["rows"] += rows
       record["images"][title] = images
-      Path(args.out).write_text(json.dumps(record, indent=2))  # after each model
+      fileio.write_text(args.out, json.dumps(record, indent=2))  # after each model, whole
   latency = [f"{t} thr ms" for t in args.threads]
   print(f"\n{'model':<40} {'top-1':>7} {'JAX':>7} {'size KiB':>9} " + " ".join(f"{h:>9}" for h in latency)
         + f" {'agree/JAX':>9} {'max steps':>9}")

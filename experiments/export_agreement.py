@@ -29,7 +29,7 @@ def main():
   ap.add_argument("--limit", type=int, default=0)
   args = ap.parse_args()
 
-  from fatq import experiment, tasks
+  from fatq import experiment, fileio, tasks
   from fatq import export as E
 
   if args.limit < 0:
@@ -95,8 +95,8 @@ def main():
   if len(forms) > 1:  # two float32 JAX forms, same rules
     a, b = (logits.get((f, "input grid" if src else "float", "int32")) for f in (forms[0][0], "lax"))
     noise[f"JAX {forms[0][0]} vs JAX lax"] = E.compare_logits(a, b, labels, step, data.label_offset)
-  json.dump(dict(row=row, images=len(images), pool_input=src, results=results, implementations_vs_each_other=noise),
-            open(os.path.join(d, "agreement.json"), "w"), indent=2)
+  fileio.write_text(os.path.join(d, "agreement.json"), json.dumps(dict(
+      row=row, images=len(images), pool_input=src, results=results, implementations_vs_each_other=noise), indent=2))
   print(f"\n{row}: {len(images)} images, output step {step:.4g}")
   print(f"{'JAX form':<8} {'pool':<11} {'bias':<6} {'kernels':<8} {'JAX top-1':>9} {'TFL top-1':>9} {'agree':>7} "
         f"{'tie-aw.':>7} {'max st':>6} {'mean st':>7}")

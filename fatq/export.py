@@ -66,6 +66,7 @@ import jax
 import numpy as np
 
 from fatq.calibration import quant_ranges
+from fatq.fileio import write_bytes, write_text
 from fatq.integer import IntegerModel, UnsupportedOpError, cut_model, input_codes, output_values
 from fatq.layers import RELU6_BOUND, export_markers, fold_biases, integer_arithmetic
 from fatq.quantizers import QuantParams, quantize
@@ -82,7 +83,8 @@ _BIAS_LIMIT = 2.0**30
 
 
 class ExportError(ValueError):
-  """A model or quantization mode that the chosen TFLite scheme (or the translator) cannot express."""
+  """A model or quantization mode that the chosen TFLite scheme (or the translator) cannot express, or an export that
+  cannot be written."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -972,6 +974,16 @@ def thresholds_json(model, variables: Tree, sample_images: np.ndarray, scheme: s
   return Exported(model, variables, sample_images, scheme, asymmetric_weights).thresholds()
 
 
+def _write(path: Path, data: bytes | str) -> None:
+  """``data`` into ``path`` whole or not at all (a .tflite file someone may ship); a failed write (a full disk, no
+  permission) is an :class:`ExportError`."""
+  try:
+    (write_bytes if isinstance(data, bytes) else write_text)(path, data)
+  except OSError as e:
+    raise ExportError(f"cannot write {path}: {e.strerror or e}; no partial file is left (an earlier export's file "
+                      "there keeps its contents): free space or choose another --out") from e
+
+
 def _make_out_dir(out: Path) -> None:
   """``out`` created, without the report of an earlier export in it (which would describe another file)."""
   if out.exists() and not out.is_dir():
@@ -994,10 +1006,10 @@ def export_tflite(model, variables: Tree, sample_images: np.ndarray, out_dir: st
   ex = exported or Exported(model, variables, sample_images, scheme, asymmetric_weights)
   blob = ex.convert(input_type, output_type)  # a refused model leaves no folder and no file behind
   _make_out_dir(out)
-  (out / "model.tflite").write_bytes(blob)
+  _write(out / "model.tflite", blob)
   th = ex.thresholds()
   th.update(input_type=input_type, output_type=output_type)
-  (out / "thresholds.json").write_text(json.dumps(th, indent=1))
+  _write(out / "thresholds.json", json.dumps(th, indent=1))
   report = dict(model_tflite=str(out / "model.tflite"), thresholds=str(out / "thresholds.json"), scheme=scheme,
                 bytes=len(blob), tensors=len(th["tensors"]), seconds=round(time.time() - t0, 2),
                 adjusted_weight_scales=ex.adjusted)
@@ -1005,11 +1017,12 @@ def export_tflite(model, variables: Tree, sample_images: np.ndarray, out_dir: st
     if other == scheme:
       continue
     try:
-      (out / f"thresholds_{other}.json").write_text(
-          json.dumps(thresholds_json(model, variables, sample_images, other, asymmetric_weights), indent=1))
-      report[f"thresholds_{other}"] = str(out / f"thresholds_{other}.json")
+      other_th = thresholds_json(model, variables, sample_images, other, asymmetric_weights)
     except ExportError as e:
       report[f"thresholds_{other}"] = f"not representable: {e}"
+      continue
+    _write(out / f"thresholds_{other}.json", json.dumps(other_th, indent=1))
+    report[f"thresholds_{other}"] = str(out / f"thresholds_{other}.json")
   log(f"exported {report}")
   return report
 
@@ -1304,7 +1317,7 @@ def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, i
   # size and latency beside the float model
   if float_blob is None:
     float_blob = convert_float(float_function(float_model, float_params, sample))
-  (out / "float.tflite").write_bytes(float_blob)
+  _write(out / "float.tflite", float_blob)
   blob = (out / "model.tflite").read_bytes()
   report["size_bytes"] = dict(tflite=len(blob), float_tflite=len(float_blob))
   report["latency_ms"] = {}
@@ -1314,7 +1327,7 @@ def export_and_check(qmodel, variables: Tree, float_model, float_params: Tree, i
                                                                                               runs=latency_runs), 3)
   report["files"] = dict(model=str(out / "model.tflite"), float_model=str(out / "float.tflite"),
                          thresholds=str(out / "thresholds.json"), report=str(out / "export_report.json"))
-  (out / "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+  _write(out / "export_report.json", json.dumps(report, indent=2, default=_json_default))
   log(format_report(report))
   return report
 
@@ -1434,5 +1447,5 @@ def export_row(cfg, model, params: Tree, data, workdir: str | os.PathLike, row: 
                             data.eval_labels, out, label_offset=data.label_offset, eval_model=row_model, **kwargs)
   report["row"] = row
   report["workdir"] = str(workdir)
-  Path(out, "export_report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+  _write(Path(out, "export_report.json"), json.dumps(report, indent=2, default=_json_default))
   return report

@@ -20,3 +20,13 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], object], mod
     with contextlib.suppress(OSError):
       os.remove(tmp)  # a partial temporary file: nothing worth keeping
     raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """``path`` holding ``data``, written whole or not at all (:func:`write_atomically`)."""
+  write_atomically(path, lambda f: f.write(data), "wb")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """``path`` holding ``text``, written whole or not at all (:func:`write_atomically`)."""
+  write_atomically(path, lambda f: f.write(text))

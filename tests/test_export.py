@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 from typing import Callable
 
 import flax.linen as nn
@@ -14,6 +16,7 @@ import pytest
 
 import fatq
 from fatq import export as E
+from fatq import fileio
 from fatq.layers import QConv, quant_point
 from fatq.models import LeNet5
 
@@ -356,6 +359,38 @@ def test_four_bit_grid_carried_in_int8(mnist, lenet_params, tmp_path):
                        lite.output_step)
   assert m["max_logit_diff_steps"] <= 2.0 + 1e-6, m
   assert m["agreement_tie_aware"] >= 0.99, m  # 4-bit logits tie often; the argmax among ties is arbitrary
+
+
+def test_a_failed_write_leaves_the_earlier_export_whole(mnist, lenet_params, tmp_path, monkeypatch):
+  """The disk fills up halfway through writing model.tflite over an earlier export: an ExportError that says so, the
+  earlier file byte for byte, no partial temporary file."""
+  xtr, _, xte, _ = mnist
+  model, variables = quantized(LeNet5, PER_CHANNEL, lenet_params, xtr[:200])
+  E.export_tflite(model, variables, xte[:1], tmp_path, log=lambda *_: None)
+  before = (tmp_path / "model.tflite").read_bytes()
+
+  class HalfThenFull:  # writes half of what it is given, then the disk is full
+    def __init__(self, path, mode):
+      self.file = open(path, mode)
+
+    def write(self, data):
+      self.file.write(data[:len(data) // 2])
+      self.file.flush()
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.file.close()
+
+  monkeypatch.setattr(fileio, "open", HalfThenFull, raising=False)  # fileio's own open: orbax and TF write as before
+  _, other = quantized(LeNet5, PER_CHANNEL, lenet_params, xtr[200:400])  # another file
+  with pytest.raises(E.ExportError, match=r"cannot write .*model.tflite: No space left on device; no partial file is "
+                                          r"left .* free space or choose another --out"):
+    E.export_tflite(model, other, xte[:1], tmp_path, log=lambda *_: None)
+  assert (tmp_path / "model.tflite").read_bytes() == before
+  assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_learned_bias_offsets_and_tracked_corrections_are_exported_in_the_biases(mnist, lenet_params, tmp_path):
