@@ -16,16 +16,34 @@ Data-free quantization before calibration (module ``fatq.equalize``)::
     params, corrections = fatq.equalize.correct_bias(qmodel, params, batches)  # empirical bias correction
 """
 
-from fatq import equalize
-from fatq.calibration import calibrate, init_thresholds, point_names, points, quant_ranges
-from fatq.config import PAPER_BOUNDS, REFERENCE_BOUNDS, QuantConfig, QuantRule, QuantSpec
-from fatq.folding import fold_batch_norm
-from fatq.layers import RANGES, STATS, THRESHOLDS, FakeQuant, QConv, QDense, quant_point
-from fatq.quantizers import fake_quant, nudge, quantize_bias
-from fatq.training import finetune, predict
+import importlib
+import importlib.util
 
-__all__ = [
-    "PAPER_BOUNDS", "REFERENCE_BOUNDS", "QuantConfig", "QuantRule", "QuantSpec", "FakeQuant", "QConv", "QDense",
-    "quant_point", "STATS", "THRESHOLDS", "RANGES", "calibrate", "init_thresholds", "quant_ranges", "points",
-    "point_names", "fold_batch_norm", "fake_quant", "nudge", "quantize_bias", "finetune", "predict", "equalize",
-]
+# The public names and the modules that define them, imported on first use (PEP 562): the entry points import
+# fatq.cli, which checks the command line (and restarts the process with malloc tuned) before JAX is imported.
+_API = {
+    "fatq.calibration": ["calibrate", "init_thresholds", "point_names", "points", "quant_ranges"],
+    "fatq.config": ["PAPER_BOUNDS", "REFERENCE_BOUNDS", "QuantConfig", "QuantRule", "QuantSpec"],
+    "fatq.folding": ["fold_batch_norm"],
+    "fatq.layers": ["RANGES", "STATS", "THRESHOLDS", "FakeQuant", "QConv", "QDense", "quant_point"],
+    "fatq.quantizers": ["fake_quant", "nudge", "quantize_bias"],
+    "fatq.training": ["finetune", "predict"],
+}
+_MODULE_OF = {name: module for module, names in _API.items() for name in names}
+
+__all__ = [*_MODULE_OF, "equalize"]
+
+
+def __getattr__(name: str):
+  if name in _MODULE_OF:
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+  elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: fatq.equalize, fatq.layers, ...
+    value = importlib.import_module(f"{__name__}.{name}")
+  else:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  globals()[name] = value  # looked up once
+  return value
+
+
+def __dir__():
+  return sorted({*globals(), *__all__})

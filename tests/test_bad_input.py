@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fatq
 from fatq import cli, experiment, models, tasks
 from fatq.data import imagenet
 from fatq.models import LeNet5
@@ -59,6 +60,22 @@ def test_bad_config_flag_stops_before_any_work(tmp_path, flag, message):
   assert message in out.stderr
   assert "Traceback" not in out.stderr
   assert not (tmp_path / "w" / "results.json").exists() and not (tmp_path / "w" / "float_checkpoint").exists()
+
+
+def test_command_line_checked_before_jax_is_imported():
+  """The entry points import fatq.cli, which checks the command line and restarts the process (malloc) before JAX is
+  imported: fatq's public names are imported on first use, and every one of them is there."""
+  script = ("import sys\n"
+            "import fatq.cli\n"
+            "assert not {'jax', 'flax', 'tensorflow'} & set(sys.modules), sorted(sys.modules)\n"
+            "import fatq\n"
+            "missing = [n for n in fatq.__all__ if getattr(fatq, n, None) is None]\n"
+            "assert not missing, missing\n"
+            "assert fatq.calibrate is fatq.calibration.calibrate and 'jax' in sys.modules\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with pytest.raises(AttributeError, match="module 'fatq' has no attribute 'calibrat'"):
+    fatq.calibrat  # noqa: B018 - a typo stays an AttributeError
 
 
 def test_ctrl_c_ends_an_entry_point_in_one_line():
