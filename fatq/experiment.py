@@ -98,7 +98,7 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     node = cfg.get(section) if section else cfg
     return node.get(leaf) if node is not None and hasattr(node, "get") else None
 
-  for key in ("calibration.batch_size", "eval_batch_size"):
+  for key in ("calibration.batch_size", "eval_batch_size", "data.image_size", "model.image_size"):
     value = value_of(key)
     if value is not None:
       need(is_int_at_least(value, 1), key, value, "must be a positive integer")
@@ -268,7 +268,7 @@ def check_labels(labels: np.ndarray, label_offset: int, num_classes: int) -> Non
   """Raise unless ``labels + label_offset`` are classes of the model: labels of another numbering (a label file
   for other classes, 1-based indices, ...) would otherwise score 0 % top-1 without a word."""
   labels = np.asarray(labels)
-  if labels.size and (labels.min() + label_offset < 0 or labels.max() + label_offset >= num_classes):
+  if labels.size and (labels.min() < 0 or labels.max() + label_offset >= num_classes):
     shifted = f" (+{label_offset} for the model's background class 0)" if label_offset else ""
     raise ValueError(f"labels run from {labels.min()} to {labels.max()}{shifted}, but the model has {num_classes} "
                      f"classes: check the label file (0-based class indices, 0 to {num_classes - label_offset - 1})")

@@ -322,6 +322,8 @@ def test_activation_calibration_variants_pair_their_rows():
     (lambda c: c.data.update(num_train=-5), r"config.data.num_train = -5: must be an integer >= 0"),
     (lambda c: c.data.update(num_train=50), r"config.data.num_train = 50: fewer than one training batch of 100"),
     (lambda c: c.data.update(num_calibration=0), r"config.data.num_calibration = 0: must be a positive integer"),
+    # -3 scored 0 % on empty images, 0 blamed every image as unreadable
+    (lambda c: c.data.update(image_size=-3), r"config.data.image_size = -3: must be a positive integer"),
     # the float LeNet-5 is trained first: a negative rate gave an 11 % teacher, 0 a ZeroDivisionError after loading
     (lambda c: c.model.update(float_lr=-1e-3), r"config.model.float_lr = -0.001: must be a positive learning rate"),
     (lambda c: c.model.update(float_batch_size=0), r"config.model.float_batch_size = 0: must be a positive integer"),
@@ -416,6 +418,8 @@ def test_labels_the_model_cannot_predict_stop_before_any_work(tmp_path, imagenet
                                        r"has 1001 classes: .* 0 to 999\)"):
     experiment.check_labels(np.array([0, 1000]), 1, 1001)
   experiment.check_labels(np.array([0, 999]), 1, 1001)
+  with pytest.raises(ValueError, match=r"labels run from -1 to 999 \(\+1 for the model's background class 0\)"):
+    experiment.check_labels(np.array([-1, 999]), 1, 1001)  # was taken for the background class
   # through the ImageNet task, on three real validation images whose labels.txt counts from 1000
   val, unlabeled = imagenet_folders(3, 0)
   table = dict(line.split(",") for line in (val / "labels.txt").read_text().splitlines())

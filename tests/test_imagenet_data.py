@@ -275,6 +275,13 @@ def test_tfds_imagenet2012_from_manual_dir_gives_the_folder_arrays(tmp_path, mon
   with pytest.raises(FileNotFoundError, match=r"cannot prepare tfds imagenet2012 from .*empty: .*img_val.tar"):
     imagenet.evaluation_set(d)
 
+  (tmp_path / "junk").mkdir()  # a damaged download: tarfile's traceback before
+  (tmp_path / "junk" / "ILSVRC2012_img_val.tar").write_bytes(b"not a tar file " * 100)
+  d.manual_dir = str(tmp_path / "junk")
+  with pytest.raises(ValueError, match=r"cannot prepare tfds imagenet2012 from .*junk: a file there is damaged or "
+                                       r"incomplete \(ReadError: .*\); download it again"):
+    imagenet.evaluation_set(d)
+
   d.manual_dir = str(tmp_path / "manual")
   val = imagenet.evaluation_set(d, label_offset=1)  # prepares the dataset, once
   assert sorted(val.files) == [f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, 7)] and not val.skipped
@@ -338,6 +345,17 @@ def test_image_cache_notices_a_replaced_image(tmp_path):
   Image.fromarray(np.full((20, 24, 3), 255, np.uint8)).save(d / "a.png")
   second = imagenet.load_folder(d, "fat", 8, cache_dir=tmp_path / "c")
   assert first.images.max() == -1.0 and second.images.min() == 1.0
+  # replaced by a file of the same size with the same mtime (cp -p, rsync -t): its ctime tells
+  Image.fromarray(np.full((20, 24, 3), 255, np.uint8)).save(d / "a.png", compress_level=0)  # uncompressed: one size
+  assert imagenet.load_folder(d, "fat", 8, cache_dir=tmp_path / "c").images.min() == 1.0
+  Image.fromarray(np.full((20, 24, 3), 128, np.uint8)).save(tmp_path / "gray.png", compress_level=0)
+  st = (d / "a.png").stat()
+  assert (tmp_path / "gray.png").stat().st_size == st.st_size
+  (d / "a.png").write_bytes((tmp_path / "gray.png").read_bytes())
+  os.utime(d / "a.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+  assert (d / "a.png").stat().st_mtime_ns == st.st_mtime_ns
+  third = imagenet.load_folder(d, "fat", 8, cache_dir=tmp_path / "c")
+  np.testing.assert_allclose(third.images, 128 / 127.5 - 1, atol=1e-6)
 
 
 def test_crop0875_is_central_on_a_non_square_image():
@@ -353,3 +371,62 @@ def test_transparent_png_is_composited_on_white():
   with tempfile.TemporaryDirectory() as d:
     Image.fromarray(rgba, "RGBA").save(os.path.join(d, "t.png"))
     np.testing.assert_array_equal(imagenet.load_rgb(os.path.join(d, "t.png")), 255)
+    # one colour transparent (a tRNS chunk) in an RGB and a grayscale PNG: black on white, the rest kept
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[0] = 200
+    Image.fromarray(rgb).save(os.path.join(d, "trns_rgb.png"), transparency=(0, 0, 0))
+    Image.fromarray(rgb[..., 0]).save(os.path.join(d, "trns_l.png"), transparency=0)
+    for name in ("trns_rgb.png", "trns_l.png"):
+      got = imagenet.load_rgb(os.path.join(d, name))
+      np.testing.assert_array_equal(got[1:], 255)
+      np.testing.assert_array_equal(got[0], 200)
+
+
+def test_label_file_mistakes_are_named_with_their_line(tmp_path):
+  d = tmp_path / "val"
+  _images(d, ["a/x.png", "y.png"])
+  for text, error in (
+      ("a/x.png, 1\ny.png, -1\n", r"labels.txt:2: label -1 of y.png: labels are 0-based class indices"),
+      ("a/x.png, 1\ny.png, 3000000001\n", r"labels.txt:2: label 3000000001 of y.png: labels are 0-based"),
+      ("a/x.png, 133\nx.png, 7\ny.png, 1\n", r"labels a/x.png 133 by its path and 7 by its name 'x.png': keep one "
+                                              "line per image")):
+    (d / "labels.txt").write_text(text)
+    with pytest.raises(ValueError, match=error):
+      imagenet.load_folder(d, "fat", 8, d / "labels.txt", cache_dir=tmp_path / "c")
+  (d / "labels.txt").write_bytes("a/x.png, 1\ny.png, 2 # caf\u00e9\n".encode("latin-1"))
+  with pytest.raises(ValueError, match=r"labels.txt:2: not UTF-8 text .*: save the label file as UTF-8"):
+    imagenet.load_folder(d, "fat", 8, d / "labels.txt", cache_dir=tmp_path / "c")
+  (d / "labels.txt").write_text("a/x.png, 133\nx.png, 133\ny.png, 1\n")  # the same label twice: no harm
+  np.testing.assert_array_equal(imagenet.load_folder(d, "fat", 8, d / "labels.txt", cache_dir=tmp_path / "c").labels,
+                                [133, 1])
+
+
+def test_image_size_must_be_positive(tmp_path):
+  _images(tmp_path / "val", ["a.png"])
+  for size in (0, -3):
+    with pytest.raises(ValueError, match=f"image_size {size}: must be a positive integer"):
+      imagenet.load_folder(tmp_path / "val", "fat", size, cache_dir=tmp_path / "c")
+
+
+def test_broken_symlink_is_named_and_skipped(tmp_path):
+  d = tmp_path / "pool"
+  _images(d, ["a.png"])
+  (d / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+  with pytest.warns(UserWarning, match=r"skipping 1 broken symlink\(s\) in .*gone.jpg -> .*nowhere.jpg"):
+    assert [p.name for p in imagenet.list_images(d)] == ["a.png"]
+
+
+def test_shared_images_however_the_folders_are_spelled(tmp_path, monkeypatch):
+  _images(tmp_path / "val", ["a.png", "b.png"])
+  monkeypatch.chdir(tmp_path)
+  relative = imagenet.load_folder("val", "fat", 8, cache_dir=tmp_path / "c")
+  absolute = imagenet.load_folder(tmp_path / "val", "fat", 8, cache_dir=tmp_path / "c")
+  assert imagenet.shared_images(relative, absolute) == relative.files
+
+
+def test_cache_dir_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  _images(tmp_path / "val", ["a.png"])
+  imagenet.load_folder(tmp_path / "val", "fat", 8, cache_dir="~/fatq_cache")
+  assert list((tmp_path / "home" / "fatq_cache").glob("*.npy")) and not (tmp_path / "~").exists()

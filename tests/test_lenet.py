@@ -59,6 +59,30 @@ def test_prepared_records_follow_the_files_read(tmp_path, monkeypatch):
   assert np.all(x == np.float32(30 / 255)) and np.all(y == 0)
 
 
+def test_idx_files_that_are_not_mnist_are_named_in_one_line(tmp_path, monkeypatch):
+  """Labels past 9, images that are not 28x28, or the two files swapped: one line naming the file (tfds's own error
+  printed the whole array)."""
+  import gzip
+
+  monkeypatch.setenv("FATQ_TFDS_DIR", str(tmp_path / "tfds"))
+
+  def write(folder, label=3, side=28):
+    folder.mkdir()
+    for images, labels in idx.FILES.values():
+      with gzip.open(folder / images, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (2, side, side)) + bytes(2 * side * side))
+      with gzip.open(folder / labels, "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes([label, 1]))
+
+  write(tmp_path / "labels12", label=12)
+  with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz holds labels of shape \(\) up to 12, not one "
+                                       r"class 0-9 per image|train-labels-idx1-ubyte.gz holds labels .* up to 12"):
+    idx.load("mnist", "test", tmp_path / "labels12")
+  write(tmp_path / "side32", side=32)
+  with pytest.raises(ValueError, match=r"images-idx3-ubyte.gz holds images of shape \(32, 32\), not 28x28"):
+    idx.load("mnist", "test", tmp_path / "side32")
+
+
 def test_missing_data_folder_is_reported(tmp_path):
   with pytest.raises(FileNotFoundError, match="not found in .*FATQ_DATA"):
     idx.load("mnist", "test", tmp_path)

@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -86,6 +87,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     seen.add(real)
     dirs[:] = [d for d in dirs if not d.startswith(".")]
     found += [Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in EXTENSIONS]
+  broken = sorted(p for p in found if p.is_symlink() and not p.exists())
+  if broken:
+    warnings.warn(f"skipping {len(broken)} broken symlink(s) in {folder}, e.g. {broken[0]} -> "
+                  f"{os.readlink(broken[0])}")
   return sorted(p for p in found if p.is_file())
 
 
@@ -96,20 +101,28 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
     raise FileNotFoundError(f"label file {path} not found: a labeled folder holds a labels.txt with one 'file, label' "
                             "line per image, e.g. 'ILSVRC2012_val_00000363.JPEG, 133' (an integer class index)")
   labels, lines = {}, {}
-  with open(path, encoding="utf-8-sig") as f:
-    for n, line in enumerate(f, 1):
-      line = line.strip()
-      if not line or line.startswith("#"):
-        continue
-      try:
-        name, label = line.rsplit(",", 1)
-        name, label = name.strip(), int(label)
-      except ValueError:
-        raise ValueError(f"{path}:{n}: expected 'file, label', got {line!r}") from None
-      if labels.get(name, label) != label:
-        raise ValueError(f"{path}:{n}: {name} is labeled {label} here and {labels[name]} on line {lines[name]}: keep "
-                         "one line per image")
-      labels[name], lines[name] = label, n
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}): save the label file as UTF-8")\
+        from None
+  for n, line in enumerate(text.splitlines(), 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    try:
+      name, label = line.rsplit(",", 1)
+      name, label = name.strip(), int(label)
+    except ValueError:
+      raise ValueError(f"{path}:{n}: expected 'file, label', got {line!r}") from None
+    if not 0 <= label < 2**31:
+      raise ValueError(f"{path}:{n}: label {label} of {name}: labels are 0-based class indices")
+    if labels.get(name, label) != label:
+      raise ValueError(f"{path}:{n}: {name} is labeled {label} here and {labels[name]} on line {lines[name]}: keep "
+                       "one line per image")
+    labels[name], lines[name] = label, n
   return labels
 
 
@@ -125,6 +138,9 @@ def match_labels(files: Sequence[Path], folder: Path, table: dict[str, int], lab
   for f in files:
     if relative[f] in table:
       key = relative[f]
+      if f.name != key and table.get(f.name, table[key]) != table[key]:
+        raise ValueError(f"{labels_file} labels {key} {table[key]} by its path and {table[f.name]} by its name "
+                         f"{f.name!r}: keep one line per image")
     elif f.name in table:
       key = f.name
     else:
@@ -160,7 +176,7 @@ def load_rgb(path) -> np.ndarray:
       # keep the top 8 bits, as Pillow itself does for 16-bit RGB PNGs.
       gray = np.clip(np.asarray(im).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
       return np.repeat(gray[..., None], 3, axis=-1)
-    if im.mode in ("RGBA", "LA", "P", "PA"):
+    if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:  # tRNS: one colour transparent
       im = im.convert("RGBA")
       bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
       im = Image.alpha_composite(bg, im)
@@ -186,6 +202,11 @@ def resize_bilinear(img: np.ndarray, size: int) -> np.ndarray:
   return top * (1 - wy)[:, None, None] + bot * wy[:, None, None]
 
 
+def _check_image_size(size) -> None:
+  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+    raise ValueError(f"image_size {size!r}: must be a positive integer (pixels; set data.image_size)")
+
+
 def _check_preprocessing(method: str) -> None:
   if method not in PREPROCESSING:
     raise ValueError(f"unknown preprocessing {method!r}; choose one of {sorted(PREPROCESSING)}")
@@ -207,7 +228,7 @@ def preprocess(img: np.ndarray, method: str = "fat", size: int = 224) -> np.ndar
 
 
 def default_cache_dir() -> Path:
-  return Path(os.environ.get("FATQ_CACHE", Path.home() / ".cache" / "fatq"))
+  return Path(os.environ.get("FATQ_CACHE", Path.home() / ".cache" / "fatq")).expanduser()
 
 
 def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, labels_file=None,
@@ -219,6 +240,7 @@ def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, label
   sorted order. Results are cached in ``cache_dir`` (default ``$FATQ_CACHE`` or ``~/.cache/fatq``).
   """
   _check_preprocessing(preprocessing)  # before any decoding
+  _check_image_size(image_size)
   folder = Path(folder)
   files = list_images(folder)
   labels = None
@@ -229,8 +251,11 @@ def load_folder(folder, preprocessing: str = "fat", image_size: int = 224, label
     files = files[:limit]
   if not files:
     raise FileNotFoundError(f"no JPEG/PNG images found in {folder}")
+  # ctime as well as mtime: a file replaced by one of the same size and mtime (cp -p, rsync -t) has a new ctime,
+  # which no program can set back
   key = _cache_key(str(folder.resolve()), preprocessing, image_size,
-                   [(str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]])
+                   [(str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for f in files
+                    for st in [f.stat()]])
   cache = _cache_path(cache_dir, folder.name, preprocessing, image_size, key)
   images, kept, skipped, _ = _decode_cached(cache, key, lambda: ((str(f), f, None) for f in files), preprocessing,
                                             image_size, use_cache, f"the {len(files)} images in {folder}", progress)
@@ -248,7 +273,7 @@ def _cache_path(cache_dir, name: str, preprocessing: str, image_size: int, key: 
   """``<cache_dir>/<name>_<preprocessing>_<size>_<key>``, the stem of a cache entry's ``.npy`` and ``.json``; the
   name made safe for a file name (a dot would read as a suffix, ``:`` is not allowed everywhere)."""
   safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-  return Path(cache_dir or default_cache_dir()) / f"{safe}_{preprocessing}_{image_size}_{key[:16]}"
+  return Path(cache_dir or default_cache_dir()).expanduser() / f"{safe}_{preprocessing}_{image_size}_{key[:16]}"
 
 
 def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int = 224, labeled: bool = True,
@@ -267,6 +292,7 @@ def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int
   from fatq.data.paths import tfds_dir
 
   _check_preprocessing(preprocessing)  # before any decoding (or tfds preparation)
+  _check_image_size(image_size)
   data_dir = Path(data_dir or tfds_dir()).expanduser()
   try:
     builder = tfds.builder(name, data_dir=str(data_dir))
@@ -289,6 +315,12 @@ def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int
     except AssertionError as e:  # imagenet2012 asserts that some split's tar is there
       raise FileNotFoundError(f"cannot prepare tfds {name} from {manual_dir}: {_instructions(builder)} "
                               f"(tfds: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged download surfaces as tarfile's, TF's or the OS's error
+      if not isinstance(e, (tarfile.TarError, EOFError, OSError)) and not type(e).__module__.startswith("tensorflow"):
+        raise
+      raise ValueError(f"cannot prepare tfds {name} from {manual_dir}: a file there is damaged or incomplete "
+                       f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); download it again "
+                       f"({_instructions(builder)})") from None
   features = builder.info.features
   if "image" not in features or (labeled and "label" not in features):
     raise ValueError(f"tfds {name} has no {'image' if 'image' not in features else 'label'} feature "
@@ -376,9 +408,10 @@ def _suffixed(path: Path, suffix: str) -> Path:
 
 
 def shared_images(a: ImageSet, b: ImageSet) -> list[str]:
-  """The images of ``a`` that ``b`` holds too: the same file (through any symlink), or for tfds the same file name."""
+  """The images of ``a`` that ``b`` holds too: the same file (however its folder was spelled: relative, absolute,
+  through a symlink), or for tfds the same file name."""
   def identity(name):
-    return os.path.realpath(name) if os.path.isabs(name) else name
+    return os.path.realpath(name) if os.path.exists(name) else name  # a folder's file; else a tfds name
 
   in_b = {identity(f) for f in b.files}
   return [f for f in a.files if identity(f) in in_b]
