@@ -313,6 +313,15 @@ def test_tfds_imagenet2012_from_manual_dir_gives_the_folder_arrays(tmp_path, mon
   assert imagenet.unlabeled_source(d) == f"tfds imagenet2012 {d.tfds_unlabeled_split}"
   monkeypatch.undo()
 
+  # prepared again from other tars with the same split sizes: read again, not served from the cache
+  shutil.rmtree(tmp_path / "tfds")
+  _ilsvrc_tars(tmp_path / "manual2", val_files[::-1], {"n01440764": pool[0::2] + [corrupt], "n01443537": pool[1::2]})
+  d.manual_dir = str(tmp_path / "manual2")
+  reversed_val = imagenet.evaluation_set(d)
+  by_file = dict(zip(val.files, val.images))
+  for k, image in zip(reversed_val.files, reversed_val.images):  # ILSVRC2012_val_0000000k holds what 7 - k held
+    np.testing.assert_array_equal(image, by_file[f"ILSVRC2012_val_{7 - int(k[-10:-5]):08d}.JPEG"])
+
   d.tfds_eval_split = "valid"
   with pytest.raises(ValueError, match=r"tfds imagenet2012: cannot read split 'valid' .*train \(7 images\), "
                                        r"validation \(6 images\), test \(2 images\)"):

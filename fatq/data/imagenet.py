@@ -332,8 +332,10 @@ def load_tfds(name: str, split: str, preprocessing: str = "fat", image_size: int
     raise ValueError(f"tfds {name}: cannot read split {split!r} ({str(e).splitlines()[0]}); its splits: "
                      + ", ".join(f"{k} ({n} images)" for k, n in splits.items())) from None
   count = min(num_examples, limit) if limit else num_examples
+  # the prepared records' identity: a dataset prepared again (other tars, the same split sizes) is decoded again
+  info = Path(builder.data_dir, "dataset_info.json").stat()
   key = _cache_key(str(data_dir.resolve()), name, str(builder.version), split, count, labeled, preprocessing,
-                   image_size, splits)
+                   image_size, splits, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
   cache = _cache_path(cache_dir, f"tfds_{name}", preprocessing, image_size, key)
 
   def examples():
