@@ -117,6 +117,40 @@ def test_nan_step_restores_good_thresholds_and_still_evaluates_the_last_step():
   assert history[-1]["holdout_loss"] == history[-2]["holdout_loss"]
 
 
+def test_a_ctrl_c_whose_keyboard_interrupt_python_drops_still_stops_fine_tuning(tmp_path, monkeypatch):
+  """Python drops a KeyboardInterrupt raised inside a garbage-collection callback (JAX registers one): the run went
+  on. Here the interrupt is raised inside the step and dropped there; the loop stops before the next step, state
+  saved, and the default handler is back afterwards."""
+  import signal
+  from scripts.finetune_tiny import tiny_problem
+
+  model, x, teacher, frozen, th = tiny_problem(100, 40)
+  cfg = ml_collections.ConfigDict(dict(epochs=2, batch_size=20, loss="rmse", schedule="constant", lr=1e-3,
+                                       lr_min=0.0, restart_period=3, eval_every=2, seed=0, checkpoint_every=0))
+  make = training.make_train_step
+
+  def dropping_make(*a, **k):
+    step_fn = make(*a, **k)
+
+    def step(state, *rest):
+      if int(state.step) == 2:
+        try:
+          signal.raise_signal(signal.SIGINT)  # Ctrl-C...
+        except KeyboardInterrupt:
+          pass  # ... whose exception is lost, as in a gc callback
+      return step_fn(state, *rest)
+    return step
+
+  monkeypatch.setattr(training, "make_train_step", dropping_make)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  logs = []
+  with pytest.raises(KeyboardInterrupt):
+    training.finetune(model, frozen, th, x[:80], teacher[:80], (x[80:], teacher[80:]), cfg, workdir=str(tmp_path),
+                      progress=False, log=logs.append)
+  assert logs[-1] == "interrupted at step 3: state saved; continue with --resume", logs
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_held_out_set_whose_tail_is_not_a_batch_is_logged_and_an_empty_one_refused():
   from scripts.finetune_tiny import tiny_problem
 
