@@ -35,8 +35,8 @@ from absl import app, flags
 from ml_collections import ConfigDict
 from ml_collections.config_flags import config_flags, config_path
 
-__all__ = ["run", "interruptible", "parse_flags", "load_config", "flat_keys", "missing_key_message", "tune_malloc", "huge_pages_enabled",
-           "buffers_kept_mapped", "malloc_environment"]
+__all__ = ["run", "interruptible", "parse_flags", "load_config", "flat_keys", "missing_key_message", "tune_malloc",
+           "huge_pages_enabled", "buffers_kept_mapped", "malloc_environment"]
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 # One arena (the main one, the only one that grows in place: another thread's arena serves a block over 64 MiB

@@ -75,12 +75,19 @@ def test_idx_files_that_are_not_mnist_are_named_in_one_line(tmp_path, monkeypatc
         f.write(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes([label, 1]))
 
   write(tmp_path / "labels12", label=12)
-  with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz holds labels of shape \(\) up to 12, not one "
-                                       r"class 0-9 per image|train-labels-idx1-ubyte.gz holds labels .* up to 12"):
+  with pytest.raises(ValueError, match=r"labels-idx1-ubyte.gz holds labels up to 12, not classes 0-9"):
     idx.load("mnist", "test", tmp_path / "labels12")
   write(tmp_path / "side32", side=32)
-  with pytest.raises(ValueError, match=r"images-idx3-ubyte.gz holds images of shape \(32, 32\), not 28x28"):
+  with pytest.raises(ValueError, match=r"images-idx3-ubyte.gz holds an array of shape \(2, 32, 32\), not 28x28 images"):
     idx.load("mnist", "test", tmp_path / "side32")
+  write(tmp_path / "swapped")
+  for images, labels in idx.FILES.values():
+    (tmp_path / "swapped" / images).rename(tmp_path / "swapped" / "x")
+    (tmp_path / "swapped" / labels).rename(tmp_path / "swapped" / images)
+    (tmp_path / "swapped" / "x").rename(tmp_path / "swapped" / labels)
+  with pytest.raises(ValueError, match=r"images-idx3-ubyte.gz holds an array of shape \(2,\), not 28x28 images \(is "
+                                       r"it a labels file\? .*labels-idx1-ubyte.gz is the labels\)"):
+    idx.load("mnist", "test", tmp_path / "swapped")
 
 
 def test_missing_data_folder_is_reported(tmp_path):

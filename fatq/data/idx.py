@@ -68,12 +68,13 @@ class IdxImages(tfds.core.GeneratorBasedBuilder):
       raise ValueError(f"{directory}: {len(images)} images but {len(labels)} labels")
     # checked here, in one line: tfds's own encoding error prints the whole offending array
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-      raise ValueError(f"{directory / images_file} holds images of shape {images.shape[1:]}, not 28x28 (is it a "
+      raise ValueError(f"{directory / images_file} holds an array of shape {images.shape}, not 28x28 images (is it a "
                        f"labels file? {labels_file} is the labels)")
-    if labels.ndim != 1 or (labels.size and labels.max() > 9):
-      raise ValueError(f"{directory / labels_file} holds labels of shape {labels.shape[1:]} up to "
-                       f"{int(labels.max()) if labels.size else 0}, not one class 0-9 per image (is it an images "
-                       f"file? {images_file} is the images)")
+    if labels.ndim != 1:
+      raise ValueError(f"{directory / labels_file} holds an array of shape {labels.shape}, not one label per image "
+                       f"(is it an images file? {images_file} is the images)")
+    if labels.size and labels.max() > 9:
+      raise ValueError(f"{directory / labels_file} holds labels up to {int(labels.max())}, not classes 0-9")
     for i, (image, label) in enumerate(zip(images, labels)):
       yield i, {"image": image[..., None], "label": int(label)}
 
