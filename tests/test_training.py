@@ -142,13 +142,17 @@ def test_a_ctrl_c_whose_keyboard_interrupt_python_drops_still_stops_fine_tuning(
     return step
 
   monkeypatch.setattr(training, "make_train_step", dropping_make)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  # as from a terminal: a shell starts background jobs (CI under nohup) with SIGINT ignored
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   logs = []
-  with pytest.raises(KeyboardInterrupt):
-    training.finetune(model, frozen, th, x[:80], teacher[:80], (x[80:], teacher[80:]), cfg, workdir=str(tmp_path),
-                      progress=False, log=logs.append)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      training.finetune(model, frozen, th, x[:80], teacher[:80], (x[80:], teacher[80:]), cfg, workdir=str(tmp_path),
+                        progress=False, log=logs.append)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, previous)
   assert logs[-1] == "interrupted at step 3: state saved; continue with --resume", logs
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_held_out_set_whose_tail_is_not_a_batch_is_logged_and_an_empty_one_refused():
