@@ -483,9 +483,10 @@ class _TrainCheckpoints:
         warnings.warn(f"unreadable checkpoint(s) in {self.manager.directory} deleted, resuming from step {step}: "
                       + "; ".join(errors))
       return restored
-    raise UnrestorableCheckpoint(f"no checkpoint in {self.manager.directory} can be restored ({'; '.join(errors)}). If the "
-                       "model or quantization config changed since it was written, or it was written by an older fatq, "
-                       "use a new --workdir; otherwise delete that directory to start this run over")
+    raise UnrestorableCheckpoint(
+        f"no checkpoint in {self.manager.directory} can be restored ({'; '.join(errors)}). If the model or "
+        "quantization config changed since it was written, or it was written by an older fatq, use a new --workdir; "
+        "otherwise delete that directory to start this run over")
 
   def close(self):
     self.manager.wait_until_finished()

@@ -146,7 +146,8 @@ def test_evaluate_refuses_labels_outside_the_models_classes(tmp_path, imagenet_f
                         "configs/mobilenet_v1_0.25_tflite.py", "--workdir", str(tmp_path / "eval"),
                         f"--config.data.val_dir={val}", f"--config.data.cache_dir={tmp_path / 'cache'}"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
-  assert out.returncode == 1 and "but the model has 1001 classes: check the label file" in out.stderr, out.stderr[-2000:]
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "but the model has 1001 classes: check the label file" in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "eval" / "results.json").exists()
 
 
